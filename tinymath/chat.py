@@ -1,0 +1,145 @@
+"""chat: a conversation with a model (interactive) or one answer per input line (scripted).
+
+The session owns the history and the context window: when a conversation no longer fits, the
+oldest turns are dropped (and the caller is told). Prompts are built by `tinymath.prompts` with the
+run's own format, and replies are scored with the shared `extract_answer`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tinymath.errors import TinymathError
+from tinymath.generate import GenerationSettings, InferenceModel, stream_generate
+from tinymath.prompts import build_prompt, encode_prompt, extract_answer
+
+HELP = "Commands: /reset (forget the conversation), /system TEXT (new system prompt), /exit (or Ctrl-D)"
+
+
+class ChatSession:
+    """Multi-turn history within the model's context window."""
+
+    def __init__(self, inference: InferenceModel, settings: GenerationSettings, keep_history: bool = True):
+        self.inference = inference
+        self.settings = settings
+        self.keep_history = keep_history
+        self.system_prompt = inference.system_prompt
+        self.history: list[tuple[str, str]] = []
+        self.dropped = 0
+        config = inference.model.config
+        self.context_window = getattr(config, "max_position_embeddings", None) or 2048
+
+    def warm_up(self) -> None:
+        """Generate one throw-away token, so the first real reply does not pay for warm-up."""
+        list(stream_generate(self.inference, [self.inference.tokenizer.eos_token_id],
+                             GenerationSettings(max_new_tokens=1)))
+
+    def reset(self) -> None:
+        self.history = []
+
+    def set_system(self, text: str) -> None:
+        self.system_prompt = text or None
+        self.history = []
+
+    def prompt_ids(self, question: str) -> tuple[list[int], int]:
+        """Token ids for the question after the history; drops oldest turns to fit. Returns ids and
+        how many turns were dropped."""
+        tokenizer = self.inference.tokenizer
+        budget = self.context_window - self.settings.max_new_tokens
+        dropped = 0
+        while True:
+            ids = encode_prompt(tokenizer, build_prompt(tokenizer, question, self.inference.format,
+                                                        self.system_prompt, self.history))
+            if len(ids) <= budget:
+                return ids, dropped
+            if not self.history:
+                raise TinymathError(f"the question is {len(ids)} tokens; with --max-new-tokens "
+                                    f"{self.settings.max_new_tokens} it does not fit the model's "
+                                    f"{self.context_window}-token context window; shorten it")
+            self.history.pop(0)
+            dropped += 1
+
+    def reply(self, question: str):
+        """Yield the reply text in pieces; the turn is added to the history when it is complete."""
+        ids, self.dropped = self.prompt_ids(question)
+        pieces = []
+        for piece in stream_generate(self.inference, ids, self.settings):
+            pieces.append(piece)
+            yield piece
+        if self.keep_history:
+            self.history.append((question, "".join(pieces).strip()))
+
+
+def answer(session: ChatSession, question: str) -> dict:
+    """One independent answer: ``{"question", "completion", "answer"}``."""
+    session.reset()
+    completion = "".join(session.reply(question)).strip()
+    session.reset()
+    return {"question": question, "completion": completion, "answer": extract_answer(completion)}
+
+
+def run_scripted(session: ChatSession, lines, as_json: bool, out=sys.stdout, err=sys.stderr) -> int:
+    """Answer each non-empty line independently; returns the exit code (1 if any line failed)."""
+    import json
+
+    failed = 0
+    for number, line in enumerate(lines, start=1):
+        question = line.strip()
+        if not question:
+            continue
+        try:
+            result = answer(session, question)
+        except TinymathError as exc:
+            print(f"error: line {number}: {exc}", file=err)
+            failed += 1
+            continue
+        print(json.dumps(result) if as_json else result["completion"], file=out, flush=True)
+    return 1 if failed else 0
+
+
+def run_interactive(session: ChatSession, console) -> int:
+    """The terminal conversation: streamed replies, the final answer highlighted, slash commands."""
+    from rich.prompt import Prompt
+
+    console.print(f"[dim]{HELP}[/dim]")
+    while True:
+        try:
+            question = Prompt.ask("[bold cyan]you[/bold cyan]", console=console).strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            return 0
+        if question == "/reset":
+            session.reset()
+            console.print("[dim]conversation reset[/dim]")
+            continue
+        if question.startswith("/system"):
+            session.set_system(question[len("/system"):].strip())
+            console.print("[dim]system prompt set; conversation reset[/dim]")
+            continue
+        if question.startswith("/"):
+            console.print(f"[yellow]unknown command {question.split()[0]}[/yellow]  [dim]{HELP}[/dim]")
+            continue
+        try:
+            console.print("[bold magenta]model[/bold magenta]: ", end="")
+            pieces = []
+            for piece in session.reply(question):
+                pieces.append(piece)
+                console.file.write(piece)
+                console.file.flush()
+            console.print()
+        except KeyboardInterrupt:
+            console.print("\n[dim]interrupted[/dim]")
+            continue
+        except TinymathError as exc:
+            console.print(f"\n[red]{exc}[/red]")
+            continue
+        if session.dropped:
+            console.print(f"[yellow]note: the {session.dropped} oldest turn(s) were dropped to fit the "
+                          f"context window[/yellow]")
+        final = extract_answer("".join(pieces))
+        console.print(f"[bold green]answer: {final}[/bold green]" if final is not None
+                      else "[yellow]answer: (no number found)[/yellow]")

@@ -1,0 +1,17 @@
+"""The one exception type a user sees: a mistake in their input, with the fix in the message.
+
+Service functions raise `TinymathError`; the CLI prints its message without a traceback and
+exits non-zero. Anything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class TinymathError(Exception):
+    """A user-facing error: bad flag, bad file, missing model. The message says how to fix it."""
+
+
+def raise_if_problems(problems: list[str]) -> None:
+    """Raise one error listing every validation problem found (nothing to do if there are none)."""
+    if len(problems) == 1:
+        raise TinymathError(problems[0])
+    if problems:
+        raise TinymathError("\n".join(["several problems:"] + [f"  - {p}" for p in problems]))

@@ -1,0 +1,167 @@
+"""Generation for eval and chat: loading a model for inference, length-sorted batched greedy or
+sampled generation, and token streaming.
+
+Inference never needs the 4-bit base: a run's adapter is merged into 16-bit weights in memory
+(`tinymath.lora.load_merged_model`) before generating, which is both faster and exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tinymath.errors import TinymathError, raise_if_problems
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_new_tokens <= 0:
+            problems.append(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            problems.append(f"--temperature {self.temperature} must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p {self.top_p} must be in (0, 1]")
+        if self.batch_size <= 0:
+            problems.append(f"--batch-size {self.batch_size} must be at least 1")
+        raise_if_problems(problems)
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        kwargs = dict(max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass
+class InferenceModel:
+    """A model ready to answer: weights, tokenizer, and the prompt format it expects."""
+
+    model: object
+    tokenizer: object
+    format: str
+    system_prompt: str | None
+    source: dict
+
+
+def load_for_inference(model: str | None = None, adapter: str | None = None, quant: str = "none",
+                       fmt: str | None = None, system_prompt: str | None = None,
+                       merge_base: str = "dequantized", trust_remote_code: bool = False) -> InferenceModel:
+    """Load ``--model`` or a run's ``--adapter`` (merged in memory) with the right prompt format.
+
+    A run's own format and system prompt are used unless given explicitly; for a plain model
+    the default format is ``chat``.
+    """
+    from tinymath.lora import load_merged_model, load_run
+    from tinymath.model import load_base_model, load_tokenizer
+
+    if (model is None) == (adapter is None):
+        raise TinymathError("give exactly one of --model (a model) or --adapter (a `tinymath train` run folder)")
+    if adapter is not None:
+        run = load_run(adapter)
+        tokenizer = load_tokenizer(str(run.path), run.trust_remote_code)
+        weights = load_merged_model(run, merge_base=merge_base)
+        return InferenceModel(weights, tokenizer, fmt or run.prompt_format,
+                              system_prompt if system_prompt is not None else run.system_prompt,
+                              {"adapter": str(adapter), "base_model": run.base_model, "merge_base": merge_base})
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    weights = load_base_model(model, quant=quant, trust_remote_code=trust_remote_code).eval()
+    saved = _merged_prompt_settings(model)  # a merge-adapters output remembers its run's format
+    return InferenceModel(weights, tokenizer, fmt or saved.get("format", "chat"),
+                          system_prompt if system_prompt is not None else saved.get("system_prompt"),
+                          {"model": model, "quant": quant})
+
+
+def _merged_prompt_settings(model: str) -> dict:
+    from pathlib import Path
+
+    from tinymath.files import read_json
+    from tinymath.merge import MERGE_MARKER
+
+    marker = Path(model).expanduser() / MERGE_MARKER
+    return read_json(marker) if marker.is_file() else {}
+
+
+def _decode_new(tokenizer, new_ids) -> tuple[str, int]:
+    """Text of generated ids up to (not including) EOS, and how many tokens were generated."""
+    ids = new_ids.tolist()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    n = len(ids)
+    for i, t in enumerate(ids):
+        if t == eos:
+            n = i + 1
+            ids = ids[:i]
+            break
+    else:
+        while ids and ids[-1] == pad and pad != eos:
+            ids.pop()
+    return tokenizer.decode(ids, skip_special_tokens=True), n
+
+
+def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
+                   update=lambda advance=1: None) -> list[tuple[str, int]]:
+    """Complete many tokenized prompts: (text, generated token count) per prompt, in input order.
+
+    Prompts are sorted by length so each batch pads little; rows stop at EOS.
+    """
+    import torch
+
+    model, tokenizer = inference.model, inference.tokenizer
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    results: list[tuple[str, int] | None] = [None] * len(prompts)
+    kwargs = settings.generate_kwargs(tokenizer)
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start:start + settings.batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: every row's answer starts at the same column
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        for row, i in enumerate(chunk):
+            results[i] = _decode_new(tokenizer, out[row, width:])
+        update(len(chunk))
+    return results
+
+
+def stream_generate(inference: InferenceModel, prompt_ids: list[int], settings: GenerationSettings):
+    """Yield the reply's text piece by piece as tokens are generated (for chat)."""
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    model, tokenizer = inference.model, inference.tokenizer
+    device = next(model.parameters()).device
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    ids = torch.tensor([prompt_ids], device=device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                  **settings.generate_kwargs(tokenizer))
+    errors = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except Exception as exc:  # surfaced in the caller's thread below
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,156 @@
+"""The one place that resolves a model source and loads it, quantized or not, with its tokenizer.
+
+A source is a hub id (``TinyLlama/TinyLlama-1.1B-Chat-v1.0``), a local Hugging Face folder, or a
+``.gguf`` file. A GGUF file is converted once into a cached Hugging Face folder (transformers
+cannot quantize while reading GGUF, and dequantizing GGUF on every load is slow); from then on
+it loads, and quantizes to NF4, like any other folder.
+
+``trust_remote_code`` is only ever on when the user asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tinymath.errors import TinymathError
+
+QUANTS = ("nf4", "none")
+
+
+def cache_dir() -> Path:
+    """Where tinymath keeps converted GGUF models (``$TINYMATH_CACHE`` or ``~/.cache/tinymath``)."""
+    return Path(os.environ.get("TINYMATH_CACHE", Path.home() / ".cache" / "tinymath"))
+
+
+def _looks_like_path(source: str) -> bool:
+    # hub ids are "name" or "owner/name"; anything else is meant as a local path
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
+
+
+def resolve_source(source: str) -> str:
+    """What ``from_pretrained`` should load for ``source``: a hub id or a local folder.
+
+    Raises a clear error for a path that does not exist or a folder that is not a model.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return str(gguf_to_folder(path))
+        raise TinymathError(f"--model {source} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
+    if path.is_dir():
+        if (path / "run.json").exists() and not (path / "config.json").exists():
+            raise TinymathError(f"--model {source} is a training run folder; use --adapter {source} instead")
+        if not (path / "config.json").exists():
+            raise TinymathError(f"--model {source} is a folder without config.json, so not a Hugging Face model")
+        return str(path)
+    if _looks_like_path(source):
+        raise TinymathError(f"--model {source} does not exist")
+    return source  # a hub id
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Convert a .gguf file into a cached Hugging Face folder (fp32 weights + tokenizer), once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinymath.files import atomic_output_dir
+
+    stat = gguf.stat()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").exists():
+        return target
+    kwargs = dict(gguf_file=gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    except Exception as exc:  # gguf raises many kinds of errors for a bad file
+        raise TinymathError(f"could not read {gguf} as a GGUF model: {exc}") from exc
+    # Loaded from GGUF, the model carries a "gguf quantizer" that forbids saving; the weights are
+    # plain dequantized tensors by now, so drop it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_output_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """The tokenizer of a model source, with a pad token set (generation pads on the left)."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_source(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise TinymathError(f"could not load the tokenizer of {source}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def default_device() -> str:
+    """``cuda:<local rank>`` when a GPU is present (one per process under accelerate), else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return f"cuda:{PartialState().local_process_index}"
+    return "cpu"
+
+
+def compute_dtype(device: str | None = None):
+    """bf16 where the hardware has it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    device = device or default_device()
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def get_quantization_config(quant: str, dtype):
+    """The BitsAndBytesConfig for ``quant`` (NF4, double quantization), or None for ``none``."""
+    if quant == "none":
+        return None
+    if quant != "nf4":
+        raise TinymathError(f"--quant {quant} is not supported; use one of {', '.join(QUANTS)}")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def load_base_model(source: str, quant: str = "nf4", dtype=None, device: str | None = None,
+                    trust_remote_code: bool = False):
+    """Load a causal LM from ``source``: NF4-quantized (default) or in ``dtype`` (default: `compute_dtype`)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = dtype or compute_dtype(device)
+    resolved = resolve_source(source)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device})
+    quantization = get_quantization_config(quant, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    except OSError as exc:
+        raise TinymathError(f"could not load model {source}: {exc}") from exc
+    return model
+
+
+def model_fingerprint(model) -> dict:
+    """Enough of a model's config to tell two base models apart (checked when an adapter is loaded)."""
+    cfg = model.config
+    return {key: getattr(cfg, key, None) for key in
+            ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")}
