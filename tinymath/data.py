@@ -95,7 +95,7 @@ def local_split_file(data: str, split: str) -> Path | None:
                 return path / f"{split}{suffix}"
         found = sorted(p.name for p in path.iterdir() if p.suffix in FILE_SUFFIXES)
         raise TinymathError(f"--data {data} has no {split}.jsonl (found: {', '.join(found) or 'no data files'})")
-    if data.startswith((".", "/", "~")) or path.suffix in FILE_SUFFIXES or data.count("/") > 1:
+    if data.startswith((".", "/", "~")) or path.suffix in FILE_SUFFIXES or data.count("/") != 1:
         raise TinymathError(f"--data {data} does not exist")
     return None
 

@@ -24,8 +24,9 @@ def cache_dir() -> Path:
 
 
 def _looks_like_path(source: str) -> bool:
-    # hub ids are "name" or "owner/name"; anything else is meant as a local path
-    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
+    # hub ids are "owner/name"; anything else is meant as a local path (a bare "merged" that does not
+    # exist is a typo, not a reason to wait on the network)
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") != 1
 
 
 def resolve_source(source: str) -> str:
@@ -81,7 +82,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     """The tokenizer of a model source, with a pad token set (generation pads on the left)."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_source(source)
+    path = Path(source).expanduser()
+    # a run folder carries its tokenizer (saved by train), so it loads directly
+    resolved = str(path) if (path / "tokenizer_config.json").is_file() else resolve_source(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except OSError as exc:

@@ -1,0 +1,74 @@
+"""prepare-data: sources, splits, manifest, and bad input through the real CLI."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from tinymath.data import load_prepared, read_gsm8k
+
+
+def test_prepare_folder_writes_splits_and_manifest(tiny_model, gsm8k_dir, tmp_path):
+    out = tmp_path / "prep"
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out,
+                     "--val-size", 2, "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["splits"]["train"]["examples"] == 6
+    assert manifest["splits"]["validation"]["examples"] == 2
+    assert manifest["splits"]["test"]["examples"] == 3
+    assert manifest["splits"]["train"]["length"]["max"] >= manifest["splits"]["train"]["length"]["p95"]
+    dataset, saved = load_prepared(out)
+    assert saved == manifest
+    row = dataset["train"][0]
+    assert len(row["input_ids"]) == len(row["labels"]) and row["labels"][0] == -100
+    assert row["labels"][-1] == row["input_ids"][-1]  # EOS is a target
+
+
+def test_single_file_and_limit(gsm8k_dir):
+    rows = read_gsm8k(str(gsm8k_dir / "train.jsonl"), "test", limit=3)
+    assert len(rows) == 3 and rows[0]["answer"].endswith("#### 12")
+
+
+def test_parquet_and_json_files(tmp_path, gsm8k_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (gsm8k_dir / "train.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert read_gsm8k(str(tmp_path / "d.parquet")) == read_gsm8k(str(tmp_path / "d.json")) == rows
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "q", "answer": "#### 1"}\n{not json\n', "line 2: not valid JSON"),
+    ('{"question": "q"}\n', "line 1: missing 'answer'"),
+    ("", "is empty"),
+])
+def test_bad_files_fail_cleanly(tiny_model, tmp_path, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "prep"
+    result = run_cli("prepare-data", "--data", bad, "--model", tiny_model, "--out", out)
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_bad_paths_and_flags(tiny_model, gsm8k_dir, tmp_path):
+    result = run_cli("prepare-data", "--data", tmp_path / "missing.jsonl", "--model", tiny_model, "--out", tmp_path / "p")
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tmp_path / "nomodel", "--out", tmp_path / "p")
+    assert result.exit_code == 1 and "nomodel does not exist" in result.stderr
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "p", "--limit", 0)
+    assert result.exit_code == 1 and "--limit 0" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_refuses_to_overwrite_without_flag(tiny_model, gsm8k_dir, tmp_path):
+    out = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out).exit_code == 0
+    again = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out)
+    assert again.exit_code == 1 and "--overwrite" in again.stderr
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out,
+                   "--overwrite").exit_code == 0
