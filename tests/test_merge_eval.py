@@ -1,0 +1,100 @@
+"""merge-adapters and eval on the tiny model: merged output equals the adapter model's, eval writes
+its files and JSON, bad input is refused cleanly."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from tinymath.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, gsm8k_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(TrainConfig(data=str(gsm8k_dir), model=str(tiny_model), out=str(out), quant="nf4", batch_size=4,
+                      lr=3e-2, warmup=0, lora_r=8, lora_alpha=16, lora_dropout=0.0, max_steps=15))
+    return out
+
+
+def test_merged_model_answers_like_the_adapter_model(trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+    from tinymath.prompts import build_prompt, encode_prompt
+
+    merged_dir = tmp_path / "merged"
+    result = run_cli("merge-adapters", trained_run, "--out", merged_dir, "--dtype", "fp32", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["max_logit_diff"] <= report["tolerance"] and report["adapter_effect"] > 10 * report["tolerance"]
+    assert list(merged_dir.glob("*.safetensors"))
+    assert AutoModelForCausalLM.from_pretrained(merged_dir).generation_config.eos_token_id == 2
+
+    settings = GenerationSettings(max_new_tokens=24)
+    adapter_model = load_for_inference(adapter=str(trained_run))
+    merged_model = load_for_inference(model=str(merged_dir))
+    assert merged_model.format == adapter_model.format == "chat"
+    tok = adapter_model.tokenizer
+    prompts = [encode_prompt(tok, build_prompt(tok, q, "chat")) for q in
+               ("Mia has 5 pencils and buys 7 more. How many pencils does she have now?", "What is 3 + 4?")]
+    assert generate_batch(adapter_model, prompts, settings) == generate_batch(merged_model, prompts, settings)
+
+
+def test_merge_bad_input(trained_run, tmp_path):
+    result = run_cli("merge-adapters", tmp_path, "--out", tmp_path / "m")
+    assert result.exit_code == 1 and "not a tinymath training run" in result.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    result = run_cli("merge-adapters", trained_run, "--out", other)
+    assert result.exit_code == 1 and "--overwrite" in result.stderr
+    result = run_cli("merge-adapters", trained_run, "--out", other, "--overwrite")
+    assert result.exit_code == 1 and "did not write" in result.stderr
+    assert (other / "config.json").read_text() == "{}"
+
+
+def test_missing_base_model_is_explained(trained_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "run"
+    shutil.copytree(trained_run, broken)
+    run = json.loads((broken / "run.json").read_text())
+    run["model"] = str(tmp_path / "gone")
+    (broken / "run.json").write_text(json.dumps(run))
+    result = run_cli("merge-adapters", broken, "--out", tmp_path / "m")
+    assert result.exit_code == 1 and "base model of run" in result.stderr and "does not exist" in result.stderr
+
+
+def test_eval_writes_predictions_and_summary(trained_run, gsm8k_dir, tmp_path):
+    out = tmp_path / "ev"
+    result = run_cli("eval", "--adapter", trained_run, "--data", gsm8k_dir, "--split", "test", "--limit", 2,
+                     "--max-new-tokens", 16, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # nothing but the summary on stdout
+    assert summary["n"] == 2 and 0 <= summary["accuracy"] <= 1
+    assert summary == json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["question"][:3] for r in rows] == ["Sam", "A p"]
+    assert {"question", "gold", "completion", "extracted", "correct"} <= set(rows[0])
+    assert summary["correct"] == sum(r["correct"] for r in rows)
+
+
+def test_eval_scores_known_completions():
+    from tinymath.evaluate import score, wilson_interval
+
+    scored = score(["#### 13", "the answer is 40", "no idea"], ["#### 13", "#### 40", "#### 37.5"])
+    s = scored["summary"]
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["accuracy_strict"] == pytest.approx(1 / 3)
+    assert s["invalid_rate"] == pytest.approx(1 / 3)
+    low, high = wilson_interval(0, 10)
+    assert low == 0 and 0.25 < high < 0.32
+
+
+def test_eval_bad_input(tiny_model, gsm8k_dir, tmp_path):
+    result = run_cli("eval", "--adapter", tmp_path, "--data", gsm8k_dir)
+    assert result.exit_code == 1 and "not a tinymath training run" in result.stderr
+    result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 0)
+    assert result.exit_code == 1 and "--limit 0" in result.stderr
+    result = run_cli("eval", "--model", tmp_path / "nothing", "--data", gsm8k_dir)
+    assert result.exit_code == 1 and "does not exist" in result.stderr
