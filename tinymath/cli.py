@@ -162,8 +162,8 @@ def train_cmd(
     out: Annotated[Path, typer.Option(help="Run folder (adapter, run.json, metrics.jsonl).")] = Path("run"),
     epochs: Annotated[float, typer.Option(help="Passes over the training data.", rich_help_panel="Schedule")] = 1.0,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (overrides --epochs).", rich_help_panel="Schedule")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.", rich_help_panel="Schedule")] = 16,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel="Schedule")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step and GPU is --batch-size x --grad-accum (with --packing the step is cut into micro-batches by tokens, not by this).", rich_help_panel="Schedule")] = 32,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation (multiplies the examples per step).", rich_help_panel="Schedule")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).", rich_help_panel="Schedule")] = 2e-4,
     warmup: Annotated[float, typer.Option(help="Warm-up: a fraction of the steps (< 1) or a step count.", rich_help_panel="Schedule")] = 0.03,
     seed: Annotated[int, typer.Option(help="Random seed (LoRA init, data order).", rich_help_panel="Schedule")] = 42,
@@ -178,7 +178,9 @@ def train_cmd(
     calc_annotations: Annotated[Optional[Calc], typer.Option(help="strip or keep <<a*b=c>> (raw data only; default strip).", rich_help_panel="Data")] = None,
     val_size: Annotated[float, typer.Option(help="Validation examples from train (raw data only).", rich_help_panel="Data")] = 0,
     packing: Annotated[bool, typer.Option(help="Padding-free packing of examples (same loss, faster).", rich_help_panel="Speed")] = True,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.", rich_help_panel="Speed")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory (switched on by itself when --max-memory needs it).", rich_help_panel="Speed")] = False,
+    max_memory: Annotated[Optional[str], typer.Option(help="GPU memory to stay within, e.g. 6GB: sizes micro-batches and checkpointing (default: the free memory).", rich_help_panel="Speed")] = None,
+    micro_batch_tokens: Annotated[Optional[int], typer.Option(help="Tokens per packed micro-batch (default: sized to memory on GPU, the whole step on CPU).", rich_help_panel="Speed")] = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
@@ -203,7 +205,8 @@ def train_cmd(
         quant=quant.value, trust_remote_code=trust_remote_code, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, seed=seed,
-        packing=packing, gradient_checkpointing=gradient_checkpointing, overwrite=overwrite,
+        packing=packing, gradient_checkpointing=gradient_checkpointing, max_memory=max_memory,
+        micro_batch_tokens=micro_batch_tokens, overwrite=overwrite,
     )
     summary = train(config, show_progress=not json_out)
     if json_out:

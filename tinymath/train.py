@@ -20,7 +20,7 @@ import platform
 import subprocess
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tinymath.data import DEFAULT_DATA, DEFAULT_MODEL
@@ -45,7 +45,7 @@ class TrainConfig:
     trust_remote_code: bool = False
     epochs: float = 1.0
     max_steps: int | None = None
-    batch_size: int = 16
+    batch_size: int = 32
     grad_accum: int = 1
     lr: float = 2e-4
     warmup: float = 0.03
@@ -56,10 +56,11 @@ class TrainConfig:
     target_modules: str = "all-linear"
     seed: int = 42
     packing: bool = True
+    micro_batch_tokens: int | None = None
+    max_memory: str | None = None
     gradient_checkpointing: bool = False
     log_every: int = 1
     overwrite: bool = False
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         problems = []
@@ -81,6 +82,13 @@ class TrainConfig:
             problems.append(f"--grad-accum {self.grad_accum} must be at least 1")
         if self.warmup < 0:
             problems.append(f"--warmup {self.warmup} must be >= 0 (a fraction of the steps, or a step count)")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens <= 0:
+            problems.append(f"--micro-batch-tokens {self.micro_batch_tokens} must be positive")
+        if self.max_memory is not None:
+            try:
+                parse_memory(self.max_memory)
+            except TinymathError as exc:
+                problems.append(str(exc))
         if self.quant not in ("nf4", "none"):
             problems.append(f"--quant {self.quant}: use nf4 or none")
         raise_if_problems(problems)
@@ -94,15 +102,21 @@ class TrainConfig:
 
 
 def pack_examples(examples: list[dict]):
-    """One padding-free row: examples concatenated, ``position_ids`` restarting at each example so
-    attention never crosses an example boundary (transformers builds the block-diagonal mask)."""
+    """One padding-free row: examples concatenated, ``position_ids`` restarting at each example and
+    the example boundaries (``cu_seq_lens``) for `tinymath.attention`, so attention never crosses
+    from one example into another."""
     import torch
 
     input_ids = [t for ex in examples for t in ex["input_ids"]]
     labels = [t for ex in examples for t in ex["labels"]]
     positions = [p for ex in examples for p in range(len(ex["input_ids"]))]
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
     return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions])}
+            "position_ids": torch.tensor([positions]), "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+            "max_seq_len": max(lengths)}
 
 
 def pad_examples(examples: list[dict], pad_id: int):
@@ -126,22 +140,68 @@ def count_label_tokens(examples: list[dict]) -> int:
     return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
 
 
-def loss_sum(model, batch):
-    """Summed cross-entropy (fp32) of next-token prediction over labelled positions."""
+def micro_batches(examples: list[dict], config: TrainConfig, pad_id: int, max_tokens: int | None = None):
+    """Cut a step's examples into micro-batches: packed rows of at most ``max_tokens`` tokens, or
+    (reference path) padded batches of ``batch_size`` examples."""
+    if not config.packing:
+        for start in range(0, len(examples), config.batch_size):
+            yield pad_examples(examples[start:start + config.batch_size], pad_id)
+        return
+    chunk, size = [], 0
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if chunk and max_tokens and size + n > max_tokens:
+            yield pack_examples(chunk)
+            chunk, size = [], 0
+        chunk.append(ex)
+        size += n
+    if chunk:
+        yield pack_examples(chunk)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096):
+    """Wrap the PEFT model in a module whose forward returns the summed answer-token loss.
+
+    ``fast``: the LM head runs only on labelled positions, in chunks whose fp32 logits are
+    recomputed in the backward pass (checkpointed) instead of kept: the full ``tokens x
+    vocabulary`` logits are never materialized. Otherwise the plain reference: the model's full
+    logits and one cross-entropy. One module, so DDP (under accelerate) sees a single forward.
+    """
+    import torch
     import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
 
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    def chunk_loss(head, hidden, targets):
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
+    class CausalLMLoss(torch.nn.Module):
+        def __init__(self, peft_model):
+            super().__init__()
+            self.peft_model = peft_model
 
-def micro_batches(examples: list[dict], config: TrainConfig, pad_id: int):
-    """Cut a step's examples into micro-batches of ``batch_size`` (packed or padded)."""
-    for start in range(0, len(examples), config.batch_size):
-        chunk = examples[start:start + config.batch_size]
-        yield pack_examples(chunk) if config.packing else pad_examples(chunk, pad_id)
+        def forward(self, input_ids, labels, **kwargs):
+            if not fast:
+                logits = self.peft_model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
+                return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+            causal_lm = self.peft_model.get_base_model()
+            hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+            targets = labels[:, 1:]
+            keep = targets != -100
+            hidden, targets = hidden[:, :-1][keep], targets[keep]
+            head = causal_lm.get_output_embeddings()
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, targets.shape[0], chunk_tokens):
+                h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+                total = total + (checkpoint(chunk_loss, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                                 else chunk_loss(head, h, t))
+            return total
+
+    return CausalLMLoss(model)
 
 
 # ---------------------------------------------------------------- data
@@ -223,18 +283,72 @@ def _check_out(config: TrainConfig) -> None:
             raise TinymathError(f"--out {out} holds files that tinymath did not write; choose another --out")
 
 
-def validation_loss(model, examples: list[dict], config: TrainConfig, pad_id: int, device) -> float:
+def validation_loss(loss_model, examples: list[dict], config: TrainConfig, pad_id: int, device,
+                    max_tokens: int | None) -> float:
     """Mean answer-token loss on held-out examples (same batching as training, no gradients)."""
     import torch
 
-    total, tokens = 0.0, 0
-    model.eval()
+    total = 0.0
+    loss_model.eval()
     with torch.no_grad():
-        for batch in micro_batches(examples, config, pad_id):
-            total += loss_sum(model, {k: v.to(device) for k, v in batch.items()}).item()
-        tokens = count_label_tokens(examples)
-    model.train()
-    return total / max(tokens, 1)
+        for batch in micro_batches(examples, config, pad_id, max_tokens):
+            total += loss_model(**to_device(batch, device)).item()
+    loss_model.train()
+    return total / max(count_label_tokens(examples), 1)
+
+
+def parse_memory(text: str) -> int:
+    """``"6GB"``, ``"6GiB"``, ``"6000MB"`` -> bytes (GB and GiB both mean 2**30: what cards are sold as)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(g|gb|gib|m|mb|mib)?\s*", text.lower())
+    if not match:
+        raise TinymathError(f"--max-memory {text!r} is not a size; write it like 6GB or 5500MB")
+    unit = (match.group(2) or "gb")[0]
+    return int(float(match.group(1)) * (2**30 if unit == "g" else 2**20))
+
+
+def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, device, budget: int,
+                     set_checkpointing) -> tuple[int, bool, dict]:
+    """The largest packed micro-batch (in tokens) whose peak memory stays within ``budget`` bytes.
+
+    Measures instead of guessing: one forward/backward on a probe batch gives the bytes each token
+    costs; if not even the longest example fits, gradient checkpointing is switched on and measured
+    again. Returns (tokens, checkpointing, the measurements).
+    """
+    import torch
+
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    probe = []
+    for ex in examples:
+        if sum(len(e["input_ids"]) for e in probe) >= 2048:
+            break
+        probe.append(ex)
+    probe_tokens = sum(len(e["input_ids"]) for e in probe)
+    figures = {}
+    for checkpointing in (False, True):
+        set_checkpointing(checkpointing)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = loss_model(**to_device(pack_examples(probe), device))
+        loss.backward()
+        loss_model.zero_grad(set_to_none=True)
+        del loss
+        torch.cuda.synchronize(device)
+        per_token = (torch.cuda.max_memory_allocated(device) - base) / probe_tokens
+        # optimizer state (2 fp32 moments) and fp32 gradients of the LoRA weights come on top
+        trainable = sum(p.numel() for p in loss_model.parameters() if p.requires_grad) * 4 * 3
+        room = (budget - base - trainable) * 0.9
+        tokens = int(room / per_token) if room > 0 else 0
+        figures[f"bytes_per_token{'_ckpt' if checkpointing else ''}"] = round(per_token)
+        if tokens >= longest:
+            figures.update(base_bytes=base, budget_bytes=budget)
+            return min(tokens, 65536), checkpointing, figures
+    need = (base + trainable + per_token * longest / 0.9) / 2**30
+    raise TinymathError(f"--max-memory {config.max_memory or 'free memory'}: too small to train even one example "
+                        f"of {longest} tokens; at least {need:.1f}GB is needed (or lower --max-length)")
 
 
 def train(config: TrainConfig, show_progress: bool = False) -> dict:
@@ -248,22 +362,24 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
+    from tinymath.attention import register as register_packed_attention
     from tinymath.files import write_json
     from tinymath.lora import attach_lora, get_lora_config
     from tinymath.model import compute_dtype, default_device, load_base_model, load_tokenizer, model_fingerprint
     from tinymath.progress import progress_bar
 
     config.validate()
+    budget = parse_memory(config.max_memory) if config.max_memory else None
     _check_out(config)
-    device = default_device()
-    dtype = compute_dtype(device)
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+    if torch.cuda.is_available():
         from accelerate import PartialState
 
         state = PartialState()
         if state.num_processes > torch.cuda.device_count():
             raise TinymathError(f"accelerate launched {state.num_processes} processes but this machine has "
                                 f"{torch.cuda.device_count()} GPU(s); use --num_processes {torch.cuda.device_count()}")
+    device = default_device()
+    dtype = compute_dtype(device)
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
@@ -277,20 +393,41 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
     set_seed(config.seed)
     base = load_base_model(config.model, config.quant, dtype=dtype, device=device,
                            trust_remote_code=config.trust_remote_code)
+    if config.packing:
+        base.set_attn_implementation(register_packed_attention())
     fingerprint = model_fingerprint(base)
     model = attach_lora(base, get_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
                                               config.target_modules), config.gradient_checkpointing)
+    loss_model = build_loss_model(model, fast=config.packing)
+
+    def set_checkpointing(on: bool):
+        causal_lm = model.get_base_model()
+        if on:
+            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            causal_lm.gradient_checkpointing_disable()
+
+    max_tokens, memory_plan = config.micro_batch_tokens, {}
+    if config.packing and max_tokens is None and device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = budget or int(torch.cuda.memory_allocated(device) + free * 0.9)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            max_tokens, checkpointing, memory_plan = plan_micro_batch(loss_model, train_examples, config, device,
+                                                                      budget, set_checkpointing)
+        config.gradient_checkpointing = config.gradient_checkpointing or checkpointing
+        set_checkpointing(config.gradient_checkpointing)
+    config.micro_batch_tokens = max_tokens
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.startswith("cuda"))
-
     world = accelerator.num_processes
     per_step = config.batch_size * config.grad_accum * world
     steps_per_epoch = max(1, len(train_examples) // per_step)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup_steps = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total_steps))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
 
     out = Path(config.out)
     if is_main:
@@ -308,7 +445,9 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
         chosen = order[index * per_step:(index + 1) * per_step]
         return [train_examples[i] for i in chosen]
 
-    model.train()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    loss_model.train()
     start, last_loss, real_tokens_total = time.time(), float("nan"), 0
     fields_fmt = "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
     try:
@@ -321,13 +460,12 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
                 # normalise by the answer tokens of the whole step, across processes; DDP then
                 # averages gradients over processes, hence the factor ``world``
                 step_tokens = count_label_tokens(examples)
-                batches = list(micro_batches(local, config, pad_id))
+                batches = list(micro_batches(local, config, pad_id, max_tokens))
                 loss_total = torch.zeros((), device=accelerator.device)
                 for i, batch in enumerate(batches):
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                     sync = i == len(batches) - 1
-                    with nullcontext() if sync else accelerator.no_sync(model):
-                        micro_loss = loss_sum(model, batch)
+                    with nullcontext() if sync else accelerator.no_sync(loss_model):
+                        micro_loss = loss_model(**to_device(batch, accelerator.device))
                         accelerator.backward(micro_loss * world / step_tokens)
                     loss_total += micro_loss.detach()
                 optimizer.step()
@@ -345,12 +483,15 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
                 record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": round(loss, 6),
                           "lr": lr, "tokens_per_s": round(tps, 1), "tokens": real}
                 if "validation" in splits and (step + 1 == total_steps):
-                    record["val_loss"] = round(validation_loss(model, splits["validation"], config, pad_id,
-                                                               accelerator.device), 6)
+                    record["val_loss"] = round(validation_loss(loss_model, splits["validation"], config, pad_id,
+                                                               accelerator.device, max_tokens), 6)
                 if metrics_file and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                 update(loss=loss, lr=lr, tps=tps)
+    except torch.OutOfMemoryError:
+        raise TinymathError("the GPU ran out of memory; pass --max-memory (e.g. 6GB) to size micro-batches, "
+                            "--gradient-checkpointing, a smaller --batch-size or --max-length") from None
     finally:
         if metrics_file:
             metrics_file.close()
@@ -358,13 +499,16 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
     seconds = time.time() - start
     accelerator.wait_for_everyone()
     summary = {"steps": total_steps, "final_loss": last_loss, "train_seconds": round(seconds, 2),
-               "real_tokens_per_s": round(real_tokens_total / seconds, 1), "out": str(out)}
+               "real_tokens_per_s": round(real_tokens_total / seconds, 1), "out": str(out),
+               "micro_batch_tokens": max_tokens, "gradient_checkpointing": config.gradient_checkpointing}
+    if device.startswith("cuda"):
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if is_main:
         run = asdict(config)
         run.update(dtype=str(dtype).removeprefix("torch."), base_fingerprint=fingerprint,
                    data_stats=data_stats, versions=_versions(), git_commit=_git_commit(),
-                   num_processes=world, result=summary)
-        accelerator.unwrap_model(model).save_pretrained(str(out))
+                   num_processes=world, memory_plan=memory_plan, result=summary)
+        model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         write_json(out / RUN_FILE, run)  # last: its presence marks a complete run
     accelerator.wait_for_everyone()
