@@ -1,0 +1,59 @@
+"""Shared set-up for the GPU benchmarks: the TinyLlama-1.1B architecture with random weights (speed
+does not depend on weight values), a tokenizer, real GSM8K, and result logging to $OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+OUT = Path(os.environ.get("OUT", "/tmp/bench"))
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+               rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def log(**record):
+    """Print one result line and append it to $OUT/results.jsonl."""
+    record["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(json.dumps(record), flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def random_model(path: Path, arch: dict, tokenizer_dir: str) -> Path:
+    """Save a random-weight Llama of ``arch`` (bf16) with the given tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").exists():
+        return path
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(LlamaConfig(**arch)).to(torch.bfloat16)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    del model
+    return path
+
+
+def remap_prepared(src: Path, dst: Path, vocab: int) -> Path:
+    """A copy of a prepare-data folder with token ids folded into ``vocab`` (for a smaller-vocab
+    architecture measured with another tokenizer: lengths stay real GSM8K lengths)."""
+    import shutil
+
+    import datasets
+
+    if dst.exists():
+        return dst
+    ds = datasets.load_from_disk(str(src))
+    fold = lambda row: {"input_ids": [t % vocab for t in row["input_ids"]],
+                        "labels": [t if t == -100 else t % vocab for t in row["labels"]]}
+    ds.map(fold).save_to_disk(str(dst))
+    shutil.copy(src / "prepare.json", dst / "prepare.json")
+    return dst

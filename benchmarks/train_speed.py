@@ -1,0 +1,151 @@
+"""Training speed: the seed-style baseline and `tinymath train` defaults in ONE run on one GPU.
+
+TinyLlama-1.1B architecture (random weights) and SmolLM2-135M architecture on the real GSM8K train
+set; prints real (non-padding) tokens/s, peak GPU memory and the ratio against the baseline; also
+`--max-memory 6GB`, and the first 20 losses of the fast path against the plain reference path.
+
+    OUT=/tmp/out python benchmarks/train_speed.py --tokenizer DIR --train gsm8k/train.jsonl
+    python benchmarks/train_speed.py ... --only multi   # under accelerate launch: tinymath on N GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import OUT, SMOLLM2, TINYLLAMA, log, random_model, remap_prepared  # noqa: E402
+
+
+def seed_style_baseline(model_dir: Path, texts: list[str], tokenizer, steps: int = 30) -> dict:
+    """The seed's recipe: HF Trainer, pad to 512, batch 4 x accumulation 4, LoRA r=8 on q/v, NF4,
+    gradient checkpointing (as in shared/baselines/seed_style_qlora.py)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForLanguageModeling, Trainer,
+                              TrainingArguments)
+
+    torch.cuda.reset_peak_memory_stats()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": 0},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    n = steps * 16
+    vocab = model.config.vocab_size
+    enc = tokenizer(texts[:n], truncation=True, max_length=512, padding="max_length")["input_ids"]
+    ds = [{"input_ids": [i % vocab for i in x]} for x in enc]
+    real = sum(min(len(tokenizer(t).input_ids), 512) for t in texts[:n])
+    args = TrainingArguments(output_dir="/tmp/seed_out", per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                             learning_rate=2e-4, bf16=True, logging_steps=10, save_strategy="no", report_to=[],
+                             max_steps=steps, dataloader_num_workers=2)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    torch.cuda.synchronize()
+    t = time.time()
+    trainer.train()
+    torch.cuda.synchronize()
+    seconds = time.time() - t
+    result = {"real_tokens_per_s": round(real / seconds), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              "seconds": round(seconds, 1), "examples": n}
+    del trainer, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def tinymath_run(name: str, model_dir: Path, data: Path, steps: int, **overrides) -> dict:
+    """`tinymath train` with its defaults (plus overrides); steady-state tokens/s after 3 warm-up steps."""
+    import torch
+
+    from tinymath.train import TrainConfig, train
+
+    torch.cuda.reset_peak_memory_stats()
+    config = TrainConfig(data=str(data), model=str(model_dir), out=f"/tmp/tm_{name}", max_steps=steps, overwrite=True,
+                         **overrides)
+    summary = train(config)
+    metrics = [json.loads(line) for line in open(f"/tmp/tm_{name}/metrics.jsonl")]
+    steady = metrics[3:] or metrics
+    seconds = sum(m["tokens"] / m["tokens_per_s"] for m in steady)
+    result = {"real_tokens_per_s": round(sum(m["tokens"] for m in steady) / seconds),
+              "overall_tokens_per_s": summary["real_tokens_per_s"], "peak_gib": summary.get("peak_memory_gib"),
+              "micro_batch_tokens": summary["micro_batch_tokens"],
+              "gradient_checkpointing": summary["gradient_checkpointing"], "steps": steps,
+              "losses": [m["loss"] for m in metrics]}
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", required=True, help="folder with a tokenizer (SmolLM2's)")
+    parser.add_argument("--train", required=True, help="GSM8K train.jsonl")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--only", default="seed,tiny,mem6,losses,smol")
+    args = parser.parse_args()
+    which = set(args.only.split(","))
+
+    from transformers import AutoTokenizer
+
+    from tinymath.data import prepare_data
+
+    work = Path("/tmp/tm_bench")
+    work.mkdir(exist_ok=True)
+    smol = random_model(work / "smollm2_rand", SMOLLM2, args.tokenizer)
+    tiny = random_model(work / "tinyllama_rand", TINYLLAMA, args.tokenizer)
+    data_dir = Path(args.train).parent
+    prep = work / "prep"
+    if not prep.exists():
+        prepare_data(data=str(data_dir), model=str(smol), out=prep)
+    prep_tiny = remap_prepared(prep, work / "prep_tiny", TINYLLAMA["vocab_size"])
+
+    if "multi" in which:  # run under `accelerate launch --num_processes N`
+        from accelerate import PartialState
+
+        state = PartialState()
+        r = tinymath_run(f"multi{state.num_processes}", tiny, prep_tiny, args.steps)
+        if state.is_main_process:
+            log(event="train", name=f"tinymath_defaults_{state.num_processes}gpu", arch="tinyllama",
+                processes=state.num_processes, **{k: v for k, v in r.items() if k != "losses"})
+        return
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    rows = [json.loads(line) for line in open(args.train)]
+    texts = [f"### Instruction:\n{r['question']}\n\n### Response:\n{r['answer']}{tokenizer.eos_token}" for r in rows]
+
+    if "seed" in which:
+        seed = seed_style_baseline(tiny, texts, tokenizer)
+        log(event="train", name="seed_style_baseline", arch="tinyllama", **seed)
+    if "tiny" in which:
+        fast = tinymath_run("tiny", tiny, prep_tiny, args.steps)
+        extra = {"ratio_vs_seed": round(fast["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)} if "seed" in which else {}
+        log(event="train", name="tinymath_defaults", arch="tinyllama", **extra,
+            **{k: v for k, v in fast.items() if k != "losses"})
+    if "mem6" in which:
+        low = tinymath_run("mem6", tiny, prep_tiny, args.steps, max_memory="6GB")
+        extra = {"ratio_vs_seed": round(low["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)} if "seed" in which else {}
+        log(event="train", name="tinymath_max_memory_6GB", arch="tinyllama", **extra,
+            **{k: v for k, v in low.items() if k != "losses"})
+    if "losses" in which:
+        fast = tinymath_run("loss_fast", tiny, prep_tiny, 20)
+        plain = tinymath_run("loss_plain", tiny, prep_tiny, 20, packing=False, batch_size=8, grad_accum=4)
+        diffs = [abs(a - b) / abs(b) for a, b in zip(fast["losses"], plain["losses"])]
+        log(event="loss_agreement", arch="tinyllama", fast=fast["losses"], plain=plain["losses"],
+            max_rel_diff=round(max(diffs), 5), plain_tokens_per_s=plain["real_tokens_per_s"])
+    if "smol" in which:
+        plain = tinymath_run("smol_plain", smol, prep, args.steps, quant="none", packing=False)
+        fast = tinymath_run("smol_fast", smol, prep, args.steps, quant="none")
+        log(event="train", name="smollm2_lora", arch="smollm2", plain_loop_tokens_per_s=plain["real_tokens_per_s"],
+            tinymath_tokens_per_s=fast["real_tokens_per_s"], peak_gib=fast["peak_gib"],
+            micro_batch_tokens=fast["micro_batch_tokens"],
+            ratio_vs_plain=round(fast["real_tokens_per_s"] / plain["real_tokens_per_s"], 2))
+
+
+if __name__ == "__main__":
+    main()
