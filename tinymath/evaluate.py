@@ -51,7 +51,7 @@ def score(completions: list[str], golds: list[str]) -> dict:
 
 def evaluate(model: str | None = None, adapter: str | None = None, data: str = DEFAULT_DATA,
              split: str = "test", limit: int | None = None, out: str | Path | None = None,
-             batch_size: int = 32, max_new_tokens: int = 256, quant: str = "none", fmt: str | None = None,
+             batch_size: int | None = None, max_new_tokens: int = 256, quant: str = "none", fmt: str | None = None,
              system_prompt: str | None = None, merge_base: str = "dequantized", overwrite: bool = False,
              trust_remote_code: bool = False, show_progress: bool = False) -> dict:
     """Evaluate on ``split`` of ``data``; returns the summary (also written to ``OUT/summary.json``)."""

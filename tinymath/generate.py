@@ -17,7 +17,7 @@ class GenerationSettings:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    batch_size: int = 32
+    batch_size: int | None = None  # None: as large as memory allows (`auto_batch_size`)
 
     def validate(self) -> None:
         problems = []
@@ -27,7 +27,7 @@ class GenerationSettings:
             problems.append(f"--temperature {self.temperature} must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p {self.top_p} must be in (0, 1]")
-        if self.batch_size <= 0:
+        if self.batch_size is not None and self.batch_size <= 0:
             problems.append(f"--batch-size {self.batch_size} must be at least 1")
         raise_if_problems(problems)
 
@@ -107,6 +107,24 @@ def _decode_new(tokenizer, new_ids) -> tuple[str, int]:
     return tokenizer.decode(ids, skip_special_tokens=True), n
 
 
+def auto_batch_size(model, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """How many prompts to generate together: 16 on CPU; on a GPU as many as half the free memory
+    holds in KV cache (every row padded to the longest prompt plus the answer)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 16
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+    # the logits of one step ([rows, vocab] in fp32) come on top of the cache
+    per_row = per_token * (max(len(p) for p in prompts) + max_new_tokens) + 8 * cfg.vocab_size
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(len(prompts), int(free * 0.5 / per_row)))
+
+
 def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
                    update=lambda advance=1: None) -> list[tuple[str, int]]:
     """Complete many tokenized prompts: (text, generated token count) per prompt, in input order.
@@ -120,8 +138,9 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[tuple[str, int] | None] = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
-    for start in range(0, len(order), settings.batch_size):
-        chunk = order[start:start + settings.batch_size]
+    batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -43,16 +43,16 @@ class TrainConfig:
     val_size: float = 0
     quant: str = "nf4"
     trust_remote_code: bool = False
-    epochs: float = 1.0
+    epochs: float = 3.0
     max_steps: int | None = None
-    batch_size: int = 32
+    batch_size: int = 64
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float = 3e-4
     warmup: float = 0.03
     weight_decay: float = 0.0
     lora_r: int = 16
     lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: str = "all-linear"
     seed: int = 42
     packing: bool = True
@@ -325,7 +325,9 @@ def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, devi
             break
         probe.append(ex)
     probe_tokens = sum(len(e["input_ids"]) for e in probe)
-    figures = {}
+    step_tokens = config.batch_size * config.grad_accum * probe_tokens / len(probe)
+    trainable = sum(p.numel() for p in loss_model.parameters() if p.requires_grad) * 4 * 3
+    figures, fits = {}, {}
     for checkpointing in (False, True):
         set_checkpointing(checkpointing)
         torch.cuda.synchronize(device)
@@ -339,16 +341,20 @@ def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, devi
         torch.cuda.synchronize(device)
         per_token = (torch.cuda.max_memory_allocated(device) - base) / probe_tokens
         # optimizer state (2 fp32 moments) and fp32 gradients of the LoRA weights come on top
-        trainable = sum(p.numel() for p in loss_model.parameters() if p.requires_grad) * 4 * 3
         room = (budget - base - trainable) * 0.9
-        tokens = int(room / per_token) if room > 0 else 0
+        fits[checkpointing] = int(room / per_token) if room > 0 else 0
         figures[f"bytes_per_token{'_ckpt' if checkpointing else ''}"] = round(per_token)
-        if tokens >= longest:
-            figures.update(base_bytes=base, budget_bytes=budget)
-            return min(tokens, 65536), checkpointing, figures
-    need = (base + trainable + per_token * longest / 0.9) / 2**30
-    raise TinymathError(f"--max-memory {config.max_memory or 'free memory'}: too small to train even one example "
-                        f"of {longest} tokens; at least {need:.1f}GB is needed (or lower --max-length)")
+        if not checkpointing and fits[False] >= step_tokens:
+            break  # a whole step fits without recomputation: nothing to gain from checkpointing
+    figures.update(base_bytes=base, budget_bytes=budget, tokens=fits)
+    # checkpointing recomputes the forward (~1/3 more work): worth it only for much larger micro-batches
+    use_ckpt = fits.get(True, 0) >= 2 * fits[False] or fits[False] < longest
+    tokens = fits[use_ckpt]
+    if tokens < longest:
+        need = (base + trainable + per_token * longest / 0.9) / 2**30
+        raise TinymathError(f"--max-memory {config.max_memory or 'free memory'}: too small to train even one "
+                            f"example of {longest} tokens; at least {need:.1f}GB is needed (or lower --max-length)")
+    return min(tokens, 65536), use_ckpt, figures
 
 
 def train(config: TrainConfig, show_progress: bool = False) -> dict:
@@ -407,6 +413,7 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
         else:
             causal_lm.gradient_checkpointing_disable()
 
+    loss_model.train()  # checkpointing and dropout only act in training mode: plan in it
     max_tokens, memory_plan = config.micro_batch_tokens, {}
     if config.packing and max_tokens is None and device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(device)

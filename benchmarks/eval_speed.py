@@ -1,0 +1,148 @@
+"""Evaluation speed: the seed-style baseline and `tinymath eval` defaults in ONE run on one GPU.
+
+TinyLlama-1.1B architecture (random weights) with a forced generation length of 256 new tokens
+(both paths do the same work), and the real SmolLM2-135M weights with natural stopping on the full
+GSM8K test set. Prints wall time, generated tokens/s and the ratio. Model load is reported apart.
+
+    OUT=/tmp/out python benchmarks/eval_speed.py --tokenizer DIR --data gsm8k_dir [--gguf SmolLM2.gguf]
+    accelerate launch --num_processes 2 benchmarks/eval_speed.py ... --only multi
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import TINYLLAMA, log, random_model  # noqa: E402
+
+NEW_TOKENS = 256
+
+
+def seed_style_generation(model_dir: Path, prompts: list[list[int]], sample: int = 8) -> dict:
+    """The seed's way: NF4 model, HF generate one problem at a time; extrapolated from a sample."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": 0},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True))
+    torch.cuda.synchronize()
+    t = time.time()
+    for ids in prompts[:sample]:
+        x = torch.tensor([ids], device="cuda")
+        model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    seconds = time.time() - t
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"sample": sample, "sample_seconds": round(seconds, 2), "tokens_per_s": round(sample * NEW_TOKENS / seconds, 1),
+            "est_full_test_s": round(seconds * len(prompts) / sample, 1)}
+
+
+def tinymath_generation(model_dir: Path, prompts: list[list[int]]) -> dict:
+    """`tinymath eval`'s generation path with its defaults (16-bit weights, auto batch size)."""
+    import torch
+
+    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+
+    t = time.time()
+    inference = load_for_inference(model=str(model_dir))
+    load_s = time.time() - t
+    torch.cuda.synchronize()
+    t = time.time()
+    out = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=NEW_TOKENS))
+    torch.cuda.synchronize()
+    seconds = time.time() - t
+    tokens = sum(n for _, n in out)
+    del inference
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"load_s": round(load_s, 1), "generation_s": round(seconds, 2), "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1), "outputs": [text for text, _ in out]}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--data", required=True, help="folder with GSM8K test.jsonl")
+    parser.add_argument("--gguf", default=None, help="real SmolLM2-135M-Instruct GGUF")
+    parser.add_argument("--only", default="seed,tiny,smol")
+    args = parser.parse_args()
+    which = set(args.only.split(","))
+
+    from transformers import AutoTokenizer
+
+    from tinymath.prompts import build_prompt, encode_prompt
+
+    work = Path("/tmp/tm_bench")
+    work.mkdir(exist_ok=True)
+    fixed = work / "tinyllama_rand_fixed256"
+    if not fixed.exists():
+        random_model(fixed, TINYLLAMA, args.tokenizer)
+        cfg = json.loads((fixed / "generation_config.json").read_text())
+        cfg["min_new_tokens"] = NEW_TOKENS  # forced length: every problem generates exactly 256 tokens
+        (fixed / "generation_config.json").write_text(json.dumps(cfg))
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    rows = [json.loads(line) for line in open(Path(args.data) / "test.jsonl")]
+    prompts = [[t % TINYLLAMA["vocab_size"] for t in encode_prompt(tok, build_prompt(tok, r["question"], "chat"))]
+               for r in rows]
+
+    if "multi" in which:
+        from accelerate import PartialState
+
+        from tinymath.evaluate import evaluate
+
+        state = PartialState()
+        t = time.time()
+        summary = evaluate(model=args.gguf, data=args.data, split="test", out="/tmp/tm_eval_multi", overwrite=True)
+        if state.is_main_process:
+            log(event="eval", name=f"smollm2_real_{state.num_processes}gpu", wall_s=round(time.time() - t, 1),
+                **{k: summary[k] for k in ("accuracy", "accuracy_strict", "n", "generation_seconds", "tokens_per_s")})
+        return
+
+    if "seed" in which:
+        seed = seed_style_generation(fixed, prompts)
+        log(event="eval", name="seed_style_bs1_nf4", arch="tinyllama", **seed)
+    if "tiny" in which:
+        fast = tinymath_generation(fixed, prompts)
+        ref = fast.pop("outputs")
+        extra = {"ratio_vs_seed": round(seed["est_full_test_s"] / fast["generation_s"], 1)} if "seed" in which else {}
+        log(event="eval", name="tinymath_eval_defaults", arch="tinyllama", problems=len(prompts), **extra, **fast)
+    if "smol" in which and args.gguf:
+        from tinymath.evaluate import evaluate
+
+        t = time.time()
+        summary = evaluate(model=args.gguf, data=args.data, split="test", out="/tmp/tm_eval_smol", overwrite=True)
+        log(event="eval", name="smollm2_real_natural_stop", wall_s=round(time.time() - t, 1),
+            **{k: summary[k] for k in ("accuracy", "accuracy_strict", "n", "tokens_generated", "generation_seconds",
+                                       "tokens_per_s")})
+        # greedy equality with plain HF generate (batch 1, no padding) on a sample
+        import torch
+
+        from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+
+        inference = load_for_inference(model=args.gguf)
+        tk = inference.tokenizer
+        sample = [encode_prompt(tk, build_prompt(tk, r["question"], "chat")) for r in rows[:16]]
+        fast = [text for text, _ in generate_batch(inference, sample, GenerationSettings(max_new_tokens=NEW_TOKENS))]
+        plain = []
+        for ids in sample:
+            x = torch.tensor([ids], device=inference.model.device)
+            out = inference.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                                           do_sample=False, pad_token_id=tk.pad_token_id, eos_token_id=tk.eos_token_id)
+            plain.append(tk.decode(out[0, len(ids):], skip_special_tokens=True))
+        from tinymath.prompts import extract_answer
+
+        log(event="greedy_equality", sample=len(sample), same_text=sum(a == b for a, b in zip(fast, plain)),
+            same_answer=sum(extract_answer(a) == extract_answer(b) for a, b in zip(fast, plain)))
+
+
+if __name__ == "__main__":
+    main()
