@@ -98,3 +98,27 @@ def test_eval_bad_input(tiny_model, gsm8k_dir, tmp_path):
     assert result.exit_code == 1 and "--limit 0" in result.stderr
     result = run_cli("eval", "--model", tmp_path / "nothing", "--data", gsm8k_dir)
     assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+def test_batched_generation_equals_plain_generate(tiny_model):
+    """The eval path (length-sorted, left-padded batches) gives the same greedy text as plain
+    one-at-a-time `generate` (fp32 on CPU)."""
+    import torch
+
+    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+    from tinymath.prompts import build_prompt, encode_prompt
+
+    inference = load_for_inference(model=str(tiny_model))
+    tok = inference.tokenizer
+    questions = ["What is 3 + 4?", "A box holds 6 eggs. How many eggs are in 4 boxes?",
+                 "Leo had 30 stickers and gave away 12. How many stickers does he have left?", "Hi"]
+    prompts = [encode_prompt(tok, build_prompt(tok, q, "chat")) for q in questions]
+    batched = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=20, batch_size=4))
+    for ids, (text, _) in zip(prompts, batched):
+        x = torch.tensor([ids])
+        out = inference.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=20,
+                                       do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[0, len(ids):].tolist()
+        if tok.eos_token_id in new:
+            new = new[:new.index(tok.eos_token_id)]
+        assert text == tok.decode(new, skip_special_tokens=True)
