@@ -154,65 +154,105 @@ def prepare_data_cmd(
     out_console.print(table)
 
 
+class Keep(str, Enum):
+    last = "last"
+    best = "best"
+
+
+class ReportTo(str, Enum):
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+def _opt(help: str, panel: str | None = None, *names: str):
+    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)
+
+
 @app.command("train")
 @command
 def train_cmd(
-    data: Annotated[str, typer.Option(help="A prepare-data folder, or raw data (prepared on the fly).")] = DEFAULT_DATA,
-    model: ModelOpt = DEFAULT_MODEL,
-    out: Annotated[Path, typer.Option(help="Run folder (adapter, run.json, metrics.jsonl).")] = Path("run"),
-    epochs: Annotated[float, typer.Option(help="Passes over the training data.", rich_help_panel="Schedule")] = 3.0,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (overrides --epochs).", rich_help_panel="Schedule")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step and GPU is --batch-size x --grad-accum (with --packing the step is cut into micro-batches by tokens, not by this).", rich_help_panel="Schedule")] = 64,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation (multiplies the examples per step).", rich_help_panel="Schedule")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).", rich_help_panel="Schedule")] = 3e-4,
-    warmup: Annotated[float, typer.Option(help="Warm-up: a fraction of the steps (< 1) or a step count.", rich_help_panel="Schedule")] = 0.03,
-    seed: Annotated[int, typer.Option(help="Random seed (LoRA init, data order).", rich_help_panel="Schedule")] = 42,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel="LoRA")] = 16,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r).", rich_help_panel="LoRA")] = 32.0,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (0 keeps the fast path lean).", rich_help_panel="LoRA")] = 0.0,
-    target_modules: Annotated[str, typer.Option(help="'all-linear' or comma-separated names (q_proj,v_proj).", rich_help_panel="LoRA")] = "all-linear",
-    quant: Annotated[Quant, typer.Option(help="Base model weights: NF4 4-bit (QLoRA) or unquantized.")] = Quant.nf4,
-    format: Annotated[Optional[Format], typer.Option(help="Prompt format (raw data only; default chat).", rich_help_panel="Data")] = None,
-    system_prompt: Annotated[Optional[str], typer.Option(help="System prompt (raw data only).", rich_help_panel="Data")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Max tokens per example (raw data only; default 512).", rich_help_panel="Data")] = None,
-    calc_annotations: Annotated[Optional[Calc], typer.Option(help="strip or keep <<a*b=c>> (raw data only; default strip).", rich_help_panel="Data")] = None,
-    val_size: Annotated[float, typer.Option(help="Validation examples from train (raw data only).", rich_help_panel="Data")] = 0,
-    packing: Annotated[bool, typer.Option(help="Padding-free packing of examples (same loss, faster).", rich_help_panel="Speed")] = True,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory (switched on by itself when --max-memory needs it).", rich_help_panel="Speed")] = False,
-    max_memory: Annotated[Optional[str], typer.Option(help="GPU memory to stay within, e.g. 6GB: sizes micro-batches and checkpointing (default: the free memory).", rich_help_panel="Speed")] = None,
-    micro_batch_tokens: Annotated[Optional[int], typer.Option(help="Tokens per packed micro-batch (default: sized to memory on GPU, the whole step on CPU).", rich_help_panel="Speed")] = None,
+    data: Annotated[Optional[str], _opt("A prepare-data folder, or raw data (prepared on the fly). [default: openai/gsm8k]")] = None,
+    model: Annotated[Optional[str], _opt("Hub id, local folder, or .gguf. [default: TinyLlama/TinyLlama-1.1B-Chat-v1.0]", None, "--model", "-m")] = None,
+    out: Annotated[Optional[str], _opt("Run folder (adapter, run.json, metrics.jsonl, checkpoints). [default: run]")] = None,
+    config: Annotated[Optional[Path], _opt("TOML file (or a run's run.json) with any train options; flags override it.", "Run control")] = None,
+    resume: Annotated[Optional[Path], _opt("Continue this run folder from its latest checkpoint.", "Run control")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and data/token counts, then exit.", rich_help_panel="Run control")] = False,
+    epochs: Annotated[Optional[float], _opt("Passes over the training data. [default: 3]", "Schedule")] = None,
+    max_steps: Annotated[Optional[int], _opt("Stop after N optimizer steps (overrides --epochs).", "Schedule")] = None,
+    batch_size: Annotated[Optional[int], _opt("Examples per optimizer step and GPU = --batch-size x --grad-accum. With --packing the step is cut into micro-batches by tokens. [default: 64]", "Schedule")] = None,
+    grad_accum: Annotated[Optional[int], _opt("Gradient accumulation (multiplies the examples per step). [default: 1]", "Schedule")] = None,
+    lr: Annotated[Optional[float], _opt("Peak learning rate, cosine decay. [default: 3e-4]", "Schedule")] = None,
+    warmup: Annotated[Optional[float], _opt("Warm-up: a fraction of the steps (< 1) or a step count. [default: 0.03]", "Schedule")] = None,
+    seed: Annotated[Optional[int], _opt("Random seed (LoRA init, data order). [default: 42]", "Schedule")] = None,
+    lora_r: Annotated[Optional[int], _opt("LoRA rank. [default: 16]", "LoRA")] = None,
+    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha (scale = alpha / r). [default: 32]", "LoRA")] = None,
+    lora_dropout: Annotated[Optional[float], _opt("LoRA dropout. [default: 0]", "LoRA")] = None,
+    target_modules: Annotated[Optional[str], _opt("'all-linear' or comma-separated names (q_proj,v_proj). [default: all-linear]", "LoRA")] = None,
+    quant: Annotated[Optional[Quant], _opt("Base weights: nf4 (QLoRA) or none. [default: nf4]")] = None,
+    format: Annotated[Optional[Format], _opt("Prompt format (raw data only). [default: chat]", "Data")] = None,
+    system_prompt: Annotated[Optional[str], _opt("System prompt (raw data only).", "Data")] = None,
+    max_length: Annotated[Optional[int], _opt("Max tokens per example (raw data only). [default: 512]", "Data")] = None,
+    calc_annotations: Annotated[Optional[Calc], _opt("strip or keep <<a*b=c>> (raw data only). [default: strip]", "Data")] = None,
+    val_size: Annotated[Optional[float], _opt("Validation examples held out of train (raw data only).", "Data")] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Padding-free packing (same loss, faster). [default: on]", rich_help_panel="Speed", show_default=False)] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory (switched on by itself when --max-memory needs it).", rich_help_panel="Speed", show_default=False)] = None,
+    max_memory: Annotated[Optional[str], _opt("GPU memory to stay within, e.g. 6GB (default: the free memory).", "Speed")] = None,
+    micro_batch_tokens: Annotated[Optional[int], _opt("Tokens per packed micro-batch (default: sized to memory on GPU, the whole step on CPU).", "Speed")] = None,
+    save_every: Annotated[Optional[int], _opt("Save a resumable checkpoint every N steps.", "Run control")] = None,
+    keep_checkpoints: Annotated[Optional[int], _opt("How many checkpoints to keep. [default: 2]", "Run control")] = None,
+    eval_every: Annotated[Optional[int], _opt("GSM8K accuracy on the validation split every N steps (needs --val-size).", "Run control")] = None,
+    eval_limit: Annotated[Optional[int], _opt("Validation problems per evaluation. [default: 200]", "Run control")] = None,
+    keep: Annotated[Optional[Keep], _opt("Final adapter: the last one, or the best by validation accuracy. [default: last]", "Run control")] = None,
+    report_to: Annotated[Optional[ReportTo], _opt("Also log to tensorboard or wandb (if installed).", "Run control")] = None,
+    log_every: Annotated[Optional[int], _opt("Write metrics every N steps. [default: 1]", "Run control")] = None,
     overwrite: OverwriteOpt = False,
-    trust_remote_code: TrustOpt = False,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow the model's own Python code from the hub.", show_default=False)] = None,
     json_out: JsonOpt = False,
 ):
     """QLoRA fine-tuning: a 4-bit NF4 base with trainable LoRA adapters.
 
     The run folder is all later commands need: `tinymath eval --adapter run`,
     `tinymath merge-adapters run --out merged`, `tinymath chat --adapter run`.
+    Ctrl-C saves a checkpoint; `--resume run` continues exactly where it stopped.
 
     Examples:
 
         tinymath train --out run
         tinymath train --data prep --model SmolLM2-135M-Instruct.Q4_1.gguf --out run --max-steps 3 --batch-size 2
+        tinymath train --config recipe.toml --lr 1e-4 --dry-run
+        tinymath train --resume run
         accelerate launch --num_processes 2 -m tinymath train --data prep --out run
     """
-    from tinymath.train import TrainConfig, train
+    from tinymath.config import resolve_train_config
 
-    config = TrainConfig(
-        data=data, model=model, out=str(out), format=format.value if format else None,
-        system_prompt=system_prompt, max_length=max_length,
-        calc_annotations=calc_annotations.value if calc_annotations else None, val_size=val_size,
-        quant=quant.value, trust_remote_code=trust_remote_code, epochs=epochs, max_steps=max_steps,
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, seed=seed,
-        packing=packing, gradient_checkpointing=gradient_checkpointing, max_memory=max_memory,
-        micro_batch_tokens=micro_batch_tokens, overwrite=overwrite,
+    enum_value = lambda e: e.value if e is not None else None  # noqa: E731
+    flags = dict(
+        data=data, model=model, out=out, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, target_modules=target_modules, quant=enum_value(quant), format=enum_value(format),
+        system_prompt=system_prompt, max_length=max_length, calc_annotations=enum_value(calc_annotations),
+        val_size=val_size, packing=packing, gradient_checkpointing=gradient_checkpointing, max_memory=max_memory,
+        micro_batch_tokens=micro_batch_tokens, save_every=save_every, keep_checkpoints=keep_checkpoints,
+        eval_every=eval_every, eval_limit=eval_limit, keep=enum_value(keep), report_to=enum_value(report_to),
+        log_every=log_every, trust_remote_code=trust_remote_code,
     )
-    summary = train(config, show_progress=not json_out)
+    resolved = resolve_train_config(flags, str(config) if config else None, str(resume) if resume else None)
+    resolved.overwrite = overwrite
+    if dry_run:
+        from tinymath.train import dry_run_report
+
+        report = dry_run_report(resolved)
+        if json_out:
+            return _print_json(report)
+        out_console.print_json(data=report)
+        return
+    from tinymath.train import train
+
+    summary = train(resolved, show_progress=not json_out, resume=resume is not None)
     if json_out:
         return _print_json(summary)
     out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
-                      f"{summary['final_loss']:.4f}, {summary['real_tokens_per_s']:,.0f} tokens/s -> {out}")
+                      f"{summary['final_loss']:.4f}, {summary['real_tokens_per_s']:,.0f} tokens/s -> {resolved.out}")
 
 
 @app.command("merge-adapters")

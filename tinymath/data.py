@@ -149,6 +149,19 @@ def _length_stats(lengths: list[int]) -> dict:
             "max": ordered[-1]}
 
 
+def split_validation(rows: list[dict], val_size: float, seed: int = 0) -> dict[str, list[dict]]:
+    """``{"train": ..., "validation": ...}``: a seeded random ``val_size`` (count, or fraction < 1)
+    held out from train; just ``{"train": rows}`` when ``val_size`` is 0."""
+    if not val_size:
+        return {"train": rows}
+    n_val = int(val_size) if val_size >= 1 else int(round(val_size * len(rows)))
+    if not 0 < n_val < len(rows):
+        raise TinymathError(f"--val-size {val_size} leaves no train or no validation examples (train has {len(rows)})")
+    chosen = set(random.Random(seed).sample(range(len(rows)), n_val))
+    return {"train": [r for i, r in enumerate(rows) if i not in chosen],
+            "validation": [r for i, r in enumerate(rows) if i in chosen]}
+
+
 def validate_prepare_options(fmt: str, max_length: int, calc_annotations: str, val_size: float,
                              limit: int | None) -> None:
     problems = []
@@ -210,15 +223,8 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
     splits = {split: read_gsm8k(data, split, limit) for split in available_splits(data)}
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
 
-    if val_size and "train" in splits:
-        train = splits["train"]
-        n_val = int(val_size) if val_size >= 1 else int(round(val_size * len(train)))
-        if not 0 < n_val < len(train):
-            raise TinymathError(f"--val-size {val_size} leaves no train or no validation examples "
-                                f"(train has {len(train)})")
-        chosen = set(random.Random(seed).sample(range(len(train)), n_val))
-        splits["validation"] = [row for i, row in enumerate(train) if i in chosen]
-        splits["train"] = [row for i, row in enumerate(train) if i not in chosen]
+    if "train" in splits:
+        splits.update(split_validation(splits["train"], val_size, seed))
 
     prepared, stats = {}, {}
     total = sum(len(rows) for rows in splits.values())

@@ -20,82 +20,11 @@ import platform
 import subprocess
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
-from tinymath.data import DEFAULT_DATA, DEFAULT_MODEL
-from tinymath.errors import TinymathError, raise_if_problems
-
-RUN_FILE = "run.json"
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run; saved as run.json (None = taken from the prepared data)."""
-
-    data: str = DEFAULT_DATA
-    model: str = DEFAULT_MODEL
-    out: str = "run"
-    format: str | None = None
-    system_prompt: str | None = None
-    max_length: int | None = None
-    calc_annotations: str | None = None
-    val_size: float = 0
-    quant: str = "nf4"
-    trust_remote_code: bool = False
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup: float = 0.03
-    weight_decay: float = 0.0
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    target_modules: str = "all-linear"
-    seed: int = 42
-    packing: bool = True
-    micro_batch_tokens: int | None = None
-    max_memory: str | None = None
-    gradient_checkpointing: bool = False
-    log_every: int = 1
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        problems = []
-        if self.lora_r <= 0:
-            problems.append(f"--lora-r {self.lora_r} must be a positive rank (try 16)")
-        if self.lora_alpha <= 0:
-            problems.append(f"--lora-alpha {self.lora_alpha} must be positive (try 2 x --lora-r)")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"--lora-dropout {self.lora_dropout} must be in [0, 1)")
-        if self.lr <= 0:
-            problems.append(f"--lr {self.lr} must be positive (try 2e-4)")
-        if self.max_steps is not None and self.max_steps <= 0:
-            problems.append(f"--max-steps {self.max_steps} must be at least 1")
-        if self.epochs <= 0:
-            problems.append(f"--epochs {self.epochs} must be positive")
-        if self.batch_size <= 0:
-            problems.append(f"--batch-size {self.batch_size} must be at least 1")
-        if self.grad_accum <= 0:
-            problems.append(f"--grad-accum {self.grad_accum} must be at least 1")
-        if self.warmup < 0:
-            problems.append(f"--warmup {self.warmup} must be >= 0 (a fraction of the steps, or a step count)")
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens <= 0:
-            problems.append(f"--micro-batch-tokens {self.micro_batch_tokens} must be positive")
-        if self.max_memory is not None:
-            try:
-                parse_memory(self.max_memory)
-            except TinymathError as exc:
-                problems.append(str(exc))
-        if self.quant not in ("nf4", "none"):
-            problems.append(f"--quant {self.quant}: use nf4 or none")
-        raise_if_problems(problems)
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
+from tinymath.config import CONFIG_FILE, RUN_FILE, TrainConfig, parse_memory
+from tinymath.errors import TinymathError
 
 
 # ---------------------------------------------------------------- batches
@@ -209,7 +138,8 @@ def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096):
 
 def load_training_data(config: TrainConfig, tokenizer) -> tuple[dict[str, list[dict]], dict]:
     """Tokenized train (and validation) examples: a prepare-data folder, or raw data prepared now."""
-    from tinymath.data import is_prepared, load_prepared, read_gsm8k, tokenize_split, validate_prepare_options
+    from tinymath.data import (is_prepared, load_prepared, read_gsm8k, split_validation, tokenize_split,
+                               validate_prepare_options)
 
     if is_prepared(config.data):
         dataset, manifest = load_prepared(config.data)
@@ -231,15 +161,7 @@ def load_training_data(config: TrainConfig, tokenizer) -> tuple[dict[str, list[d
     config.max_length = config.max_length or 512
     config.calc_annotations = config.calc_annotations or "strip"
     validate_prepare_options(config.format, config.max_length, config.calc_annotations, config.val_size, None)
-    import random
-
-    rows = read_gsm8k(config.data, "train")
-    raw = {"train": rows}
-    if config.val_size:
-        n_val = int(config.val_size) if config.val_size >= 1 else int(round(config.val_size * len(rows)))
-        chosen = set(random.Random(0).sample(range(len(rows)), n_val))
-        raw = {"train": [r for i, r in enumerate(rows) if i not in chosen],
-               "validation": [r for i, r in enumerate(rows) if i in chosen]}
+    raw = split_validation(read_gsm8k(config.data, "train"), config.val_size)
     splits, stats = {}, {}
     for name, split_rows in raw.items():
         columns, stats[name] = tokenize_split(split_rows, tokenizer, config.format, config.system_prompt,
@@ -271,16 +193,22 @@ def _git_commit() -> str | None:
         return None
 
 
-def _check_out(config: TrainConfig) -> None:
+def _check_out(config: TrainConfig, resume: bool) -> None:
+    from tinymath.checkpoint import check_unlocked
+
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise TinymathError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        ours = (out / RUN_FILE).exists() or (out / "metrics.jsonl").exists()
-        if not config.overwrite:
-            raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
-        if not ours:
-            raise TinymathError(f"--out {out} holds files that tinymath did not write; choose another --out")
+    if out.is_dir():
+        check_unlocked(out)
+    if resume or not (out.is_dir() and any(out.iterdir())):
+        return
+    ours = any((out / name).exists() for name in (RUN_FILE, "metrics.jsonl", CONFIG_FILE, ".lock"))
+    if not config.overwrite:
+        hint = f", or --resume {out} to continue it" if (out / CONFIG_FILE).exists() else ""
+        raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it{hint}")
+    if not ours:
+        raise TinymathError(f"--out {out} holds files that tinymath did not write; choose another --out")
 
 
 def validation_loss(loss_model, examples: list[dict], config: TrainConfig, pad_id: int, device,
@@ -295,17 +223,6 @@ def validation_loss(loss_model, examples: list[dict], config: TrainConfig, pad_i
             total += loss_model(**to_device(batch, device)).item()
     loss_model.train()
     return total / max(count_label_tokens(examples), 1)
-
-
-def parse_memory(text: str) -> int:
-    """``"6GB"``, ``"6GiB"``, ``"6000MB"`` -> bytes (GB and GiB both mean 2**30: what cards are sold as)."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(g|gb|gib|m|mb|mib)?\s*", text.lower())
-    if not match:
-        raise TinymathError(f"--max-memory {text!r} is not a size; write it like 6GB or 5500MB")
-    unit = (match.group(2) or "gb")[0]
-    return int(float(match.group(1)) * (2**30 if unit == "g" else 2**20))
 
 
 def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, device, budget: int,
@@ -357,8 +274,48 @@ def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, devi
     return min(tokens, 65536), use_ckpt, figures
 
 
-def train(config: TrainConfig, show_progress: bool = False) -> dict:
-    """Fine-tune ``config.model`` on ``config.data`` into ``config.out``; returns the run summary."""
+def validation_accuracy(peft_model, tokenizer, rows: list[dict], config: TrainConfig) -> float:
+    """GSM8K accuracy of the model being trained on held-out train-split rows (greedy, batched)."""
+    from tinymath.evaluate import score
+    from tinymath.generate import GenerationSettings, InferenceModel, generate_batch
+    from tinymath.prompts import build_prompt, encode_prompt
+
+    base = peft_model.get_base_model()
+    attn = base.config._attn_implementation
+    base.set_attn_implementation("sdpa")  # generation pads batches: needs the masked path
+    peft_model.eval()
+    try:
+        inference = InferenceModel(peft_model, tokenizer, config.format, config.system_prompt, {})
+        prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, r["question"], config.format, config.system_prompt))
+                   for r in rows]
+        completions = [text for text, _ in generate_batch(inference, prompts, GenerationSettings(max_new_tokens=256))]
+    finally:
+        base.set_attn_implementation(attn)
+        peft_model.train()
+    return score(completions, [r["answer"] for r in rows])["summary"]["accuracy"]
+
+
+def dry_run_report(config: TrainConfig) -> dict:
+    """The resolved config and what the data amounts to, without loading the model."""
+    from tinymath.model import load_tokenizer
+
+    config.validate()
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    splits, stats = load_training_data(config, tokenizer)
+    per_step = config.batch_size * config.grad_accum
+    steps_per_epoch = max(1, len(splits["train"]) // per_step)
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    return {"config": asdict(config),
+            "data": {name: {"examples": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
+                            "answer_tokens": count_label_tokens(rows)} for name, rows in splits.items()},
+            "steps_per_epoch": steps_per_epoch, "total_steps": total, "examples_per_step": per_step}
+
+
+def train(config: TrainConfig, show_progress: bool = False, resume: bool = False) -> dict:
+    """Fine-tune ``config.model`` on ``config.data`` into ``config.out``; returns the run summary.
+
+    ``resume``: continue the run in ``config.out`` from its latest checkpoint.
+    """
     import json
     import random
     import shutil
@@ -369,6 +326,8 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from tinymath.attention import register as register_packed_attention
+    from tinymath.checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, stop_on_signals
+    from tinymath.curves import plot_curves
     from tinymath.files import write_json
     from tinymath.lora import attach_lora, get_lora_config
     from tinymath.model import compute_dtype, default_device, load_base_model, load_tokenizer, model_fingerprint
@@ -376,7 +335,12 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
 
     config.validate()
     budget = parse_memory(config.max_memory) if config.max_memory else None
-    _check_out(config)
+    _check_out(config, resume)
+    out = Path(config.out)
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        raise TinymathError(f"--resume {out}: no checkpoint to resume from (train with --save-every N, "
+                            "or Ctrl-C a run: it saves one)")
     if torch.cuda.is_available():
         from accelerate import PartialState
 
@@ -386,7 +350,16 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
                                 f"{torch.cuda.device_count()} GPU(s); use --num_processes {torch.cuda.device_count()}")
     device = default_device()
     dtype = compute_dtype(device)
-    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    log_with = None
+    if config.report_to:
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[config.report_to]
+        if importlib.util.find_spec(module) is None:
+            raise TinymathError(f"--report-to {config.report_to}: {module} is not installed (pip install {module})")
+        log_with = config.report_to
+    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no", log_with=log_with,
+                              project_dir=str(out / "logs") if log_with else None)
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
 
@@ -395,6 +368,7 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
     train_examples = splits["train"]
     if not train_examples:
         raise TinymathError(f"--data {config.data} has no training examples")
+    val_rows = _validation_rows(config)[:config.eval_limit] if config.eval_every else []
 
     set_seed(config.seed)
     base = load_base_model(config.model, config.quant, dtype=dtype, device=device,
@@ -434,15 +408,28 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup_steps = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total_steps))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+    start_step, best = 0, {"accuracy": None, "step": None}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start_step, best = state["step"], state.get("best", best)
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
 
-    out = Path(config.out)
     if is_main:
-        if out.exists():
+        if not resume and out.exists():
             shutil.rmtree(out)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG_FILE, asdict(config))
+        if resume:  # forget what was logged after the checkpoint: those steps run again
+            metrics_path = out / "metrics.jsonl"
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step] if metrics_path.exists() else []
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+            (out / RUN_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
+    if log_with:
+        accelerator.init_trackers("tinymath", config={k: v for k, v in asdict(config).items()
+                                                      if isinstance(v, (int, float, str, bool))})
     pad_id = tokenizer.pad_token_id
 
     def step_examples(step: int) -> list[dict]:
@@ -452,15 +439,23 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
         chosen = order[index * per_step:(index + 1) * per_step]
         return [train_examples[i] for i in chosen]
 
+    def save(step: int):
+        if is_main:
+            save_checkpoint(out, step, accelerator.unwrap_model(loss_model).peft_model, optimizer, scheduler,
+                            {"best": best}, config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    loss_model.train()
     start, last_loss, real_tokens_total = time.time(), float("nan"), 0
     fields_fmt = "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
+    lock = run_lock(out) if is_main else nullcontext()
     try:
-        with progress_bar("training", total_steps, show_progress, fields_fmt, loss=float("nan"), lr=0.0,
-                          tps=0.0) as update:
-            for step in range(total_steps):
+        with lock, stop_on_signals() as stop, open(out / "metrics.jsonl", "a") if is_main else nullcontext() as metrics_file, \
+                progress_bar("training", total_steps, show_progress, fields_fmt, loss=float("nan"), lr=0.0,
+                             tps=0.0) as update:
+            update(advance=start_step)
+            for step in range(start_step, total_steps):
                 t0 = time.time()
                 examples = step_examples(step)
                 local = examples[accelerator.process_index::world]
@@ -475,39 +470,61 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
                         micro_loss = loss_model(**to_device(batch, accelerator.device))
                         accelerator.backward(micro_loss * world / step_tokens)
                     loss_total += micro_loss.detach()
+                loss = accelerator.reduce(loss_total, reduction="sum").item() / step_tokens
+                if not math.isfinite(loss):  # checked before the update: the weights stay good
+                    last = latest_checkpoint(out)
+                    kept = f"the last good checkpoint is {last}; " if last else ""
+                    raise TinymathError(f"the loss became {loss} at step {step + 1}; stopped. {kept}lower --lr "
+                                        f"(now {config.lr}) and start again (or --resume {out})")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss = accelerator.reduce(loss_total, reduction="sum").item() / step_tokens
-                if not math.isfinite(loss):
-                    raise TinymathError(f"the loss became {loss} at step {step + 1}; lower --lr "
-                                        f"(now {config.lr}) or use --quant none")
                 real = sum(len(ex["input_ids"]) for ex in examples)
                 real_tokens_total += real
                 tps = real / max(time.time() - t0, 1e-9)
                 last_loss = loss
                 lr = scheduler.get_last_lr()[0]
-                record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": round(loss, 6),
+                done = step + 1
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": round(loss, 6),
                           "lr": lr, "tokens_per_s": round(tps, 1), "tokens": real}
-                if "validation" in splits and (step + 1 == total_steps):
+                if "validation" in splits and done == total_steps:
                     record["val_loss"] = round(validation_loss(loss_model, splits["validation"], config, pad_id,
                                                                accelerator.device, max_tokens), 6)
-                if metrics_file and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
+                evaluating = config.eval_every and (done % config.eval_every == 0 or done == total_steps)
+                if evaluating and is_main:
+                    record["val_accuracy"] = validation_accuracy(model, tokenizer, val_rows, config)
+                    if best["accuracy"] is None or record["val_accuracy"] > best["accuracy"]:
+                        best = {"accuracy": record["val_accuracy"], "step": done}
+                        if config.keep == "best":
+                            model.save_pretrained(str(out / "best"))
+                if metrics_file and (done % config.log_every == 0 or done == total_steps or evaluating):
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                if log_with:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
+                if evaluating and is_main:
+                    plot_curves(out)
                 update(loss=loss, lr=lr, tps=tps)
+                if config.save_every and done % config.save_every == 0 and done < total_steps:
+                    save(done)
+                if stop["signal"]:
+                    save(done)
+                    raise TinymathError(f"stopped by {stop['signal']} after step {done} of {total_steps}; "
+                                        f"a checkpoint is saved. Continue with: tinymath train --resume {out}")
     except torch.OutOfMemoryError:
         raise TinymathError("the GPU ran out of memory; pass --max-memory (e.g. 6GB) to size micro-batches, "
                             "--gradient-checkpointing, a smaller --batch-size or --max-length") from None
     finally:
-        if metrics_file:
-            metrics_file.close()
+        if log_with:
+            accelerator.end_training()
 
     seconds = time.time() - start
     accelerator.wait_for_everyone()
     summary = {"steps": total_steps, "final_loss": last_loss, "train_seconds": round(seconds, 2),
                "real_tokens_per_s": round(real_tokens_total / seconds, 1), "out": str(out),
-               "micro_batch_tokens": max_tokens, "gradient_checkpointing": config.gradient_checkpointing}
+               "micro_batch_tokens": max_tokens, "gradient_checkpointing": config.gradient_checkpointing,
+               "resumed_from_step": start_step or None, "best_val_accuracy": best["accuracy"],
+               "best_step": best["step"]}
     if device.startswith("cuda"):
         summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if is_main:
@@ -516,7 +533,23 @@ def train(config: TrainConfig, show_progress: bool = False) -> dict:
                    data_stats=data_stats, versions=_versions(), git_commit=_git_commit(),
                    num_processes=world, memory_plan=memory_plan, result=summary)
         model.save_pretrained(str(out))
+        if config.keep == "best" and (out / "best" / "adapter_model.safetensors").exists():
+            shutil.copy(out / "best" / "adapter_model.safetensors", out / "adapter_model.safetensors")
         tokenizer.save_pretrained(str(out))
+        plot_curves(out)
         write_json(out / RUN_FILE, run)  # last: its presence marks a complete run
     accelerator.wait_for_everyone()
     return summary
+
+
+def _validation_rows(config: TrainConfig) -> list[dict]:
+    """Raw (question, answer) rows of the validation split, for accuracy while training."""
+    from tinymath.data import is_prepared, load_prepared, read_gsm8k, split_validation
+
+    if is_prepared(config.data):
+        dataset, _ = load_prepared(config.data)
+        if "validation" not in dataset:
+            raise TinymathError(f"--eval-every: {config.data} has no validation split (prepare-data --val-size N)")
+        return [{"question": q, "answer": a} for q, a in zip(dataset["validation"]["question"],
+                                                              dataset["validation"]["answer"])]
+    return split_validation(read_gsm8k(config.data, "train"), config.val_size)["validation"]

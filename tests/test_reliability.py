@@ -1,0 +1,157 @@
+"""Runs a user can trust with an afternoon: exact resume, Ctrl-C, NaN, the lock, config files,
+--dry-run, accuracy while training and the curves."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import run_cli
+
+COMMON = ["--quant", "none", "--batch-size", "2", "--lr", "0.02", "--warmup", "0", "--lora-r", "8"]
+
+
+def _train(tiny_model, gsm8k_dir, out, *extra):
+    return run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, *COMMON, *extra)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_model, gsm8k_dir, tmp_path):
+    steps = "80"
+    whole = tmp_path / "whole"
+    assert _train(tiny_model, gsm8k_dir, whole, "--max-steps", steps).exit_code == 0
+
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model", str(tiny_model),
+           "--out", str(cut), *COMMON, "--max-steps", steps]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = cut / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "tinymath train --resume" in stderr
+    stopped_at = len(_losses(cut))
+    assert stopped_at < int(steps), "the run finished before the signal arrived"
+    assert list((cut / "checkpoints").glob("step-*/adapter_model.safetensors"))
+    assert not (cut / "run.json").exists()  # an interrupted run does not look complete
+
+    result = run_cli("train", "--resume", cut, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["resumed_from_step"] == stopped_at
+    assert _losses(cut) == pytest.approx(_losses(whole), rel=1e-5)
+    assert (cut / "run.json").exists()
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    import tinymath.train as train_module
+
+    build = train_module.build_loss_model
+
+    def poisoned(*args, **kwargs):  # the third forward pass returns NaN, as an overflow would
+        loss_model = build(*args, **kwargs)
+        forward, calls = loss_model.forward, []
+
+        def nan_on_third(**batch):
+            calls.append(1)
+            loss = forward(**batch)
+            return loss * float("nan") if len(calls) >= 3 else loss
+
+        loss_model.forward = nan_on_third
+        return loss_model
+
+    monkeypatch.setattr(train_module, "build_loss_model", poisoned)
+    out = tmp_path / "run"
+    result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "5", "--save-every", "1")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the loss became nan" in result.stderr and "last good checkpoint" in result.stderr
+    last = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert last.name == "step-000002"
+    from safetensors.torch import load_file
+
+    assert all(t.isfinite().all() for t in load_file(last / "adapter_model.safetensors").values())
+
+
+def test_lock_refuses_a_second_run(tiny_model, gsm8k_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (out / ".lock").write_text(str(other.pid))
+        result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "1", "--overwrite")
+        assert result.exit_code == 1 and f"pid {other.pid}" in result.stderr
+        assert (out / ".lock").exists()
+    finally:
+        other.kill()
+        other.wait()
+    # a stale lock (its process is gone) does not block
+    assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "1", "--overwrite").exit_code == 0
+
+
+def test_config_file_precedence_and_dry_run(tiny_model, gsm8k_dir, tmp_path):
+    toml = tmp_path / "recipe.toml"
+    toml.write_text(f'data = "{gsm8k_dir}"\nmodel = "{tiny_model}"\nlr = 0.001\nlora-r = 4\nmax_steps = 2\n')
+    result = run_cli("train", "--config", toml, "--lr", "0.002", "--out", tmp_path / "run", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["config"]["lr"] == 0.002 and report["config"]["lora_r"] == 4 and report["total_steps"] == 2
+    assert report["data"]["train"]["examples"] == 8 and report["data"]["train"]["tokens"] > 0
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_run_json_repeats_a_run(tiny_model, gsm8k_dir, tmp_path):
+    first = tmp_path / "first"
+    assert _train(tiny_model, gsm8k_dir, first, "--max-steps", "2").exit_code == 0
+    result = run_cli("train", "--config", first / "run.json", "--out", tmp_path / "second", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    repeated = json.loads(result.stdout)["config"]
+    saved = json.loads((first / "run.json").read_text())
+    assert all(repeated[k] == saved[k] for k in ("lr", "lora_r", "batch_size", "max_steps", "seed", "model"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("lora_rank = 4\n", "unknown setting 'lora_rank'; did you mean 'lora-r'?"),
+    ('lr = "fast"\n', "lr should be float"),
+    ("lr = = 1\n", "line 1"),
+])
+def test_bad_config_files(tmp_path, content, message):
+    toml = tmp_path / "bad.toml"
+    toml.write_text(content)
+    result = run_cli("train", "--config", toml, "--dry-run")
+    assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "2").exit_code == 0
+    result = run_cli("train", "--resume", out)
+    assert result.exit_code == 1 and "no checkpoint" in result.stderr
+    result = run_cli("train", "--resume", out, "--lr", "0.5")
+    assert result.exit_code == 1 and "--lr would change the saved run" in result.stderr and "--max-steps" in result.stderr
+    result = run_cli("train", "--resume", tmp_path / "nothing")
+    assert result.exit_code == 1 and "not a tinymath run folder" in result.stderr
+
+
+def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "4", "--val-size", "2", "--eval-every", "2",
+                    "--eval-limit", "2", "--keep", "best", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "val_accuracy" in r]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    assert (out / "best" / "adapter_model.safetensors").exists()
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(result.stdout)
+    assert summary["best_step"] in (2, 4)
