@@ -55,6 +55,11 @@ class DType(str, Enum):
     fp32 = "fp32"
 
 
+class Task(str, Enum):
+    gsm8k = "gsm8k"
+    retention = "retention"
+
+
 class MergeBase(str, Enum):
     dequantized = "dequantized"
     original = "original"
@@ -205,6 +210,7 @@ def train_cmd(
     keep: Annotated[Optional[Keep], _opt("Final adapter: the last one, or the best by validation accuracy. [default: last]", "Run control")] = None,
     report_to: Annotated[Optional[ReportTo], _opt("Also log to tensorboard or wandb (if installed).", "Run control")] = None,
     log_every: Annotated[Optional[int], _opt("Write metrics every N steps. [default: 1]", "Run control")] = None,
+    retention_every: Annotated[Optional[int], _opt("Every N steps, record drift from the base on general prompts (KL, top-1 agreement).", "Run control")] = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow the model's own Python code from the hub.", show_default=False)] = None,
     json_out: JsonOpt = False,
@@ -234,7 +240,7 @@ def train_cmd(
         val_size=val_size, packing=packing, gradient_checkpointing=gradient_checkpointing, max_memory=max_memory,
         micro_batch_tokens=micro_batch_tokens, save_every=save_every, keep_checkpoints=keep_checkpoints,
         eval_every=eval_every, eval_limit=eval_limit, keep=enum_value(keep), report_to=enum_value(report_to),
-        log_every=log_every, trust_remote_code=trust_remote_code,
+        log_every=log_every, retention_every=retention_every, trust_remote_code=trust_remote_code,
     )
     resolved = resolve_train_config(flags, str(config) if config else None, str(resume) if resume else None)
     resolved.overwrite = overwrite
@@ -303,17 +309,24 @@ def eval_cmd(
     format: Annotated[Optional[Format], typer.Option(help="Prompt format (default: the run's, else chat).")] = None,
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
     merge_base: Annotated[MergeBase, typer.Option(help="For --adapter: merge into dequantized NF4 or original weights.")] = MergeBase.dequantized,
+    task: Annotated[Task, typer.Option(help="gsm8k accuracy, or retention: drift from the base model on general prompts.")] = Task.gsm8k,
+    base: Annotated[Optional[str], typer.Option(help="Retention: the base model to compare with (default: the run's base).", rich_help_panel="Retention")] = None,
+    lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="Retention: also run these lm-evaluation-harness tasks (e.g. hellaswag,arc_easy) on base and tuned; needs lm-eval.", rich_help_panel="Retention")] = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ):
-    """GSM8K accuracy with batched generation and the shared answer extraction.
+    """GSM8K accuracy with batched generation and the shared answer extraction; or, with
+    `--task retention`, how far a tuned model drifted from its base on general prompts.
 
     Examples:
 
         tinymath eval --adapter run --split test
         tinymath eval --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../gsm8k --limit 200 --out ev --json
+        tinymath eval --task retention --adapter run --out retention
     """
+    if task == Task.retention:
+        return _retention(model, adapter, base, out, limit, lm_eval, overwrite, trust_remote_code, json_out)
     from tinymath.evaluate import evaluate
 
     summary = evaluate(model=model, adapter=str(adapter) if adapter else None, data=data, split=split, limit=limit,
@@ -337,6 +350,30 @@ def eval_cmd(
     out_console.print(table)
     if out:
         out_console.print(f"predictions -> {out / 'predictions.jsonl'}")
+
+
+def _retention(model, adapter, base, out, limit, lm_eval, overwrite, trust_remote_code, json_out):
+    from tinymath.retention import evaluate_retention
+
+    status = err_console.status("measuring drift from the base model...") if not json_out else _nothing()
+    with status:
+        summary = evaluate_retention(model=model, adapter=str(adapter) if adapter else None, base=base, out=out,
+                                     limit=limit, lm_eval_tasks=lm_eval, overwrite=overwrite,
+                                     trust_remote_code=trust_remote_code)
+    if json_out:
+        return _print_json(summary)
+    from rich.table import Table
+
+    table = Table(title=f"retention: {summary['verdict']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("KL(base || tuned), nats/token", f"{summary['kl']:.4f}")
+    table.add_row("perplexity ratio tuned/base", f"{summary['ppl_ratio']:.3f}")
+    table.add_row("top-1 next-token agreement", f"{summary['top1_agreement']:.1%}")
+    table.add_row("prompts / scored tokens", f"{summary['n']} / {summary['tokens']:,}")
+    out_console.print(table)
+    if out:
+        out_console.print(f"side by side -> {Path(out) / 'retention.md'}")
 
 
 app.command("evaluate", hidden=True, help="Alias of eval.")(eval_cmd)

@@ -24,7 +24,7 @@ RUN_RECORD_KEYS = {"dtype", "base_fingerprint", "data_stats", "versions", "git_c
                    "memory_plan", "result", "resume"}
 # what may change when a run is resumed: everything else must match the saved run
 RESUME_SAFE = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_limit",
-               "report_to"}
+               "report_to", "retention_every"}
 
 
 @dataclass
@@ -63,6 +63,7 @@ class TrainConfig:
     eval_every: int | None = None
     eval_limit: int = 200
     keep: str = "last"
+    retention_every: int | None = None
     report_to: str | None = None
     overwrite: bool = False
 
@@ -93,7 +94,7 @@ class TrainConfig:
                 parse_memory(self.max_memory)
             except TinymathError as exc:
                 problems.append(str(exc))
-        for name in ("save_every", "eval_every"):
+        for name in ("save_every", "eval_every", "retention_every"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"--{name.replace('_', '-')} {value} must be a positive number of steps")

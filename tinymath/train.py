@@ -19,7 +19,7 @@ import math
 import platform
 import subprocess
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -274,24 +274,32 @@ def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, devi
     return min(tokens, 65536), use_ckpt, figures
 
 
+@contextmanager
+def inference_mode(peft_model):
+    """Eval mode with masked SDPA attention (generation and padded scoring need attention masks,
+    which the packed training attention does not take); training mode again afterwards."""
+    base = peft_model.get_base_model()
+    attn = base.config._attn_implementation
+    base.set_attn_implementation("sdpa")
+    peft_model.eval()
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(attn)
+        peft_model.train()
+
+
 def validation_accuracy(peft_model, tokenizer, rows: list[dict], config: TrainConfig) -> float:
     """GSM8K accuracy of the model being trained on held-out train-split rows (greedy, batched)."""
     from tinymath.evaluate import score
     from tinymath.generate import GenerationSettings, InferenceModel, generate_batch
     from tinymath.prompts import build_prompt, encode_prompt
 
-    base = peft_model.get_base_model()
-    attn = base.config._attn_implementation
-    base.set_attn_implementation("sdpa")  # generation pads batches: needs the masked path
-    peft_model.eval()
-    try:
+    with inference_mode(peft_model):
         inference = InferenceModel(peft_model, tokenizer, config.format, config.system_prompt, {})
         prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, r["question"], config.format, config.system_prompt))
                    for r in rows]
         completions = [text for text, _ in generate_batch(inference, prompts, GenerationSettings(max_new_tokens=256))]
-    finally:
-        base.set_attn_implementation(attn)
-        peft_model.train()
     return score(completions, [r["answer"] for r in rows])["summary"]["accuracy"]
 
 
@@ -445,6 +453,19 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                             {"best": best}, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
+    retention = None
+    if config.retention_every and is_main:
+        from tinymath.retention import RETENTION_SLICE, adapter_drift, base_replies, retention_prompts
+
+        slice_prompts = retention_prompts()[:RETENTION_SLICE]
+        with inference_mode(model), model.disable_adapter():
+            slice_replies = base_replies(model, tokenizer, slice_prompts, config.format, config.system_prompt, 32)
+
+        def retention():
+            with inference_mode(model):
+                return adapter_drift(model, tokenizer, slice_prompts, slice_replies, config.format,
+                                     config.system_prompt)
+
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     start, last_loss, real_tokens_total = time.time(), float("nan"), 0
@@ -497,6 +518,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                         best = {"accuracy": record["val_accuracy"], "step": done}
                         if config.keep == "best":
                             model.save_pretrained(str(out / "best"))
+                if retention and (done % config.retention_every == 0 or done == total_steps):
+                    numbers = retention()
+                    record.update(retention_kl=numbers["kl"], retention_top1=numbers["top1_agreement"])
+                    evaluating = True
                 if metrics_file and (done % config.log_every == 0 or done == total_steps or evaluating):
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
