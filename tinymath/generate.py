@@ -18,6 +18,7 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     batch_size: int | None = None  # None: as large as memory allows (`auto_batch_size`)
+    static_cache: bool | None = None  # None: on CUDA (a static KV cache lets transformers compile decoding)
 
     def validate(self) -> None:
         problems = []
@@ -138,6 +139,8 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[tuple[str, int] | None] = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
+    if settings.static_cache or (settings.static_cache is None and device.type == "cuda"):
+        kwargs["cache_implementation"] = "static"
     batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
