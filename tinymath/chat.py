@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from tinymath.errors import TinymathError
-from tinymath.generate import GenerationSettings, InferenceModel, stream_generate
+from tinymath.generate import GenerationSettings, InferenceModel, generate_batch, stream_generate
 from tinymath.prompts import build_prompt, encode_prompt, extract_answer
 
 HELP = "Commands: /reset (forget the conversation), /system TEXT (new system prompt), /exit (or Ctrl-D)"
@@ -63,7 +63,10 @@ class ChatSession:
         """Yield the reply text in pieces; the turn is added to the history when it is complete."""
         ids, self.dropped = self.prompt_ids(question)
         pieces = []
-        for piece in stream_generate(self.inference, ids, self.settings):
+        # the calculator completes annotations between rounds, so its replies come whole
+        stream = ([text for text, _ in generate_batch(self.inference, [ids], self.settings)]
+                  if self.settings.calculator else stream_generate(self.inference, ids, self.settings))
+        for piece in stream:
             pieces.append(piece)
             yield piece
         if self.keep_history:

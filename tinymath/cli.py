@@ -30,7 +30,7 @@ app = typer.Typer(
 out_console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"  # as tinymath.data; kept here so --help needs no import
 DEFAULT_DATA = "openai/gsm8k"
 
 
@@ -58,6 +58,11 @@ class DType(str, Enum):
 class Task(str, Enum):
     gsm8k = "gsm8k"
     retention = "retention"
+
+
+class Protocol(str, Enum):
+    default = "default"
+    lm_eval_gsm8k = "lm-eval-gsm8k"
 
 
 class MergeBase(str, Enum):
@@ -310,6 +315,12 @@ def eval_cmd(
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
     merge_base: Annotated[MergeBase, typer.Option(help="For --adapter: merge into dequantized NF4 or original weights.")] = MergeBase.dequantized,
     task: Annotated[Task, typer.Option(help="gsm8k accuracy, or retention: drift from the base model on general prompts.")] = Task.gsm8k,
+    calculator: Annotated[bool, typer.Option(help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep).", rich_help_panel="Decoding")] = False,
+    samples: Annotated[int, typer.Option(help="Samples per problem; > 1 scores the majority answer (maj@K), also pass@K.", rich_help_panel="Decoding")] = 1,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (needed with --samples > 1).", rich_help_panel="Decoding")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.", rich_help_panel="Decoding")] = 0,
+    protocol: Annotated[Protocol, typer.Option(help="default: the training format, zero-shot. lm-eval-gsm8k: lm-eval's gsm8k task (5-shot, Question:/Answer:, its stop strings and filters).", rich_help_panel="Decoding")] = Protocol.default,
+    compare: Annotated[Optional[tuple[Path, Path]], typer.Option(help="Compare two eval --out folders (same problems): accuracies, difference with 95% CI, McNemar p, flips.", rich_help_panel="Comparison")] = None,
     base: Annotated[Optional[str], typer.Option(help="Retention: the base model to compare with (default: the run's base).", rich_help_panel="Retention")] = None,
     lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="Retention: also run these lm-evaluation-harness tasks (e.g. hellaswag,arc_easy) on base and tuned; needs lm-eval.", rich_help_panel="Retention")] = None,
     overwrite: OverwriteOpt = False,
@@ -324,7 +335,11 @@ def eval_cmd(
         tinymath eval --adapter run --split test
         tinymath eval --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../gsm8k --limit 200 --out ev --json
         tinymath eval --task retention --adapter run --out retention
+        tinymath eval --adapter run --samples 8 --temperature 0.7 --out ev-maj8
+        tinymath eval --compare ev-base ev-run
     """
+    if compare:
+        return _compare(*compare, json_out)
     if task == Task.retention:
         return _retention(model, adapter, base, out, limit, lm_eval, overwrite, trust_remote_code, json_out)
     from tinymath.evaluate import evaluate
@@ -333,7 +348,8 @@ def eval_cmd(
                        out=out, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant.value,
                        fmt=format.value if format else None, system_prompt=system_prompt,
                        merge_base=merge_base.value, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                       show_progress=not json_out)
+                       show_progress=not json_out, calculator=calculator, samples=samples, temperature=temperature,
+                       seed=seed, protocol=protocol.value)
     if json_out:
         return _print_json(summary)
     from rich.table import Table
@@ -343,13 +359,37 @@ def eval_cmd(
     table.add_column("value", justify="right")
     low, high = summary["ci95"]
     table.add_row("accuracy", f"{summary['accuracy']:.2%}  (95% CI {low:.1%}-{high:.1%})")
-    table.add_row("accuracy (strict: #### marker)", f"{summary['accuracy_strict']:.2%}")
+    if "maj_at_k" in summary:
+        table.add_row(f"pass@{samples}", f"{summary['pass_at_k']:.2%}")
+        table.add_row("single-sample accuracy", f"{summary['single_sample_accuracy']:.2%}")
+    else:
+        table.add_row("accuracy (strict: #### marker)", f"{summary['accuracy_strict']:.2%}")
+        table.add_row("no answer found", f"{summary['invalid_rate']:.1%}")
     table.add_row("problems", str(summary["n"]))
-    table.add_row("no answer found", f"{summary['invalid_rate']:.1%}")
     table.add_row("tokens generated", f"{summary['tokens_generated']:,} ({summary['tokens_per_s']:,.0f}/s)")
     out_console.print(table)
     if out:
         out_console.print(f"predictions -> {out / 'predictions.jsonl'}")
+
+
+def _compare(first, second, json_out):
+    from tinymath.evaluate import compare
+
+    result = compare(first, second)
+    if json_out:
+        return _print_json(result)
+    from rich.table import Table
+
+    table = Table(title=f"paired comparison on {result['n']} problems")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row(f"A accuracy ({first})", f"{result['accuracy_a']:.2%}")
+    table.add_row(f"B accuracy ({second})", f"{result['accuracy_b']:.2%}")
+    low, high = result["difference_ci95"]
+    table.add_row("B - A", f"{result['difference']:+.2%} (95% CI {low:+.2%} to {high:+.2%})")
+    table.add_row("McNemar p-value", f"{result['mcnemar_p']:.3g}")
+    table.add_row("right only in A / only in B", f"{len(result['only_a_correct'])} / {len(result['only_b_correct'])}")
+    out_console.print(table)
 
 
 def _retention(model, adapter, base, out, limit, lm_eval, overwrite, trust_remote_code, json_out):
@@ -390,6 +430,7 @@ def chat_cmd(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     quant: Annotated[Quant, typer.Option(help="Weights for --model: unquantized or NF4.")] = Quant.none,
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
+    calculator: Annotated[bool, typer.Option(help="Complete <<expr= annotations with a safe calculator (replies then arrive whole).")] = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ):
@@ -404,7 +445,8 @@ def chat_cmd(
     from tinymath.chat import ChatSession, answer, run_interactive, run_scripted
     from tinymath.generate import GenerationSettings, load_for_inference
 
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  calculator=calculator)
     settings.validate()
     interactive = question is None and sys.stdin.isatty()
     status = err_console.status("loading model...", spinner="dots") if interactive else _nothing()

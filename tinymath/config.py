@@ -21,10 +21,10 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.json"
 # keys that run.json records about a finished run; not settings, so ignored when it is read back
 RUN_RECORD_KEYS = {"dtype", "base_fingerprint", "data_stats", "versions", "git_commit", "num_processes",
-                   "memory_plan", "result", "resume"}
+                   "memory_plan", "result"}
 # what may change when a run is resumed: everything else must match the saved run
 RESUME_SAFE = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_limit",
-               "report_to", "retention_every"}
+               "report_to", "retention_every", "max_memory", "micro_batch_tokens", "gradient_checkpointing"}
 
 
 @dataclass
@@ -165,6 +165,8 @@ def load_config_file(path: str | Path) -> dict:
         raise TinymathError(f"--config {path}: TOML syntax error: {exc}") from None
     except json.JSONDecodeError as exc:
         raise TinymathError(f"--config {path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise TinymathError(f"--config {path}: expected a table of settings (name = value)")
     known = TrainConfig.field_names()
     settings = {}
     for key, value in raw.items():
@@ -199,6 +201,8 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
             safe = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUME_SAFE))
             raise TinymathError(f"--resume: {names} would change the saved run; only {safe} may change on resume")
         settings = {**saved, **{k: v for k, v in given.items() if k in RESUME_SAFE}, "out": str(resume)}
+        if "max_memory" in given and "micro_batch_tokens" not in given:
+            settings["micro_batch_tokens"] = None  # plan again for the new memory limit
         return TrainConfig(**settings)
     settings = load_config_file(config_file) if config_file else {}
     settings.update(given)

@@ -17,7 +17,12 @@ def plot_curves(run: Path) -> Path | None:
     metrics_path = Path(run) / "metrics.jsonl"
     if not metrics_path.is_file():
         return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
     if not rows:
         return None
     panels = [("loss", "train loss"), ("lr", "learning rate")]

@@ -103,6 +103,8 @@ def local_split_file(data: str, split: str) -> Path | None:
 def available_splits(data: str) -> list[str]:
     """The GSM8K splits a source has (a single file counts as every split)."""
     path = Path(data).expanduser()
+    if path.is_dir() and (path / MANIFEST).exists():
+        raise TinymathError(f"--data {data} is already a prepare-data output; give the raw GSM8K files")
     if path.is_dir():
         return [s for s in ("train", "test") if any((path / f"{s}{x}").exists() for x in FILE_SUFFIXES)]
     return ["train", "test"]
@@ -220,7 +222,11 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
 
     validate_prepare_options(fmt, max_length, calc_annotations, val_size, limit)
     check_output_dir(out, overwrite, marker=MANIFEST)
-    splits = {split: read_gsm8k(data, split, limit) for split in available_splits(data)}
+    found = available_splits(data)
+    if not found:
+        raise TinymathError(f"--data {data} has no train.jsonl or test.jsonl (nor .json/.parquet); "
+                            "give the GSM8K folder or one data file")
+    splits = {split: read_gsm8k(data, split, limit) for split in found}
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
 
     if "train" in splits:
@@ -237,7 +243,8 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
     manifest = {
         "data": data, "model": model, "format": fmt, "system_prompt": system_prompt,
         "max_length": max_length, "calc_annotations": calc_annotations, "val_size": val_size,
-        "limit": limit, "seed": seed, "eos_token": tokenizer.eos_token, "splits": stats,
+        "limit": limit, "seed": seed, "eos_token": tokenizer.eos_token, "vocab_size": len(tokenizer),
+        "splits": stats,
     }
     with atomic_output_dir(out) as tmp:
         datasets.DatasetDict(prepared).save_to_disk(str(tmp))

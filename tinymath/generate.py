@@ -19,6 +19,8 @@ class GenerationSettings:
     top_p: float = 1.0
     batch_size: int | None = None  # None: as large as memory allows (`auto_batch_size`)
     static_cache: bool | None = None  # None: on CUDA (a static KV cache lets transformers compile decoding)
+    stop: tuple[str, ...] = ()  # stop strings (cut from the text)
+    calculator: bool = False  # complete <<expr= annotations with tinymath.calculator
 
     def validate(self) -> None:
         problems = []
@@ -130,17 +132,40 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
                    update=lambda advance=1: None) -> list[tuple[str, int]]:
     """Complete many tokenized prompts: (text, generated token count) per prompt, in input order.
 
-    Prompts are sorted by length so each batch pads little; rows stop at EOS.
+    Prompts are sorted by length so each batch pads little; rows stop at EOS (or a stop string).
+    With ``settings.calculator``, ``<<expr=`` annotations are completed by `tinymath.calculator`.
     """
+    if settings.calculator:
+        return _generate_with_calculator(inference, prompts, settings, update)
+    tokenizer = inference.tokenizer
+    return [_cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
+            for ids in _generate_ids(inference, prompts, settings, update)]
+
+
+def _cut_at_stop(decoded: tuple[str, int], stop: tuple[str, ...]) -> tuple[str, int]:
+    text, n = decoded
+    for s in stop:
+        if s in text:
+            text = text[:text.index(s)]
+    return text, n
+
+
+def _generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
+                  update=lambda advance=1: None, stopping=None) -> list:
+    """Generated token ids (a tensor row per prompt, after the prompt) in input order."""
     import torch
 
     model, tokenizer = inference.model, inference.tokenizer
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    results: list[tuple[str, int] | None] = [None] * len(prompts)
+    results: list = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
     if settings.static_cache or (settings.static_cache is None and device.type == "cuda"):
         kwargs["cache_implementation"] = "static"
+    if settings.stop:
+        kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
+    if stopping is not None:
+        kwargs["stopping_criteria"] = stopping
     batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
@@ -153,9 +178,64 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(chunk):
-            results[i] = _decode_new(tokenizer, out[row, width:])
+            results[i] = out[row, width:].cpu()
         update(len(chunk))
     return results
+
+
+def _calculator_stop(tokenizer):
+    """A per-row stopping criterion: stop a row when its text ends inside ``<<expr=``."""
+    import torch
+    from transformers import StoppingCriteria
+
+    from tinymath.calculator import pending_call
+
+    class CalculatorStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            tails = tokenizer.batch_decode(input_ids[:, -24:], skip_special_tokens=True)
+            return torch.tensor([pending_call(t) is not None for t in tails], device=input_ids.device)
+
+    return CalculatorStop()
+
+
+MAX_CALCULATOR_CALLS = 32
+
+
+def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
+                              update) -> list[tuple[str, int]]:
+    """Generate in rounds: rows that stop at ``<<expr=`` get ``result>>`` appended (when the
+    expression is computable) and continue in the next round; the others are done."""
+    from dataclasses import replace
+
+    from transformers import StoppingCriteriaList
+
+    from tinymath.calculator import calculate, pending_call
+
+    tokenizer = inference.tokenizer
+    texts, used, calls = [""] * len(prompts), [0] * len(prompts), [0] * len(prompts)
+    active = list(range(len(prompts)))
+    stopping = StoppingCriteriaList([_calculator_stop(tokenizer)])
+    while active:
+        budget = max(settings.max_new_tokens - used[i] for i in active)
+        round_prompts = [prompts[i] + tokenizer(texts[i], add_special_tokens=False).input_ids for i in active]
+        outs = _generate_ids(inference, round_prompts, replace(settings, max_new_tokens=budget, calculator=False),
+                             stopping=stopping)
+        still = []
+        for i, ids in zip(active, outs):
+            finished = tokenizer.eos_token_id in ids.tolist()
+            text, n = _cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
+            texts[i] += text
+            used[i] = min(settings.max_new_tokens, used[i] + n)
+            expression = None if finished else pending_call(texts[i])
+            if expression is not None and used[i] < settings.max_new_tokens and calls[i] < MAX_CALCULATOR_CALLS:
+                calls[i] += 1
+                result = calculate(expression)
+                if result is not None:
+                    texts[i] += f"{result}>>"
+                still.append(i)
+        active = still
+    update(len(prompts))
+    return list(zip(texts, used))
 
 
 def stream_generate(inference: InferenceModel, prompt_ids: list[int], settings: GenerationSettings):

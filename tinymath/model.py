@@ -87,7 +87,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     resolved = str(path) if (path / "tokenizer_config.json").is_file() else resolve_source(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, unknown architectures, remote code refused
         raise TinymathError(f"could not load the tokenizer of {source}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -147,7 +147,7 @@ def load_base_model(source: str, quant: str = "nf4", dtype=None, device: str | N
         kwargs["quantization_config"] = quantization
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, unknown architectures, remote code refused
         raise TinymathError(f"could not load model {source}: {exc}") from exc
     return model
 

@@ -60,7 +60,10 @@ def base_replies(base, tokenizer, prompts: list[str], fmt: str, system_prompt: s
         digest = hashlib.sha256(json.dumps([cache_key, prompts, fmt, system_prompt, max_new_tokens]).encode()).hexdigest()
         cache = cache_dir() / "retention" / f"{digest[:24]}.json"
         if cache.is_file():
-            return json.loads(cache.read_text())
+            try:
+                return json.loads(cache.read_text())
+            except json.JSONDecodeError:
+                pass  # a damaged cache entry is simply made again
     device = next(base.parameters()).device
     replies = []
     for prompt in prompts:
@@ -73,8 +76,10 @@ def base_replies(base, tokenizer, prompts: list[str], fmt: str, system_prompt: s
             reply = reply[:reply.index(tokenizer.eos_token_id) + 1]
         replies.append(reply)
     if cache is not None:
+        from tinymath.files import write_json
+
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(replies))
+        write_json(cache, replies)
     return replies
 
 

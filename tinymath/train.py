@@ -149,9 +149,11 @@ def load_training_data(config: TrainConfig, tokenizer) -> tuple[dict[str, list[d
                 raise TinymathError(f"--{key.replace('_', '-')} {given} contradicts the prepared data "
                                     f"({manifest[key]}); re-run prepare-data or drop the flag")
             setattr(config, key, manifest[key])
-        if manifest["eos_token"] != tokenizer.eos_token:
+        if manifest["eos_token"] != tokenizer.eos_token or manifest.get("vocab_size", len(tokenizer)) != len(tokenizer):
             raise TinymathError(f"--data {config.data} was tokenized for {manifest['model']}, "
                                 f"not for --model {config.model}; run prepare-data with this model")
+        if "train" not in dataset:
+            raise TinymathError(f"--data {config.data} has no train split (has {', '.join(dataset)})")
         splits = {name: [{"input_ids": ids, "labels": lab} for ids, lab in
                          zip(dataset[name]["input_ids"], dataset[name]["labels"])]
                   for name in ("train", "validation") if name in dataset}
@@ -366,12 +368,15 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
         if importlib.util.find_spec(module) is None:
             raise TinymathError(f"--report-to {config.report_to}: {module} is not installed (pip install {module})")
         log_with = config.report_to
-    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no", log_with=log_with,
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    # the schedule counts optimizer steps; accelerate would otherwise step it once per process
+    accelerator = Accelerator(mixed_precision=precision, log_with=log_with, step_scheduler_with_optimizer=False,
                               project_dir=str(out / "logs") if log_with else None)
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
 
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    with accelerator.main_process_first():  # a .gguf is converted once, by the main process
+        tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     splits, data_stats = load_training_data(config, tokenizer)
     train_examples = splits["train"]
     if not train_examples:
@@ -379,8 +384,9 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     val_rows = _validation_rows(config)[:config.eval_limit] if config.eval_every else []
 
     set_seed(config.seed)
-    base = load_base_model(config.model, config.quant, dtype=dtype, device=device,
-                           trust_remote_code=config.trust_remote_code)
+    with accelerator.main_process_first():
+        base = load_base_model(config.model, config.quant, dtype=dtype, device=device,
+                               trust_remote_code=config.trust_remote_code)
     if config.packing:
         base.set_attn_implementation(register_packed_attention())
     fingerprint = model_fingerprint(base)
@@ -421,6 +427,9 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
         start_step, best = state["step"], state.get("best", best)
+        if start_step >= total_steps:
+            raise TinymathError(f"--resume {out}: the checkpoint is at step {start_step}, the run ends at step "
+                                f"{total_steps}; pass a larger --max-steps or --epochs to train further")
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
 
     if is_main:
@@ -431,7 +440,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
         if resume:  # forget what was logged after the checkpoint: those steps run again
             metrics_path = out / "metrics.jsonl"
             kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step] if metrics_path.exists() else []
+                    if _parses(line) and json.loads(line)["step"] <= start_step] if metrics_path.exists() else []
             metrics_path.write_text("".join(line + "\n" for line in kept))
             (out / RUN_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
@@ -497,6 +506,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                     kept = f"the last good checkpoint is {last}; " if last else ""
                     raise TinymathError(f"the loss became {loss} at step {step + 1}; stopped. {kept}lower --lr "
                                         f"(now {config.lr}) and start again (or --resume {out})")
+                lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -504,7 +514,6 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                 real_tokens_total += real
                 tps = real / max(time.time() - t0, 1e-9)
                 last_loss = loss
-                lr = scheduler.get_last_lr()[0]
                 done = step + 1
                 record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": round(loss, 6),
                           "lr": lr, "tokens_per_s": round(tps, 1), "tokens": real}
@@ -532,7 +541,12 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                 update(loss=loss, lr=lr, tps=tps)
                 if config.save_every and done % config.save_every == 0 and done < total_steps:
                     save(done)
-                if stop["signal"]:
+                stopping = stop["signal"]
+                if world > 1:  # every rank must agree to stop at the same step, or they deadlock
+                    flag = torch.tensor(float(bool(stopping)), device=accelerator.device)
+                    stopping = stopping or ("a signal" if accelerator.reduce(flag, reduction="sum").item() else None)
+                if stopping:
+                    stop["signal"] = stopping
                     save(done)
                     raise TinymathError(f"stopped by {stop['signal']} after step {done} of {total_steps}; "
                                         f"a checkpoint is saved. Continue with: tinymath train --resume {out}")
@@ -565,6 +579,17 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
         write_json(out / RUN_FILE, run)  # last: its presence marks a complete run
     accelerator.wait_for_everyone()
     return summary
+
+
+def _parses(line: str) -> bool:
+    """A complete metrics line (a run killed mid-write can leave a torn last line)."""
+    import json
+
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return bool(line.strip())
 
 
 def _validation_rows(config: TrainConfig) -> list[dict]:

@@ -1,0 +1,120 @@
+"""Calculator decoding, self-consistency, the lm-eval protocol and paired comparison."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from tinymath.calculator import calculate, pending_call
+
+
+@pytest.mark.parametrize("expression, value", [
+    ("48/2", "24"), ("3*4+2", "14"), ("(1+2)*3", "9"), ("10/4", "2.5"), ("1,200*2", "2400"), ("-3+5", "2"),
+    ("2**10", "1024"), ("$5*3", "15"), ("1/3", "0.333333"),
+])
+def test_calculator_computes(expression, value):
+    assert calculate(expression) == value
+
+
+@pytest.mark.parametrize("expression", [
+    "1/0", "10**100000", "9**9**9", "-(" * 40 + "1" + ")" * 40, "__import__('os')", "a+1", "2" * 300, "", "1e400*1e400",
+])
+def test_calculator_refuses_without_crashing(expression):
+    assert calculate(expression) is None
+
+
+def test_pending_call():
+    assert pending_call("so 48/2 = <<48/2=") == "48/2"
+    assert pending_call("<<48/2=24>>24 and") is None
+    assert pending_call("x = 3") is None
+
+
+def test_self_consistency_scores():
+    from tinymath.evaluate import self_consistency
+
+    result = self_consistency([["#### 5", "#### 5", "#### 6"], ["#### 1", "#### 2", "no idea"]], ["#### 5", "#### 2"])
+    s = result["summary"]
+    assert s["maj_at_k"] == 0.5 and s["pass_at_k"] == 1.0
+    assert s["single_sample_accuracy"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert result["rows"][0]["majority"] == "5" and result["rows"][0]["votes"] == 2
+
+
+def test_lm_eval_filters():
+    from tinymath.evaluate import lm_eval_score
+
+    golds = ["... #### 1,000", "#### 18", "#### 7"]
+    s = lm_eval_score(["so #### 1,000.", "she makes $18", "the answer is 8"], golds)["summary"]
+    assert s["accuracy_strict"] == pytest.approx(1 / 3)   # only the #### line counts
+    assert s["accuracy"] == pytest.approx(2 / 3)          # flexible: the last number
+
+
+def _fake_eval(folder, questions, correct):
+    folder.mkdir()
+    with open(folder / "predictions.jsonl", "w") as f:
+        for q, c in zip(questions, correct):
+            f.write(json.dumps({"question": q, "gold": "#### 1", "completion": "", "correct": c}) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"accuracy": sum(correct) / len(correct), "settings": {}}))
+
+
+def test_paired_comparison(tmp_path):
+    qs = [f"q{i}" for i in range(10)]
+    _fake_eval(tmp_path / "a", qs, [i < 5 for i in range(10)])
+    _fake_eval(tmp_path / "b", qs, [i >= 2 for i in range(10)])
+    result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "b", "--json")
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["accuracy_a"] == 0.5 and r["accuracy_b"] == 0.8 and r["difference"] == pytest.approx(0.3)
+    assert r["only_a_correct"] == ["q0", "q1"] and len(r["only_b_correct"]) == 5
+    assert r["mcnemar_p"] == pytest.approx(58 / 128)  # exact binomial, 2 vs 5 discordant pairs
+    assert r["difference_ci95"][0] < 0.3 < r["difference_ci95"][1]
+
+    _fake_eval(tmp_path / "c", [f"other{i}" for i in range(10)], [True] * 10)
+    result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "c")
+    assert result.exit_code == 1 and "different problems" in result.stderr
+
+
+def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir):
+    result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,
+                     "--samples", 3, "--temperature", 1.0, "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["pass_at_k"] >= s["maj_at_k"] and s["pass_at_k"] >= s["single_sample_accuracy"]
+    result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--samples", 3)
+    assert result.exit_code == 1 and "--temperature" in result.stderr
+    result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,
+                     "--protocol", "lm-eval-gsm8k", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["protocol"] == "lm-eval-gsm8k"
+
+
+def test_lm_eval_prompt_is_five_shot(tiny_model, gsm8k_dir):
+    from tinymath.data import read_gsm8k
+    from tinymath.evaluate import lm_eval_prompts
+    from tinymath.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    rows = read_gsm8k(str(gsm8k_dir), "test")
+    text = tok.decode(lm_eval_prompts(tok, rows[:1], read_gsm8k(str(gsm8k_dir), "train"))[0])
+    assert text.count("Question:") == 6 and text.endswith(f"Question: {rows[0]['question']}\nAnswer:")
+
+
+def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """A model taught to write annotations (overfitted on the fixtures) gets its results from the
+    calculator: a patched calculator's answer appears inside the annotation."""
+    import tinymath.calculator as calc
+    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+    from tinymath.prompts import build_prompt, encode_prompt
+    from tinymath.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(gsm8k_dir), model=str(tiny_model), out=str(run), quant="none", batch_size=4,
+                      lr=3e-2, warmup=0, lora_r=16, lora_alpha=32, max_steps=60, calc_annotations="keep"))
+    inference = load_for_inference(adapter=str(run))
+    tok = inference.tokenizer
+    question = "Mia has 5 pencils and buys 7 more. How many pencils does she have now?"
+    prompts = [encode_prompt(tok, build_prompt(tok, question, "chat"))] * 2
+    plain = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=40))[0][0]
+    assert "<<5+7=" in plain, plain  # the model writes annotations by itself
+    monkeypatch.setattr(calc, "calculate", lambda expression: "999" if expression == "5+7" else None)
+    with_calc = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=40, calculator=True))
+    assert all("<<5+7=999>>" in text for text, _ in with_calc), with_calc
