@@ -142,8 +142,10 @@ def prepare_data_cmd(
 
     Examples:
 
-        tinymath prepare-data --out prep
-        tinymath prepare-data --data ../gsm8k --model SmolLM2-135M-Instruct.Q4_1.gguf --out prep --val-size 200
+    ```
+    tinymath prepare-data --out prep
+    tinymath prepare-data --data ../gsm8k --model SmolLM2-135M-Instruct.Q4_1.gguf --out prep --val-size 200
+    ```
     """
     from tinymath.data import prepare_data
 
@@ -228,11 +230,13 @@ def train_cmd(
 
     Examples:
 
-        tinymath train --out run
-        tinymath train --data prep --model SmolLM2-135M-Instruct.Q4_1.gguf --out run --max-steps 3 --batch-size 2
-        tinymath train --config recipe.toml --lr 1e-4 --dry-run
-        tinymath train --resume run
-        accelerate launch --num_processes 2 -m tinymath train --data prep --out run
+    ```
+    tinymath train --out run
+    tinymath train --data prep --model SmolLM2-135M-Instruct.Q4_1.gguf --out run --max-steps 3 --batch-size 2
+    tinymath train --config recipe.toml --lr 1e-4 --dry-run
+    tinymath train --resume run
+    accelerate launch --num_processes 2 -m tinymath train --data prep --out run
+    ```
     """
     from tinymath.config import resolve_train_config
 
@@ -280,8 +284,10 @@ def merge_cmd(
 
     Examples:
 
-        tinymath merge-adapters run --out merged
-        tinymath merge-adapters run --out merged-fp32 --dtype fp32 --merge-base original
+    ```
+    tinymath merge-adapters run --out merged
+    tinymath merge-adapters run --out merged-fp32 --dtype fp32 --merge-base original
+    ```
     """
     from tinymath.merge import merge_adapters
 
@@ -332,11 +338,13 @@ def eval_cmd(
 
     Examples:
 
-        tinymath eval --adapter run --split test
-        tinymath eval --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../gsm8k --limit 200 --out ev --json
-        tinymath eval --task retention --adapter run --out retention
-        tinymath eval --adapter run --samples 8 --temperature 0.7 --out ev-maj8
-        tinymath eval --compare ev-base ev-run
+    ```
+    tinymath eval --adapter run --split test
+    tinymath eval --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../gsm8k --limit 200 --out ev --json
+    tinymath eval --task retention --adapter run --out retention
+    tinymath eval --adapter run --samples 8 --temperature 0.7 --out ev-maj8
+    tinymath eval --compare ev-base ev-run
+    ```
     """
     if compare:
         return _compare(*compare, json_out)
@@ -438,9 +446,11 @@ def chat_cmd(
 
     Examples:
 
-        tinymath chat --adapter run
-        echo "Tom has 3 apples and buys 4 more. How many apples does he have?" | tinymath chat --model merged
-        tinymath chat --model merged --question "What is 12 * 7?" --json
+    ```
+    tinymath chat --adapter run
+    echo "Tom has 3 apples and buys 4 more. How many apples does he have?" | tinymath chat --model merged
+    tinymath chat --model merged --question "What is 12 * 7?" --json
+    ```
     """
     from tinymath.chat import ChatSession, answer, run_interactive, run_scripted
     from tinymath.generate import GenerationSettings, load_for_inference

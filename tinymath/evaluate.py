@@ -165,6 +165,10 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     settings.validate()
     if out is not None:
         check_output_dir(out, overwrite, marker="summary.json")
+    if adapter is not None:  # a wrong run folder is reported before any data is fetched
+        from tinymath.lora import load_run
+
+        load_run(adapter)
     rows = read_gsm8k(data, split, limit)
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     tokenizer = inference.tokenizer

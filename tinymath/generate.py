@@ -139,7 +139,7 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
         return _generate_with_calculator(inference, prompts, settings, update)
     tokenizer = inference.tokenizer
     return [_cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
-            for ids in _generate_ids(inference, prompts, settings, update)]
+            for ids in generate_ids(inference, prompts, settings, update)]
 
 
 def _cut_at_stop(decoded: tuple[str, int], stop: tuple[str, ...]) -> tuple[str, int]:
@@ -150,7 +150,7 @@ def _cut_at_stop(decoded: tuple[str, int], stop: tuple[str, ...]) -> tuple[str, 
     return text, n
 
 
-def _generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
+def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
                   update=lambda advance=1: None, stopping=None) -> list:
     """Generated token ids (a tensor row per prompt, after the prompt) in input order."""
     import torch
@@ -218,7 +218,7 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
     while active:
         budget = max(settings.max_new_tokens - used[i] for i in active)
         round_prompts = [prompts[i] + tokenizer(texts[i], add_special_tokens=False).input_ids for i in active]
-        outs = _generate_ids(inference, round_prompts, replace(settings, max_new_tokens=budget, calculator=False),
+        outs = generate_ids(inference, round_prompts, replace(settings, max_new_tokens=budget, calculator=False),
                              stopping=stopping)
         still = []
         for i, ids in zip(active, outs):

@@ -57,8 +57,7 @@ def gguf_to_folder(gguf: Path) -> Path:
 
     from tinymath.files import atomic_output_dir
 
-    stat = gguf.stat()
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{_quick_digest(gguf)}"
     if (target / "config.json").exists():
         return target
     kwargs = dict(gguf_file=gguf.name)
@@ -76,6 +75,19 @@ def gguf_to_folder(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def _quick_digest(path: Path) -> str:
+    """Size plus a hash of the first and last 4 MiB: the same file copied elsewhere hits the cache."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(4 << 20))
+        f.seek(max(0, size - (4 << 20)))
+        digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

@@ -51,8 +51,6 @@ def _encode(tokenizer, prompt: str, fmt: str, system_prompt: str | None) -> list
 def base_replies(base, tokenizer, prompts: list[str], fmt: str, system_prompt: str | None, max_new_tokens: int,
                  cache_key: str | None = None) -> list[list[int]]:
     """Greedy reply token ids of the base model (EOS included when produced), cached on disk."""
-    import torch
-
     from tinymath.model import cache_dir
 
     cache = None
@@ -64,14 +62,13 @@ def base_replies(base, tokenizer, prompts: list[str], fmt: str, system_prompt: s
                 return json.loads(cache.read_text())
             except json.JSONDecodeError:
                 pass  # a damaged cache entry is simply made again
-    device = next(base.parameters()).device
+    from tinymath.generate import GenerationSettings, InferenceModel, generate_ids
+
+    inference = InferenceModel(base, tokenizer, fmt, system_prompt, {})
+    encoded = [_encode(tokenizer, p, fmt, system_prompt) for p in prompts]
     replies = []
-    for prompt in prompts:
-        ids = torch.tensor([_encode(tokenizer, prompt, fmt, system_prompt)], device=device)
-        with torch.no_grad():
-            out = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        reply = out[0, ids.shape[1]:].tolist()
+    for ids in generate_ids(inference, encoded, GenerationSettings(max_new_tokens=max_new_tokens, static_cache=False)):
+        reply = ids.tolist()
         if tokenizer.eos_token_id in reply:
             reply = reply[:reply.index(tokenizer.eos_token_id) + 1]
         replies.append(reply)
