@@ -8,7 +8,10 @@ are scored teacher-forced on those base replies:
 - ``ppl_ratio``: perplexity of the base replies under the tuned model / under the base;
 - ``top1_agreement``: how often both models' most likely next token is the same.
 
-A model compared with itself gives 0, 1.0 and 100%. The verdict uses the thresholds below.
+A model compared with itself gives 0, 1.0 and 100%. For a training run the verdict is on what
+fine-tuning changed: the adapter switched on vs off over the base weights it was trained against
+(for QLoRA, the NF4-dequantized base). ``total_vs_original_base`` also counts what 4-bit
+quantization of the base changed, which on a 135M model is most of it (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -179,8 +182,19 @@ def evaluate_retention(model: str | None = None, adapter: str | None = None, bas
     prompts = retention_prompts()[:limit]
     replies = base_replies(base_model, tokenizer, prompts, tuned.format, tuned.system_prompt, max_new_tokens,
                            cache_key=json.dumps([base, found, _weights_stamp(base)]))
-    numbers = drift(base_model, tuned.model, tokenizer, prompts, replies, tuned.format, tuned.system_prompt)
+    total = drift(base_model, tuned.model, tokenizer, prompts, replies, tuned.format, tuned.system_prompt)
+    if run is not None:
+        # what fine-tuning changed: the adapter on vs off, over the base weights it was trained on
+        # (for a QLoRA run the NF4-dequantized base; the rest of ``total`` is quantization)
+        from tinymath.lora import load_adapted_model
+
+        numbers = adapter_drift(load_adapted_model(run), tokenizer, prompts, replies, tuned.format,
+                                tuned.system_prompt)
+    else:
+        numbers = total
     summary = {**numbers, "verdict": verdict(numbers["kl"], numbers["ppl_ratio"]), "n": len(prompts),
+               "measured": "adapter on vs off" if run is not None else "tuned vs --base",
+               "total_vs_original_base": total,
                "thresholds": {"kept_kl": KEPT_KL, "drifted_kl": DRIFTED_KL, "drifted_ppl_ratio": DRIFTED_PPL},
                "settings": {"base": base, **tuned.source, "max_new_tokens": max_new_tokens}}
     if lm_eval_tasks:
@@ -192,7 +206,9 @@ def evaluate_retention(model: str | None = None, adapter: str | None = None, bas
         tuned_text = [t for t, _ in generate_batch(tuned, encoded, GenerationSettings(max_new_tokens=max_new_tokens))]
         lines = [f"# Retention: {adapter or model} against {base}\n",
                  f"KL(base || tuned) {summary['kl']:.4f} nats/token, perplexity ratio {summary['ppl_ratio']:.3f}, "
-                 f"top-1 agreement {summary['top1_agreement']:.1%}: **{summary['verdict']}**\n"]
+                 f"top-1 agreement {summary['top1_agreement']:.1%} ({summary['measured']}): "
+                 f"**{summary['verdict']}**; against the original base, KL {total['kl']:.4f}, "
+                 f"perplexity ratio {total['ppl_ratio']:.3f}\n"]
         for prompt, reply, text in zip(shown, replies, tuned_text):
             lines += [f"## {prompt}\n", "**base**\n", tokenizer.decode(reply, skip_special_tokens=True).strip() + "\n",
                       "**tuned**\n", text.strip() + "\n"]
