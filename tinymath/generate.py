@@ -243,14 +243,20 @@ def stream_generate(inference: InferenceModel, prompt_ids: list[int], settings: 
     import threading
 
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     model, tokenizer = inference.model, inference.tokenizer
     device = next(model.parameters()).device
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cancelled = threading.Event()  # set when the reader stops early (Ctrl-C): generation stops too
+
+    class Cancel(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancelled.is_set(), device=input_ids.device)
+
     ids = torch.tensor([prompt_ids], device=device)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                  **settings.generate_kwargs(tokenizer))
+                  stopping_criteria=StoppingCriteriaList([Cancel()]), **settings.generate_kwargs(tokenizer))
     errors = []
 
     def run():
@@ -263,7 +269,10 @@ def stream_generate(inference: InferenceModel, prompt_ids: list[int], settings: 
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    yield from streamer
-    thread.join()
+    try:
+        yield from streamer
+    finally:
+        cancelled.set()
+        thread.join()
     if errors:
         raise errors[0]
