@@ -309,10 +309,12 @@ def dry_run_report(config: TrainConfig) -> dict:
     """The resolved config and what the data amounts to, without loading the model."""
     from tinymath.model import load_tokenizer
 
+    from accelerate import PartialState
+
     config.validate()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     splits, stats = load_training_data(config, tokenizer)
-    per_step = config.batch_size * config.grad_accum
+    per_step = config.batch_size * config.grad_accum * PartialState().num_processes
     steps_per_epoch = max(1, len(splits["train"]) // per_step)
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     return {"config": asdict(config),
