@@ -33,20 +33,23 @@ def score(completions: list[str], golds: list[str]) -> dict:
     for completion, gold in zip(completions, golds):
         rows.append({"extracted": extract_answer(completion), "correct": is_correct(completion, gold),
                      "correct_strict": is_correct(completion, gold, strict=True)})
+    return summarize(rows, ACCURACY_STRICT_AND_INVALID)
+
+
+ACCURACY_STRICT_AND_INVALID = {"accuracy_strict": lambda r: r["correct_strict"],
+                               "invalid_rate": lambda r: r["extracted"] is None}
+
+
+def summarize(rows: list[dict], means: dict) -> dict:
+    """Rows plus their summary: accuracy (share of ``correct``) with its Wilson 95% interval, and
+    the mean of each ``means`` function over the rows."""
     n = len(rows)
     correct = sum(r["correct"] for r in rows)
     low, high = wilson_interval(correct, n)
-    return {
-        "rows": rows,
-        "summary": {
-            "accuracy": correct / n if n else 0.0,
-            "accuracy_strict": sum(r["correct_strict"] for r in rows) / n if n else 0.0,
-            "n": n,
-            "correct": correct,
-            "invalid_rate": sum(r["extracted"] is None for r in rows) / n if n else 0.0,
-            "ci95": [round(low, 4), round(high, 4)],
-        },
-    }
+    summary = {"accuracy": correct / n if n else 0.0}
+    summary.update({key: sum(f(r) for r in rows) / n if n else 0.0 for key, f in means.items()})
+    summary.update(n=n, correct=correct, ci95=[round(low, 4), round(high, 4)])
+    return {"rows": rows, "summary": summary}
 
 
 PROTOCOLS = ("default", "lm-eval-gsm8k")
@@ -80,13 +83,7 @@ def lm_eval_score(completions: list[str], golds: list[str]) -> dict:
         rows.append({"extracted": _lm_eval_normalize(flexible) if flexible != "[invalid]" else None,
                      "correct": _lm_eval_normalize(flexible) == target,
                      "correct_strict": _lm_eval_normalize(strict) == target})
-    n = len(rows)
-    correct = sum(r["correct"] for r in rows)
-    low, high = wilson_interval(correct, n)
-    return {"rows": rows, "summary": {
-        "accuracy": correct / n if n else 0.0, "accuracy_strict": sum(r["correct_strict"] for r in rows) / n if n else 0.0,
-        "n": n, "correct": correct, "invalid_rate": sum(r["extracted"] is None for r in rows) / n if n else 0.0,
-        "ci95": [round(low, 4), round(high, 4)]}}
+    return summarize(rows, ACCURACY_STRICT_AND_INVALID)
 
 
 def lm_eval_prompts(tokenizer, rows: list[dict], shots_from: list[dict]) -> list[list[int]]:
@@ -120,14 +117,8 @@ def self_consistency(samples: list[list[str]], golds: list[str]) -> dict:
                      "correct": majority is not None and is_correct(f"#### {majority}", gold),
                      "any_correct": any(is_correct(s, gold) for s in group),
                      "sample_accuracy": sum(is_correct(s, gold) for s in group) / len(group)})
-    n = len(rows)
-    correct = sum(r["correct"] for r in rows)
-    low, high = wilson_interval(correct, n)
-    return {"rows": rows, "summary": {
-        "accuracy": correct / n if n else 0.0, "maj_at_k": correct / n if n else 0.0,
-        "pass_at_k": sum(r["any_correct"] for r in rows) / n if n else 0.0,
-        "single_sample_accuracy": sum(r["sample_accuracy"] for r in rows) / n if n else 0.0,
-        "n": n, "correct": correct, "ci95": [round(low, 4), round(high, 4)]}}
+    return summarize(rows, {"maj_at_k": lambda r: r["correct"], "pass_at_k": lambda r: r["any_correct"],
+                            "single_sample_accuracy": lambda r: r["sample_accuracy"]})
 
 
 def evaluate(model: str | None = None, adapter: str | None = None, data: str = DEFAULT_DATA,

@@ -154,9 +154,7 @@ def load_training_data(config: TrainConfig, tokenizer) -> tuple[dict[str, list[d
                                 f"not for --model {config.model}; run prepare-data with this model")
         if "train" not in dataset:
             raise TinymathError(f"--data {config.data} has no train split (has {', '.join(dataset)})")
-        splits = {name: [{"input_ids": ids, "labels": lab} for ids, lab in
-                         zip(dataset[name]["input_ids"], dataset[name]["labels"])]
-                  for name in ("train", "validation") if name in dataset}
+        splits = {name: _examples(dataset[name].to_dict()) for name in ("train", "validation") if name in dataset}
         return splits, manifest["splits"]
 
     config.format = config.format or "chat"
@@ -168,8 +166,14 @@ def load_training_data(config: TrainConfig, tokenizer) -> tuple[dict[str, list[d
     for name, split_rows in raw.items():
         columns, stats[name] = tokenize_split(split_rows, tokenizer, config.format, config.system_prompt,
                                               config.max_length, config.calc_annotations)
-        splits[name] = [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
+        splits[name] = _examples(columns)
     return splits, stats
+
+
+def _examples(columns: dict) -> list[dict]:
+    """Tokenized columns (question, answer, input_ids, labels) as one dict per example."""
+    keys = ("question", "answer", "input_ids", "labels")
+    return [dict(zip(keys, values)) for values in zip(*(columns[k] for k in keys))]
 
 
 # ---------------------------------------------------------------- the recipe
@@ -383,7 +387,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     train_examples = splits["train"]
     if not train_examples:
         raise TinymathError(f"--data {config.data} has no training examples")
-    val_rows = _validation_rows(config)[:config.eval_limit] if config.eval_every else []
+    val_rows = splits.get("validation", [])[:config.eval_limit] if config.eval_every else []
 
     set_seed(config.seed)
     with accelerator.main_process_first():
@@ -592,16 +596,3 @@ def _parses(line: str) -> bool:
     except json.JSONDecodeError:
         return False
     return bool(line.strip())
-
-
-def _validation_rows(config: TrainConfig) -> list[dict]:
-    """Raw (question, answer) rows of the validation split, for accuracy while training."""
-    from tinymath.data import is_prepared, load_prepared, read_gsm8k, split_validation
-
-    if is_prepared(config.data):
-        dataset, _ = load_prepared(config.data)
-        if "validation" not in dataset:
-            raise TinymathError(f"--eval-every: {config.data} has no validation split (prepare-data --val-size N)")
-        return [{"question": q, "answer": a} for q, a in zip(dataset["validation"]["question"],
-                                                              dataset["validation"]["answer"])]
-    return split_validation(read_gsm8k(config.data, "train"), config.val_size)["validation"]
