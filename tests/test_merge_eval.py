@@ -122,3 +122,26 @@ def test_batched_generation_equals_plain_generate(tiny_model):
         if tok.eos_token_id in new:
             new = new[:new.index(tok.eos_token_id)]
         assert text == tok.decode(new, skip_special_tokens=True)
+
+
+def test_eval_split_across_processes_writes_one_merged_output(tiny_model, gsm8k_dir, tmp_path):
+    """`accelerate launch`-style eval (two CPU processes, gloo): each process generates its share and
+    rank 0 writes one predictions file, identical to a single-process eval of the same problems."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["eval", "--model", str(tiny_model), "--data", str(gsm8k_dir), "--split", "test", "--limit", "3",
+              "--max-new-tokens", "12", "--json"]
+    single = run_cli(*common, "--out", tmp_path / "one")
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "tinymath", *common, "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count('"accuracy"') == 1  # one report, from rank 0
+    two = json.loads(result.stdout)
+    assert two["n"] == 3 and two["settings"]["processes"] == 2
+    read = lambda d: [(r["question"], r["completion"]) for r in map(json.loads, (d / "predictions.jsonl").open())]
+    assert read(tmp_path / "two") == read(tmp_path / "one")

@@ -344,6 +344,7 @@ def eval_cmd(
     tinymath eval --task retention --adapter run --out retention
     tinymath eval --adapter run --samples 8 --temperature 0.7 --out ev-maj8
     tinymath eval --compare ev-base ev-run
+    accelerate launch --num_processes 2 -m tinymath eval --adapter run --out ev
     ```
     """
     if compare:
@@ -358,6 +359,14 @@ def eval_cmd(
                        merge_base=merge_base.value, overwrite=overwrite, trust_remote_code=trust_remote_code,
                        show_progress=not json_out, calculator=calculator, samples=samples, temperature=temperature,
                        seed=seed, protocol=protocol.value)
+    from tinymath.model import process_state
+
+    state = process_state()
+    if state.num_processes > 1:  # under accelerate launch: end cleanly, and one report (rank 0's)
+        state.wait_for_everyone()
+        state.destroy_process_group()
+    if not state.is_main_process:
+        return
     if json_out:
         return _print_json(summary)
     from rich.table import Table

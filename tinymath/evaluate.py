@@ -138,6 +138,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     from tinymath.data import read_gsm8k
     from tinymath.files import atomic_output_dir, check_output_dir, write_json
     from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+    from tinymath.model import process_state
     from tinymath.progress import progress_bar
     from tinymath.prompts import build_prompt, encode_prompt
 
@@ -169,10 +170,21 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
         prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, r["question"], inference.format,
                                                          inference.system_prompt)) for r in rows]
 
-    torch.manual_seed(seed)
+    # under `accelerate launch`, each process generates every num_processes-th prompt; all gather
+    state = process_state()
+    flat = [p for p in prompts for _ in range(samples)]
+    mine = list(range(state.process_index, len(flat), state.num_processes))
+    torch.manual_seed(seed + state.process_index)
     start = time.time()
-    with progress_bar("evaluating", len(rows) * samples, show_progress) as update:
-        generated = generate_batch(inference, [p for p in prompts for _ in range(samples)], settings, update)
+    with progress_bar("evaluating", len(mine), show_progress and state.is_main_process) as update:
+        generated_here = generate_batch(inference, [flat[i] for i in mine], settings, update)
+    generated = generated_here
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        generated = [None] * len(flat)
+        for i, result in gather_object(list(zip(mine, generated_here))):
+            generated[i] = result
     seconds = time.time() - start
 
     completions = [text for text, _ in generated]
@@ -192,9 +204,10 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
         settings={"data": data, "split": split, "limit": limit, "format": inference.format,
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": calculator,
-                  "samples": samples, "temperature": temperature, "seed": seed, **inference.source},
+                  "samples": samples, "temperature": temperature, "seed": seed,
+                  "processes": state.num_processes, **inference.source},
     )
-    if out is not None:
+    if out is not None and state.is_main_process:
         with atomic_output_dir(out) as tmp:
             with open(tmp / "predictions.jsonl", "w") as f:
                 for row, output, s in zip(rows, outputs, scored["rows"]):

@@ -107,6 +107,19 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def process_state():
+    """accelerate's view of this process (rank, world size), after checking that ``accelerate launch``
+    did not start more processes than there are GPUs (each process needs a GPU of its own)."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
+    if torch.cuda.is_available() and state.num_processes > torch.cuda.device_count():
+        raise TinymathError(f"accelerate launched {state.num_processes} processes but this machine has "
+                            f"{torch.cuda.device_count()} GPU(s); use --num_processes {torch.cuda.device_count()}")
+    return state
+
+
 def default_device() -> str:
     """``cuda:<local rank>`` when a GPU is present (one per process under accelerate), else ``cpu``."""
     import torch

@@ -346,7 +346,8 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     from tinymath.curves import plot_curves
     from tinymath.files import write_json
     from tinymath.lora import attach_lora, get_lora_config
-    from tinymath.model import compute_dtype, default_device, load_base_model, load_tokenizer, model_fingerprint
+    from tinymath.model import (compute_dtype, default_device, load_base_model, load_tokenizer, model_fingerprint,
+                                process_state)
     from tinymath.progress import progress_bar
 
     config.validate()
@@ -357,13 +358,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     if resume and checkpoint is None:
         raise TinymathError(f"--resume {out}: no checkpoint to resume from (train with --save-every N, "
                             "or Ctrl-C a run: it saves one)")
-    if torch.cuda.is_available():
-        from accelerate import PartialState
-
-        state = PartialState()
-        if state.num_processes > torch.cuda.device_count():
-            raise TinymathError(f"accelerate launched {state.num_processes} processes but this machine has "
-                                f"{torch.cuda.device_count()} GPU(s); use --num_processes {torch.cuda.device_count()}")
+    process_state()
     device = default_device()
     dtype = compute_dtype(device)
     log_with = None
