@@ -57,3 +57,42 @@ def remap_prepared(src: Path, dst: Path, vocab: int) -> Path:
     ds.map(fold).save_to_disk(str(dst))
     shutil.copy(src / "prepare.json", dst / "prepare.json")
     return dst
+
+
+def run_jobs(jobs: list[dict], gpus: int, per_gpu: int = 1, deadline: float | None = None) -> dict[str, int]:
+    """Run shell jobs ``{"name", "cmd", "after": [names]}`` as subprocesses, at most ``per_gpu`` at a
+    time on each GPU (CUDA_VISIBLE_DEVICES), each once the jobs it needs have succeeded. A job's output
+    goes to /tmp/tm_jobs/<name>.log and its last lines to $OUT/jobs.log; jobs not started by
+    ``deadline`` (a time.time()) are skipped. Returns the exit codes (-1: skipped)."""
+    import subprocess
+
+    logs = Path("/tmp/tm_jobs")
+    logs.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    pending, running, codes = list(jobs), {}, {}
+    slots = [g for _ in range(per_gpu) for g in range(gpus)]
+    while pending or running:
+        for name, (proc, slot, started) in list(running.items()):
+            if proc.poll() is not None:
+                codes[name] = proc.returncode
+                slots.append(slot)
+                del running[name]
+                log(event="job", name=name, rc=proc.returncode, seconds=round(time.time() - started, 1))
+                tail = (logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+                with open(OUT / "jobs.log", "a") as f:
+                    f.write(f"== {name} (rc {proc.returncode})\n" + "\n".join(tail) + "\n")
+        for job in list(pending):
+            needs = job.get("after", [])
+            if any(codes.get(n, 0) != 0 for n in needs) or (deadline and time.time() > deadline):
+                pending.remove(job)
+                codes[job["name"]] = -1
+                log(event="job", name=job["name"], skipped=True)
+            elif slots and all(codes.get(n) == 0 for n in needs):
+                pending.remove(job)
+                slot = slots.pop(0)
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot)}
+                logfile = open(logs / f"{job['name']}.log", "w")
+                proc = subprocess.Popen(job["cmd"], shell=True, env=env, stdout=logfile, stderr=subprocess.STDOUT)
+                running[job["name"]] = (proc, slot, time.time())
+        time.sleep(1)
+    return codes

@@ -5,7 +5,7 @@ TinyLlama-1.1B architecture (random weights) with a forced generation length of 
 GSM8K test set. Prints wall time, generated tokens/s and the ratio. Model load is reported apart.
 
     OUT=/tmp/out python benchmarks/eval_speed.py --tokenizer DIR --data gsm8k_dir [--gguf SmolLM2.gguf]
-    accelerate launch --num_processes 2 benchmarks/eval_speed.py ... --only multi
+    accelerate launch --num_processes 2 benchmarks/eval_speed.py ... --only tiny,smol   (the split eval)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from common import TINYLLAMA, log, random_model  # noqa: E402
 NEW_TOKENS = 256
 
 
-def seed_style_generation(model_dir: Path, prompts: list[list[int]], sample: int = 8) -> dict:
+def seed_style_generation(model_dir: Path, prompts: list[list[int]], sample: int = 4) -> dict:
     """The seed's way: NF4 model, HF generate one problem at a time; extrapolated from a sample."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -50,20 +50,21 @@ def tinymath_generation(model_dir: Path, prompts: list[list[int]], **settings) -
     """`tinymath eval`'s generation path with its defaults (16-bit weights, auto batch size)."""
     import torch
 
-    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+    from tinymath.generate import GenerationSettings, generate_across_processes, load_for_inference
 
     t = time.time()
     inference = load_for_inference(model=str(model_dir))
     load_s = time.time() - t
     torch.cuda.synchronize()
     t = time.time()
-    out = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=NEW_TOKENS, **settings))
+    # under `accelerate launch` each process generates its share (as `tinymath eval` does)
+    out = generate_across_processes(inference, prompts, GenerationSettings(max_new_tokens=NEW_TOKENS, **settings))
     torch.cuda.synchronize()
     seconds = time.time() - t
     if settings.get("static_cache") is not False:  # a second pass: compiled graphs are warm now
         first = seconds
         t = time.time()
-        out = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=NEW_TOKENS, **settings))
+        out = generate_across_processes(inference, prompts, GenerationSettings(max_new_tokens=NEW_TOKENS, **settings))
         torch.cuda.synchronize()
         seconds = time.time() - t
         load_s += first - seconds  # the first pass's extra time is compilation: reported with the load
@@ -73,6 +74,21 @@ def tinymath_generation(model_dir: Path, prompts: list[list[int]], **settings) -
     torch.cuda.empty_cache()
     return {"load_s": round(load_s, 1), "generation_s": round(seconds, 2), "tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 1), "outputs": [text for text, _ in out]}
+
+
+def smol_eval(args, name: str, main_process: bool) -> None:
+    """`tinymath eval` defaults on the real SmolLM2, full test set, natural stopping; run twice (the
+    first run pays for compilation), the second is the figure."""
+    from tinymath.evaluate import evaluate
+
+    for attempt in ("cold", "warm"):
+        t = time.time()
+        summary = evaluate(model=args.gguf, data=args.data, split="test", out=f"/tmp/tm_eval_smol_{attempt}",
+                           overwrite=True)
+        if main_process:
+            log(event="eval", name=f"{name}_{attempt}", wall_s=round(time.time() - t, 1),
+                **{k: summary[k] for k in ("accuracy", "accuracy_strict", "n", "tokens_generated",
+                                           "generation_seconds", "tokens_per_s")})
 
 
 def main():
@@ -101,17 +117,20 @@ def main():
     prompts = [[t % TINYLLAMA["vocab_size"] for t in encode_prompt(tok, build_prompt(tok, r["question"], "chat"))]
                for r in rows]
 
-    if "multi" in which:
-        from accelerate import PartialState
+    from tinymath.model import process_state
 
-        from tinymath.evaluate import evaluate
-
-        state = PartialState()
-        t = time.time()
-        summary = evaluate(model=args.gguf, data=args.data, split="test", out="/tmp/tm_eval_multi", overwrite=True)
-        if state.is_main_process:
-            log(event="eval", name=f"smollm2_real_{state.num_processes}gpu", wall_s=round(time.time() - t, 1),
-                **{k: summary[k] for k in ("accuracy", "accuracy_strict", "n", "generation_seconds", "tokens_per_s")})
+    state = process_state()
+    if state.num_processes > 1:  # accelerate launch: the split paths only, rank 0 logs
+        gpus = f"{state.num_processes}gpu"
+        if "tiny" in which:
+            fast = tinymath_generation(fixed, prompts)
+            fast.pop("outputs")
+            if state.is_main_process:
+                log(event="eval", name=f"tinymath_eval_defaults_{gpus}", arch="tinyllama", problems=len(prompts), **fast)
+        if "smol" in which and args.gguf:
+            smol_eval(args, f"smollm2_real_natural_stop_{gpus}", state.is_main_process)
+        state.wait_for_everyone()
+        state.destroy_process_group()
         return
 
     if "seed" in which:
@@ -127,13 +146,7 @@ def main():
         extra = {"ratio_vs_seed": round(seed["est_full_test_s"] / fast["generation_s"], 1)} if "seed" in which else {}
         log(event="eval", name="tinymath_eval_defaults", arch="tinyllama", problems=len(prompts), **extra, **fast)
     if "smol" in which and args.gguf:
-        from tinymath.evaluate import evaluate
-
-        t = time.time()
-        summary = evaluate(model=args.gguf, data=args.data, split="test", out="/tmp/tm_eval_smol", overwrite=True)
-        log(event="eval", name="smollm2_real_natural_stop", wall_s=round(time.time() - t, 1),
-            **{k: summary[k] for k in ("accuracy", "accuracy_strict", "n", "tokens_generated", "generation_seconds",
-                                       "tokens_per_s")})
+        smol_eval(args, "smollm2_real_natural_stop", True)
         # greedy equality with plain HF generate (batch 1, no padding) on a sample
         import torch
 

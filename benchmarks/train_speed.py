@@ -108,10 +108,16 @@ def main():
         from accelerate import PartialState
 
         state = PartialState()
-        r = tinymath_run(f"multi{state.num_processes}", tiny, prep_tiny, args.steps)
-        if state.is_main_process:
-            log(event="train", name=f"tinymath_defaults_{state.num_processes}gpu", arch="tinyllama",
-                processes=state.num_processes, **{k: v for k, v in r.items() if k != "losses"})
+        n = state.num_processes
+        # the default global batch (64 examples per step, split over the GPUs), and the same
+        # per-GPU batch as on one GPU (64 per GPU: the global batch grows, as with a per-device batch)
+        for name, batch in ((f"tinymath_defaults_{n}gpu", 64), (f"tinymath_batch64_per_gpu_{n}gpu", 64 * n)):
+            r = tinymath_run(name, tiny, prep_tiny, args.steps, batch_size=batch)
+            if state.is_main_process:
+                log(event="train", name=name, arch="tinyllama", processes=n, global_batch=batch,
+                    **{k: v for k, v in r.items() if k != "losses"})
+        state.wait_for_everyone()
+        state.destroy_process_group()
         return
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

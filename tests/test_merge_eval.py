@@ -145,3 +145,30 @@ def test_eval_split_across_processes_writes_one_merged_output(tiny_model, gsm8k_
     assert two["n"] == 3 and two["settings"]["processes"] == 2
     read = lambda d: [(r["question"], r["completion"]) for r in map(json.loads, (d / "predictions.jsonl").open())]
     assert read(tmp_path / "two") == read(tmp_path / "one")
+
+
+def test_decode_attention_matches_sdpa(tiny_model):
+    """The grouped decode attention eval uses gives the same logits and greedy text as transformers'
+    SDPA (tiny model: 4 query heads share 2 key/value heads), with padded batches and a static cache."""
+    import torch
+
+    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+    from tinymath.prompts import build_prompt, encode_prompt
+
+    fast = load_for_inference(model=str(tiny_model))
+    assert fast.model.config._attn_implementation == "tinymath_decode"
+    plain = load_for_inference(model=str(tiny_model))
+    plain.model.set_attn_implementation("sdpa")
+    tok = fast.tokenizer
+    prompts = [encode_prompt(tok, build_prompt(tok, q, "chat")) for q in
+               ("What is 3 + 4?", "Leo had 30 stickers and gave away 12. How many stickers does he have left?")]
+    for static in (False, True):
+        settings = GenerationSettings(max_new_tokens=24, batch_size=2, static_cache=static)
+        assert generate_batch(fast, prompts, settings) == generate_batch(plain, prompts, settings)
+    x = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        cache = plain.model(x[:, :-1], use_cache=True).past_key_values
+        a = plain.model(x[:, -1:], past_key_values=cache).logits
+        cache = fast.model(x[:, :-1], use_cache=True).past_key_values
+        b = fast.model(x[:, -1:], past_key_values=cache).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

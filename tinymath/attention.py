@@ -1,11 +1,16 @@
-"""Padding-free attention for packed training rows.
+"""tinymath's two attention functions, registered with transformers' AttentionInterface.
 
-Training packs many examples into one row; attention must not cross example boundaries. This
-module registers ``tinymath_packed`` with transformers' AttentionInterface: given the cumulative
-example boundaries (``cu_seq_lens``), it runs PyTorch's variable-length flash attention
-(``torch.nn.attention.varlen``) on CUDA, so no T x T mask is ever built and each example only
-attends within itself; elsewhere (CPU) it runs causal SDPA example by example. Rows without
-boundaries fall back to plain causal SDPA.
+``tinymath_packed`` (training): many examples packed into one row; attention must not cross example
+boundaries. Given the cumulative example boundaries (``cu_seq_lens``), it runs PyTorch's
+variable-length flash attention (``torch.nn.attention.varlen``) on CUDA, so no T x T mask is ever
+built and each example only attends within itself; elsewhere (CPU) it runs causal SDPA example by
+example. Rows without boundaries fall back to plain causal SDPA.
+
+``tinymath_decode`` (generation): SDPA, except for one-token decode steps of grouped-query models.
+There transformers' SDPA path copies every key/value head once per query head it serves (its
+``repeat_kv``, because masked SDPA kernels take no GQA), which at eval's batch sizes moves many
+gigabytes per step. Instead the query heads that share a key/value head are folded into the query
+length: the same attention, with no copy of the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import inspect
 
 NAME = "tinymath_packed"
+DECODE_NAME = "tinymath_decode"
 
 
 def _varlen():
@@ -57,3 +63,32 @@ def register() -> str:
 
     AttentionInterface.register(NAME, packed_attention)
     return NAME
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA with grouped query heads folded into the query length on decode steps (query length 1)."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if length != 1 or heads == kv_heads:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    # query head h uses key/value head h // groups (transformers' repeat_kv order)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    mask = attention_mask[:, :, :, :key.shape[-2]] if attention_mask is not None else None
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def use_decode_attention(model) -> None:
+    """Switch an SDPA model to ``tinymath_decode`` (same masks as SDPA); other implementations stay."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if model.config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(DECODE_NAME, decode_attention)
+    AttentionMaskInterface.register(DECODE_NAME, sdpa_mask)
+    model.set_attn_implementation(DECODE_NAME)

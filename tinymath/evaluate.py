@@ -137,7 +137,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
 
     from tinymath.data import read_gsm8k
     from tinymath.files import atomic_output_dir, check_output_dir, write_json
-    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+    from tinymath.generate import GenerationSettings, generate_across_processes, load_for_inference
     from tinymath.model import process_state
     from tinymath.progress import progress_bar
     from tinymath.prompts import build_prompt, encode_prompt
@@ -170,21 +170,13 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
         prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, r["question"], inference.format,
                                                          inference.system_prompt)) for r in rows]
 
-    # under `accelerate launch`, each process generates every num_processes-th prompt; all gather
     state = process_state()
     flat = [p for p in prompts for _ in range(samples)]
-    mine = list(range(state.process_index, len(flat), state.num_processes))
     torch.manual_seed(seed + state.process_index)
     start = time.time()
-    with progress_bar("evaluating", len(mine), show_progress and state.is_main_process) as update:
-        generated_here = generate_batch(inference, [flat[i] for i in mine], settings, update)
-    generated = generated_here
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        generated = [None] * len(flat)
-        for i, result in gather_object(list(zip(mine, generated_here))):
-            generated[i] = result
+    with progress_bar("evaluating", len(range(state.process_index, len(flat), state.num_processes)),
+                      show_progress and state.is_main_process) as update:
+        generated = generate_across_processes(inference, flat, settings, update)
     seconds = time.time() - start
 
     completions = [text for text, _ in generated]

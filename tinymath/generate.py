@@ -2,7 +2,8 @@
 sampled generation, and token streaming.
 
 Inference never needs the 4-bit base: a run's adapter is merged into 16-bit weights in memory
-(`tinymath.lora.load_merged_model`) before generating, which is both faster and exact.
+(`tinymath.lora.load_merged_model`) before generating, which is both faster and exact; decode steps
+use `tinymath.attention`'s grouped-query SDPA (no copy of the KV cache per query head).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
     A run's own format and system prompt are used unless given explicitly; for a plain model
     the default format is ``chat``.
     """
+    from tinymath.attention import use_decode_attention
     from tinymath.lora import load_merged_model, load_run
     from tinymath.model import load_base_model, load_tokenizer
 
@@ -72,11 +74,13 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
         run = load_run(adapter)
         tokenizer = load_tokenizer(str(run.path), run.trust_remote_code)
         weights = load_merged_model(run, merge_base=merge_base)
+        use_decode_attention(weights)
         return InferenceModel(weights, tokenizer, fmt or run.prompt_format,
                               system_prompt if system_prompt is not None else run.system_prompt,
                               {"adapter": str(adapter), "base_model": run.base_model, "merge_base": merge_base})
     tokenizer = load_tokenizer(model, trust_remote_code)
     weights = load_base_model(model, quant=quant, trust_remote_code=trust_remote_code).eval()
+    use_decode_attention(weights)
     saved = _merged_prompt_settings(model)  # a merge-adapters output remembers its run's format
     return InferenceModel(weights, tokenizer, fmt or saved.get("format", "chat"),
                           system_prompt if system_prompt is not None else saved.get("system_prompt"),
@@ -140,6 +144,25 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
     tokenizer = inference.tokenizer
     return [_cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
             for ids in generate_ids(inference, prompts, settings, update)]
+
+
+def generate_across_processes(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
+                              update=lambda advance=1: None) -> list[tuple[str, int]]:
+    """`generate_batch` shared by the processes of `accelerate launch`: each generates every
+    num_processes-th prompt, and every process gets all results in input order. One process: plain."""
+    from tinymath.model import process_state
+
+    state = process_state()
+    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    here = generate_batch(inference, [prompts[i] for i in mine], settings, update)
+    if state.num_processes == 1:
+        return here
+    from accelerate.utils import gather_object
+
+    results: list = [None] * len(prompts)
+    for i, result in gather_object(list(zip(mine, here))):
+        results[i] = result
+    return results
 
 
 def _cut_at_stop(decoded: tuple[str, int], stop: tuple[str, ...]) -> tuple[str, int]:

@@ -501,7 +501,11 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                         micro_loss = loss_model(**to_device(batch, accelerator.device))
                         accelerator.backward(micro_loss * world / step_tokens)
                     loss_total += micro_loss.detach()
-                loss = accelerator.reduce(loss_total, reduction="sum").item() / step_tokens
+                # one collective per step: the loss, and whether any rank was asked to stop (all
+                # ranks must agree to stop at the same step, or they deadlock)
+                totals = torch.stack([loss_total, torch.tensor(float(bool(stop["signal"])), device=accelerator.device)])
+                loss_sum, stop_votes = (accelerator.reduce(totals, reduction="sum") if world > 1 else totals).tolist()
+                loss = loss_sum / step_tokens
                 if not math.isfinite(loss):  # checked before the update: the weights stay good
                     last = latest_checkpoint(out)
                     kept = f"the last good checkpoint is {last}; " if last else ""
@@ -542,10 +546,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                 update(loss=loss, lr=lr, tps=tps)
                 if config.save_every and done % config.save_every == 0 and done < total_steps:
                     save(done)
-                stopping = stop["signal"]
-                if world > 1:  # every rank must agree to stop at the same step, or they deadlock
-                    flag = torch.tensor(float(bool(stopping)), device=accelerator.device)
-                    stopping = stopping or ("a signal" if accelerator.reduce(flag, reduction="sum").item() else None)
+                stopping = stop["signal"] if world == 1 else (stop["signal"] or "a signal") if stop_votes else None
                 if stopping:
                     stop["signal"] = stopping
                     save(done)
