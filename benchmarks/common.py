@@ -62,8 +62,8 @@ def remap_prepared(src: Path, dst: Path, vocab: int) -> Path:
 def run_jobs(jobs: list[dict], gpus: int, per_gpu: int = 1, deadline: float | None = None) -> dict[str, int]:
     """Run shell jobs ``{"name", "cmd", "after": [names]}`` as subprocesses, at most ``per_gpu`` at a
     time on each GPU (CUDA_VISIBLE_DEVICES), each once the jobs it needs have succeeded. A job's output
-    goes to /tmp/tm_jobs/<name>.log and its last lines to $OUT/jobs.log; jobs not started by
-    ``deadline`` (a time.time()) are skipped. Returns the exit codes (-1: skipped)."""
+    goes to /tmp/tm_jobs/<name>.log and its last lines to $OUT/jobs.log; jobs that need no other job
+    and have not started by ``deadline`` (a time.time()) are skipped. Returns the exit codes (-1: skipped)."""
     import subprocess
 
     logs = Path("/tmp/tm_jobs")
@@ -83,7 +83,8 @@ def run_jobs(jobs: list[dict], gpus: int, per_gpu: int = 1, deadline: float | No
                     f.write(f"== {name} (rc {proc.returncode})\n" + "\n".join(tail) + "\n")
         for job in list(pending):
             needs = job.get("after", [])
-            if any(codes.get(n, 0) != 0 for n in needs) or (deadline and time.time() > deadline):
+            # the deadline holds back new work only: a job that follows finished ones still runs
+            if any(codes.get(n, 0) != 0 for n in needs) or (not needs and deadline and time.time() > deadline):
                 pending.remove(job)
                 codes[job["name"]] = -1
                 log(event="job", name=job["name"], skipped=True)

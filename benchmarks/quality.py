@@ -6,13 +6,13 @@ train problems as ``validation``; each candidate recipe trains on the rest and i
 (greedy, and with ``--calculator`` when annotations are kept). The recipes run side by side, several
 per GPU (a 135M model leaves a GPU mostly idle).
 
-Stage ``final`` is the pipeline with a recipe (by default the search's best, else tinymath's
-defaults): base model on the full test set (greedy, and ``--protocol lm-eval-gsm8k``), training on
-the full train set, the tuned model on the full test set (greedy, ``--calculator``, maj@8), and the
-paired comparisons. Every step is a `tinymath` command; results go to $OUT/results.jsonl.
+Stage ``final`` is the pipeline with a recipe (by default tinymath's defaults, which the search
+chose; or the search's best, or a named one): base model on the full test set (greedy, and
+``--protocol lm-eval-gsm8k``), training on the full train set, the tuned model on the full test set
+(greedy, ``--calculator``, maj@8, lm-eval protocol), and the paired comparisons. Every step is a `tinymath` command; results go to $OUT/results.jsonl.
 
-    OUT=/tmp/out python benchmarks/quality.py search --model SmolLM2.gguf --data gsm8k_dir --gpus 2
-    OUT=/tmp/out python benchmarks/quality.py final --model SmolLM2.gguf --data gsm8k_dir --gpus 2
+    OUT=/tmp/out python benchmarks/quality.py search --model SmolLM2.gguf --data gsm8k_dir --gpus 1
+    OUT=/tmp/out python benchmarks/quality.py final --model SmolLM2.gguf --data gsm8k_dir --gpus 1
 """
 
 from __future__ import annotations
@@ -152,10 +152,13 @@ def main():
     parser.add_argument("--data", required=True, help="GSM8K folder (train.jsonl, test.jsonl)")
     parser.add_argument("--work", default="/tmp/tm_quality")
     parser.add_argument("--gpus", type=int, default=1)
-    parser.add_argument("--per-gpu", type=int, default=None, help="jobs at a time per GPU (search 4, final 2)")
-    parser.add_argument("--max-memory", default="24GB", help="each training run's memory cap (GPUs are shared; the cap changes no result)")
-    parser.add_argument("--recipe", default="best", help="final: 'best' (the search's), a recipe name, or 'defaults'")
-    parser.add_argument("--budget", type=float, default=3600, help="seconds after which no new job starts")
+    parser.add_argument("--per-gpu", type=int, default=None,
+                        help="jobs at a time per GPU (search 8: a 135M model leaves an H200 mostly idle; final 1)")
+    parser.add_argument("--max-memory", default="14GB", help="each training run's memory cap (GPUs are shared; the cap changes no result)")
+    parser.add_argument("--recipe", default="defaults",
+                        help="final: 'defaults' (tinymath's, chosen by the search), 'best' (the search's), or a recipe name")
+    parser.add_argument("--budget", type=float, default=3600,
+                        help="seconds after which no new training or base eval starts")
     parser.add_argument("--smoke", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
@@ -163,7 +166,7 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.per_gpu is None:
-        args.per_gpu = 4 if args.stage == "search" else 2
+        args.per_gpu = 8 if args.stage == "search" else 1
     (search if args.stage == "search" else final)(args, work)
 
 

@@ -109,13 +109,10 @@ def main():
 
         state = PartialState()
         n = state.num_processes
-        # the default global batch (64 examples per step, split over the GPUs), and the same
-        # per-GPU batch as on one GPU (64 per GPU: the global batch grows, as with a per-device batch)
-        for name, batch in ((f"tinymath_defaults_{n}gpu", 64), (f"tinymath_batch64_per_gpu_{n}gpu", 64 * n)):
-            r = tinymath_run(name, tiny, prep_tiny, args.steps, batch_size=batch)
-            if state.is_main_process:
-                log(event="train", name=name, arch="tinyllama", processes=n, global_batch=batch,
-                    **{k: v for k, v in r.items() if k != "losses"})
+        r = tinymath_run(f"multi{n}", tiny, prep_tiny, args.steps)  # --batch-size is per GPU: same work per GPU
+        if state.is_main_process:
+            log(event="train", name=f"tinymath_defaults_{n}gpu", arch="tinyllama", processes=n,
+                **{k: v for k, v in r.items() if k != "losses"})
         state.wait_for_everyone()
         state.destroy_process_group()
         return
@@ -139,10 +136,13 @@ def main():
         log(event="train", name="tinymath_max_memory_6GB", arch="tinyllama", **extra,
             **{k: v for k, v in low.items() if k != "losses"})
     if "losses" in which:
-        # the same 64 examples per step (the default batch), cut differently; LoRA dropout off
+        # the same examples per step (the default batch), cut differently; LoRA dropout off
+        from tinymath.config import TrainConfig
+
+        batch = TrainConfig().batch_size
         fast = tinymath_run("loss_fast", tiny, prep_tiny, 20, lora_dropout=0.0)
         plain = tinymath_run("loss_plain", tiny, prep_tiny, 20, lora_dropout=0.0, packing=False, batch_size=8,
-                             grad_accum=8)
+                             grad_accum=batch // 8)
         diffs = [abs(a - b) / abs(b) for a, b in zip(fast["losses"], plain["losses"])]
         log(event="loss_agreement", arch="tinyllama", fast=fast["losses"], plain=plain["losses"],
             max_rel_diff=round(max(diffs), 5), plain_tokens_per_s=plain["real_tokens_per_s"])

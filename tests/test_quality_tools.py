@@ -120,3 +120,9 @@ def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, mo
     monkeypatch.setattr(calc, "calculate", lambda expression: "999" if expression == "5+7" else None)
     with_calc = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=40, calculator=True))
     assert all("<<5+7=999>>" in text for text, _ in with_calc), with_calc
+    # with pad == EOS (as in SmolLM2's tokenizer) a row stopped at "<<expr=" while another row goes
+    # on is padded with EOS: it must still get its result and continue
+    tok.pad_token = tok.eos_token
+    other = encode_prompt(tok, build_prompt(tok, "Leo had 30 stickers and gave away 12.", "chat"))
+    mixed = generate_batch(inference, [prompts[0], other], GenerationSettings(max_new_tokens=40, calculator=True))
+    assert "<<5+7=999>>" in mixed[0][0], mixed

@@ -51,7 +51,9 @@ def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path
     run = json.loads((out / "run.json").read_text())
     assert run["model"] == str(tiny_model) and run["quant"] == "nf4"
     assert run["format"] == "instruction" and run["system_prompt"] == "Solve it."
-    assert run["lora_r"] == 16 and run["target_modules"] == "all-linear"
+    defaults = TrainConfig()  # unset options are recorded with their defaults
+    assert run["lora_r"] == defaults.lora_r and run["lr"] == defaults.lr and run["target_modules"] == "all-linear"
+    assert run["calc_annotations"] == "keep"
     assert "torch" in run["versions"]
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"step", "loss", "lr", "tokens_per_s", "val_loss"} <= set(last)

@@ -43,13 +43,13 @@ class TrainConfig:
     trust_remote_code: bool = False
     epochs: float = 3.0
     max_steps: int | None = None
-    batch_size: int = 64
+    batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-3
     warmup: float = 0.03
     weight_decay: float = 0.0
-    lora_r: int = 16
-    lora_alpha: float = 32.0
+    lora_r: int = 32
+    lora_alpha: float = 64.0
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"
     seed: int = 42

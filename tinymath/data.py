@@ -207,7 +207,7 @@ def tokenize_split(rows: list[dict], tokenizer, fmt: str, system_prompt: str | N
 
 def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str | Path = "prep",
                  fmt: str = "chat", system_prompt: str | None = None, max_length: int = 512,
-                 calc_annotations: str = "strip", val_size: float = 0, limit: int | None = None,
+                 calc_annotations: str = "keep", val_size: float = 0, limit: int | None = None,
                  seed: int = 0, overwrite: bool = False, trust_remote_code: bool = False,
                  show_progress: bool = False) -> dict:
     """Prepare GSM8K for training and return the manifest (also saved as ``OUT/prepare.json``).

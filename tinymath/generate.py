@@ -245,11 +245,12 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
                              stopping=stopping)
         still = []
         for i, ids in zip(active, outs):
-            finished = tokenizer.eos_token_id in ids.tolist()
             text, n = _cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
             texts[i] += text
             used[i] = min(settings.max_new_tokens, used[i] + n)
-            expression = None if finished else pending_call(texts[i])
+            # a row that stopped inside "<<expr=" waits for its result (judged by its text: rows that
+            # stop early are padded, and the pad token may be EOS, as in SmolLM2's tokenizer)
+            expression = pending_call(texts[i])
             if expression is not None and used[i] < settings.max_new_tokens and calls[i] < MAX_CALCULATOR_CALLS:
                 calls[i] += 1
                 result = calculate(expression)

@@ -69,6 +69,9 @@ def count_label_tokens(examples: list[dict]) -> int:
     return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
 
 
+CPU_MICRO_BATCH_TOKENS = 4096  # fp32 activations of SmolLM2-135M for 4k tokens: about 6 GB
+
+
 def micro_batches(examples: list[dict], config: TrainConfig, pad_id: int, max_tokens: int | None = None):
     """Cut a step's examples into micro-batches: packed rows of at most ``max_tokens`` tokens, or
     (reference path) padded batches of ``batch_size`` examples."""
@@ -159,7 +162,7 @@ def load_training_data(config: TrainConfig, tokenizer) -> tuple[dict[str, list[d
 
     config.format = config.format or "chat"
     config.max_length = config.max_length or 512
-    config.calc_annotations = config.calc_annotations or "strip"
+    config.calc_annotations = config.calc_annotations or "keep"
     validate_prepare_options(config.format, config.max_length, config.calc_annotations, config.val_size, None)
     raw = split_validation(read_gsm8k(config.data, "train"), config.val_size)
     splits, stats = {}, {}
@@ -412,6 +415,8 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                                                                       budget, set_checkpointing)
         config.gradient_checkpointing = config.gradient_checkpointing or checkpointing
         set_checkpointing(config.gradient_checkpointing)
+    elif config.packing and max_tokens is None:  # no planner off the GPU: a size that fits in RAM
+        max_tokens = CPU_MICRO_BATCH_TOKENS
     config.micro_batch_tokens = max_tokens
 
     trainable = [p for p in model.parameters() if p.requires_grad]
