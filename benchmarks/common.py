@@ -69,11 +69,16 @@ def run_jobs(jobs: list[dict], gpus: int, per_gpu: int = 1, deadline: float | No
     logs = Path("/tmp/tm_jobs")
     logs.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
+    names = {job["name"] for job in jobs}
+    unknown = {n for job in jobs for n in job.get("after", [])} - names
+    if unknown:
+        raise ValueError(f"jobs wait for jobs that are not in the list: {sorted(unknown)}")
     pending, running, codes = list(jobs), {}, {}
     slots = [g for _ in range(per_gpu) for g in range(gpus)]
     while pending or running:
-        for name, (proc, slot, started) in list(running.items()):
+        for name, (proc, slot, started, logfile) in list(running.items()):
             if proc.poll() is not None:
+                logfile.close()
                 codes[name] = proc.returncode
                 slots.append(slot)
                 del running[name]
@@ -94,6 +99,6 @@ def run_jobs(jobs: list[dict], gpus: int, per_gpu: int = 1, deadline: float | No
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot)}
                 logfile = open(logs / f"{job['name']}.log", "w")
                 proc = subprocess.Popen(job["cmd"], shell=True, env=env, stdout=logfile, stderr=subprocess.STDOUT)
-                running[job["name"]] = (proc, slot, time.time())
+                running[job["name"]] = (proc, slot, time.time(), logfile)
         time.sleep(1)
     return codes

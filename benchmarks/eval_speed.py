@@ -102,24 +102,24 @@ def main():
 
     from transformers import AutoTokenizer
 
+    from tinymath.model import process_state
     from tinymath.prompts import build_prompt, encode_prompt
 
+    state = process_state()  # under accelerate launch: rank 0 builds the model, the others wait
     work = Path("/tmp/tm_bench")
     work.mkdir(exist_ok=True)
     fixed = work / "tinyllama_rand_fixed256"
-    if not fixed.exists():
-        random_model(fixed, TINYLLAMA, args.tokenizer)
-        cfg = json.loads((fixed / "generation_config.json").read_text())
-        cfg["min_new_tokens"] = NEW_TOKENS  # forced length: every problem generates exactly 256 tokens
-        (fixed / "generation_config.json").write_text(json.dumps(cfg))
+    with state.main_process_first():
+        if not fixed.exists():
+            random_model(fixed, TINYLLAMA, args.tokenizer)
+            cfg = json.loads((fixed / "generation_config.json").read_text())
+            cfg["min_new_tokens"] = NEW_TOKENS  # forced length: every problem generates exactly 256 tokens
+            (fixed / "generation_config.json").write_text(json.dumps(cfg))
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     rows = [json.loads(line) for line in open(Path(args.data) / "test.jsonl")]
     prompts = [[t % TINYLLAMA["vocab_size"] for t in encode_prompt(tok, build_prompt(tok, r["question"], "chat"))]
                for r in rows]
 
-    from tinymath.model import process_state
-
-    state = process_state()
     if state.num_processes > 1:  # accelerate launch: the split paths only, rank 0 logs
         gpus = f"{state.num_processes}gpu"
         if "tiny" in which:

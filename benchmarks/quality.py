@@ -99,13 +99,17 @@ def search(args, work: Path) -> None:
 
 def final(args, work: Path) -> None:
     best = work / "best_recipe.json"
-    if args.recipe == "best" and best.exists():
+    if args.recipe == "best":
+        if not best.exists():
+            raise SystemExit(f"--recipe best: no {best}; run the search stage first (same --work)")
         recipe = json.loads(best.read_text())
         flags, mode = recipe["flags"], recipe["annotations"]
     elif args.recipe in RECIPES:
         flags, mode = RECIPES[args.recipe]
-    else:  # tinymath's defaults
+    elif args.recipe == "defaults":
         flags, mode = "", None
+    else:
+        raise SystemExit(f"--recipe {args.recipe}: use defaults, best, or one of {', '.join(RECIPES)}")
     log(event="final_recipe", flags=flags, annotations=mode or "default")
     ev, run = work / "test", work / "runs" / "final"
     data_flags = f" --calc-annotations {mode}" if mode else ""

@@ -90,23 +90,23 @@ def main():
     args = parser.parse_args()
     which = set(args.only.split(","))
 
+    from accelerate import PartialState
     from transformers import AutoTokenizer
 
     from tinymath.data import prepare_data
 
     work = Path("/tmp/tm_bench")
     work.mkdir(exist_ok=True)
-    smol = random_model(work / "smollm2_rand", SMOLLM2, args.tokenizer)
-    tiny = random_model(work / "tinyllama_rand", TINYLLAMA, args.tokenizer)
-    data_dir = Path(args.train).parent
-    prep = work / "prep"
-    if not prep.exists():
-        prepare_data(data=str(data_dir), model=str(smol), out=prep)
-    prep_tiny = remap_prepared(prep, work / "prep_tiny", TINYLLAMA["vocab_size"])
+    with PartialState().main_process_first():  # under accelerate launch: rank 0 builds, the others wait
+        smol = random_model(work / "smollm2_rand", SMOLLM2, args.tokenizer)
+        tiny = random_model(work / "tinyllama_rand", TINYLLAMA, args.tokenizer)
+        data_dir = Path(args.train).parent
+        prep = work / "prep"
+        if not prep.exists():
+            prepare_data(data=str(data_dir), model=str(smol), out=prep)
+        prep_tiny = remap_prepared(prep, work / "prep_tiny", TINYLLAMA["vocab_size"])
 
     if "multi" in which:  # run under `accelerate launch --num_processes N`
-        from accelerate import PartialState
-
         state = PartialState()
         n = state.num_processes
         r = tinymath_run(f"multi{n}", tiny, prep_tiny, args.steps)  # --batch-size is per GPU: same work per GPU

@@ -114,14 +114,33 @@ def test_batched_generation_equals_plain_generate(tiny_model):
                  "Leo had 30 stickers and gave away 12. How many stickers does he have left?", "Hi"]
     prompts = [encode_prompt(tok, build_prompt(tok, q, "chat")) for q in questions]
     batched = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=20, batch_size=4))
-    for ids, (text, _) in zip(prompts, batched):
+    for ids, (text, n) in zip(prompts, batched):
         x = torch.tensor([ids])
         out = inference.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=20,
                                        do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         new = out[0, len(ids):].tolist()
+        assert n == len(new)  # generated tokens (EOS included), not the batch's padding
         if tok.eos_token_id in new:
             new = new[:new.index(tok.eos_token_id)]
         assert text == tok.decode(new, skip_special_tokens=True)
+    assert generate_batch(inference, [], GenerationSettings()) == []  # e.g. a process with no share
+
+
+def test_padding_after_an_early_stop_is_not_counted(tiny_model):
+    """A row that stopped early (stop string, calculator) is padded to the batch's length: its token
+    count is what it generated, so the calculator's budget and tokens/s stay right."""
+    import torch
+
+    from tinymath.generate import _decode_new
+    from tinymath.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    word = tok("apples", add_special_tokens=False).input_ids
+    assert tok.pad_token_id != tok.eos_token_id
+    padded = torch.tensor(word + [tok.pad_token_id] * 5)
+    assert _decode_new(tok, padded) == ("apples", len(word))
+    finished = torch.tensor(word + [tok.eos_token_id] + [tok.pad_token_id] * 4)
+    assert _decode_new(tok, finished) == ("apples", len(word) + 1)
 
 
 def test_eval_split_across_processes_writes_one_merged_output(tiny_model, gsm8k_dir, tmp_path):

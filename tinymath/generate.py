@@ -108,9 +108,10 @@ def _decode_new(tokenizer, new_ids) -> tuple[str, int]:
             n = i + 1
             ids = ids[:i]
             break
-    else:
+    else:  # rows that stopped early are padded: padding is not generated text
         while ids and ids[-1] == pad and pad != eos:
             ids.pop()
+        n = len(ids)
     return tokenizer.decode(ids, skip_special_tokens=True), n
 
 
@@ -178,6 +179,8 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     """Generated token ids (a tensor row per prompt, after the prompt) in input order."""
     import torch
 
+    if not prompts:  # e.g. a process of `accelerate launch` with no share of a tiny eval
+        return []
     model, tokenizer = inference.model, inference.tokenizer
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -248,9 +251,9 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
             text, n = _cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
             texts[i] += text
             used[i] = min(settings.max_new_tokens, used[i] + n)
-            # a row that stopped inside "<<expr=" waits for its result (judged by its text: rows that
-            # stop early are padded, and the pad token may be EOS, as in SmolLM2's tokenizer)
-            expression = pending_call(texts[i])
+            # a row that stopped inside "<<expr=" this round waits for its result (judged by the text:
+            # rows that stop early are padded, and the pad token may be EOS, as in SmolLM2's tokenizer)
+            expression = pending_call(text)
             if expression is not None and used[i] < settings.max_new_tokens and calls[i] < MAX_CALCULATOR_CALLS:
                 calls[i] += 1
                 result = calculate(expression)
