@@ -102,7 +102,7 @@ def main():
 
     from transformers import AutoTokenizer
 
-    from tinymath.model import process_state
+    from tinymath.model import end_processes, process_state
     from tinymath.prompts import build_prompt, encode_prompt
 
     state = process_state()  # under accelerate launch: rank 0 builds the model, the others wait
@@ -129,8 +129,7 @@ def main():
                 log(event="eval", name=f"tinymath_eval_defaults_{gpus}", arch="tinyllama", problems=len(prompts), **fast)
         if "smol" in which and args.gguf:
             smol_eval(args, f"smollm2_real_natural_stop_{gpus}", state.is_main_process)
-        state.wait_for_everyone()
-        state.destroy_process_group()
+        end_processes(state)
         return
 
     if "seed" in which:

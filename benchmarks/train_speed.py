@@ -94,6 +94,7 @@ def main():
     from transformers import AutoTokenizer
 
     from tinymath.data import prepare_data
+    from tinymath.model import end_processes
 
     work = Path("/tmp/tm_bench")
     work.mkdir(exist_ok=True)
@@ -113,8 +114,7 @@ def main():
         if state.is_main_process:
             log(event="train", name=f"tinymath_defaults_{n}gpu", arch="tinyllama", processes=n,
                 **{k: v for k, v in r.items() if k != "losses"})
-        state.wait_for_everyone()
-        state.destroy_process_group()
+        end_processes(state)
         return
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

@@ -359,13 +359,11 @@ def eval_cmd(
                        merge_base=merge_base.value, overwrite=overwrite, trust_remote_code=trust_remote_code,
                        show_progress=not json_out, calculator=calculator, samples=samples, temperature=temperature,
                        seed=seed, protocol=protocol.value)
-    from tinymath.model import process_state
+    from tinymath.model import end_processes, process_state
 
     state = process_state()
-    if state.num_processes > 1:  # under accelerate launch: end cleanly, and one report (rank 0's)
-        state.wait_for_everyone()
-        state.destroy_process_group()
-    if not state.is_main_process:
+    end_processes(state)
+    if not state.is_main_process:  # under accelerate launch: one report, rank 0's
         return
     if json_out:
         return _print_json(summary)

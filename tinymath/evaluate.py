@@ -137,7 +137,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
 
     from tinymath.data import read_gsm8k
     from tinymath.files import atomic_output_dir, check_output_dir, write_json
-    from tinymath.generate import GenerationSettings, generate_across_processes, load_for_inference
+    from tinymath.generate import GenerationSettings, generate_across_processes, load_for_inference, process_share
     from tinymath.model import process_state
     from tinymath.progress import progress_bar
     from tinymath.prompts import build_prompt, encode_prompt
@@ -174,8 +174,8 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     flat = [p for p in prompts for _ in range(samples)]
     torch.manual_seed(seed + state.process_index)
     start = time.time()
-    with progress_bar("evaluating", len(range(state.process_index, len(flat), state.num_processes)),
-                      show_progress and state.is_main_process) as update:
+    share = len(process_share(len(flat)))
+    with progress_bar("evaluating", share, show_progress and state.is_main_process) as update:
         generated = generate_across_processes(inference, flat, settings, update)
     seconds = time.time() - start
 

@@ -147,16 +147,23 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
             for ids in generate_ids(inference, prompts, settings, update)]
 
 
+def process_share(count: int) -> range:
+    """The indices of ``count`` prompts this process answers: every num_processes-th one."""
+    from tinymath.model import process_state
+
+    state = process_state()
+    return range(state.process_index, count, state.num_processes)
+
+
 def generate_across_processes(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
                               update=lambda advance=1: None) -> list[tuple[str, int]]:
     """`generate_batch` shared by the processes of `accelerate launch`: each generates every
     num_processes-th prompt, and every process gets all results in input order. One process: plain."""
     from tinymath.model import process_state
 
-    state = process_state()
-    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    mine = process_share(len(prompts))
     here = generate_batch(inference, [prompts[i] for i in mine], settings, update)
-    if state.num_processes == 1:
+    if process_state().num_processes == 1:
         return here
     from accelerate.utils import gather_object
 

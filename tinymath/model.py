@@ -120,6 +120,14 @@ def process_state():
     return state
 
 
+def end_processes(state) -> None:
+    """Under ``accelerate launch``: wait for every process, then close the process group (a clean
+    exit instead of a teardown abort). One process: nothing to do."""
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
 def default_device() -> str:
     """``cuda:<local rank>`` when a GPU is present (one per process under accelerate), else ``cpu``."""
     import torch

@@ -551,7 +551,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                 update(loss=loss, lr=lr, tps=tps)
                 if config.save_every and done % config.save_every == 0 and done < total_steps:
                     save(done)
-                stopping = stop["signal"] if world == 1 else (stop["signal"] or "a signal") if stop_votes else None
+                if world == 1:
+                    stopping = stop["signal"]
+                else:  # only the agreed vote counts: a signal that came after it waits for the next step
+                    stopping = (stop["signal"] or "a signal") if stop_votes else None
                 if stopping:
                     stop["signal"] = stopping
                     save(done)
