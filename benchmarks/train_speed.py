@@ -75,6 +75,7 @@ def tinymath_run(name: str, model_dir: Path, data: Path, steps: int, **overrides
               "overall_tokens_per_s": summary["real_tokens_per_s"], "peak_gib": summary.get("peak_memory_gib"),
               "micro_batch_tokens": summary["micro_batch_tokens"],
               "gradient_checkpointing": summary["gradient_checkpointing"], "steps": steps,
+              "first_step_s": round(metrics[0]["tokens"] / metrics[0]["tokens_per_s"], 1),  # compiling included
               "losses": [m["loss"] for m in metrics]}
     gc.collect()
     torch.cuda.empty_cache()
@@ -130,6 +131,10 @@ def main():
         extra = {"ratio_vs_seed": round(fast["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)} if "seed" in which else {}
         log(event="train", name="tinymath_defaults", arch="tinyllama", **extra,
             **{k: v for k, v in fast.items() if k != "losses"})
+    if "tiny_eager" in which:  # what torch.compile adds
+        eager = tinymath_run("tiny_eager", tiny, prep_tiny, args.steps, compile=False)
+        log(event="train", name="tinymath_defaults_no_compile", arch="tinyllama",
+            **{k: v for k, v in eager.items() if k != "losses"})
     if "mem6" in which:
         low = tinymath_run("mem6", tiny, prep_tiny, args.steps, max_memory="6GB")
         extra = {"ratio_vs_seed": round(low["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)} if "seed" in which else {}
@@ -148,10 +153,12 @@ def main():
             max_rel_diff=round(max(diffs), 5), plain_tokens_per_s=plain["real_tokens_per_s"])
     if "smol" in which:
         plain = tinymath_run("smol_plain", smol, prep, args.steps, quant="none", packing=False)
+        eager = tinymath_run("smol_eager", smol, prep, args.steps, quant="none", compile=False)
         fast = tinymath_run("smol_fast", smol, prep, args.steps, quant="none")
         log(event="train", name="smollm2_lora", arch="smollm2", plain_loop_tokens_per_s=plain["real_tokens_per_s"],
             tinymath_tokens_per_s=fast["real_tokens_per_s"], peak_gib=fast["peak_gib"],
-            micro_batch_tokens=fast["micro_batch_tokens"],
+            micro_batch_tokens=fast["micro_batch_tokens"], first_step_s=fast["first_step_s"],
+            overall_tokens_per_s=fast["overall_tokens_per_s"], no_compile_tokens_per_s=eager["real_tokens_per_s"],
             ratio_vs_plain=round(fast["real_tokens_per_s"] / plain["real_tokens_per_s"], 2))
 
 

@@ -21,12 +21,19 @@ NAME = "tinymath_packed"
 DECODE_NAME = "tinymath_decode"
 
 
+_VARLEN = []
+
+
 def _varlen():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None, False
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+    """(varlen_attn or None, whether it takes enable_gqa); looked up once (and outside torch.compile)."""
+    if not _VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _VARLEN.append((None, False))
+        else:
+            _VARLEN.append((varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters))
+    return _VARLEN[0]
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -35,24 +42,25 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     import torch
     import torch.nn.functional as F
 
-    groups = query.shape[1] // key.shape[1]
+    groups = int(module.num_key_value_groups)
+    gqa = bool(groups > 1)  # plain Python values, not symbolic ones, under torch.compile
     if cu_seq_lens is None:  # one example per row (e.g. validation on a padded batch)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                              is_causal=attention_mask is None, scale=scaling,
-                                             enable_gqa=groups > 1)
+                                             enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     varlen_attn, has_gqa = _varlen() if query.is_cuda else (None, False)
     if varlen_attn is not None:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
-        if groups > 1 and not has_gqa:
+        if gqa and not has_gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        extra = {"enable_gqa": groups > 1} if has_gqa else {}
+        extra = {"enable_gqa": gqa} if has_gqa else {}
         out = varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_seq_len, max_seq_len, scale=scaling,
                           window_size=(-1, 0), **extra)
         return out.unsqueeze(0), None
     bounds = cu_seq_lens.tolist()
     outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                           scale=scaling, enable_gqa=groups > 1)
+                                           scale=scaling, enable_gqa=gqa)
             for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
@@ -60,6 +68,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 def register() -> str:
     """Make ``attn_implementation="tinymath_packed"`` available to transformers; returns the name."""
     from transformers import AttentionInterface
+
+    _varlen()
 
     AttentionInterface.register(NAME, packed_attention)
     return NAME

@@ -227,7 +227,7 @@ def validation_loss(loss_model, examples: list[dict], config: TrainConfig, pad_i
 
     total = 0.0
     loss_model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eager():
         for batch in micro_batches(examples, config, pad_id, max_tokens):
             total += loss_model(**to_device(batch, device)).item()
     loss_model.train()
@@ -283,6 +283,28 @@ def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, devi
     return min(tokens, 65536), use_ckpt, figures
 
 
+def compile_layers(peft_model) -> None:
+    """Regional compilation: each decoder layer goes through ``torch.compile``. Every layer runs the
+    same code, so one graph, compiled once for any token count (dynamic shapes), serves them all.
+    The embeddings' output is marked as requiring gradients so that the first layer sees the same
+    inputs as the others (else it alone compiles again). Fused norms, rotary, activations and LoRA
+    adds, and far fewer kernel launches: small models are otherwise launch-bound. Generation and
+    validation run the layers eagerly (`eager`)."""
+    causal_lm = peft_model.get_base_model()
+    causal_lm.enable_input_require_grads()
+    for layer in causal_lm.get_decoder().layers:
+        layer.compile(dynamic=True)
+
+
+@contextmanager
+def eager():
+    """The compiled layers' plain Python forward (other shapes and attention implementations)."""
+    import torch
+
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
 @contextmanager
 def inference_mode(peft_model):
     """Eval mode with masked SDPA attention (generation and padded scoring need attention masks,
@@ -292,7 +314,8 @@ def inference_mode(peft_model):
     base.set_attn_implementation("sdpa")
     peft_model.eval()
     try:
-        yield
+        with eager():
+            yield
     finally:
         base.set_attn_implementation(attn)
         peft_model.train()
@@ -418,6 +441,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     elif config.packing and max_tokens is None:  # no planner off the GPU: a size that fits in RAM
         max_tokens = CPU_MICRO_BATCH_TOKENS
     config.micro_batch_tokens = max_tokens
+    if config.compile is None:  # auto: on with a GPU, where launching kernels one by one is the cost
+        config.compile = device.startswith("cuda")
+    if config.compile:  # after planning: the planner's eager measurement is the larger (safe) one
+        compile_layers(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
