@@ -153,18 +153,22 @@ def main():
 
         inference = load_for_inference(model=args.gguf)
         tk = inference.tokenizer
-        sample = [encode_prompt(tk, build_prompt(tk, r["question"], "chat")) for r in rows[:16]]
-        fast = [text for text, _ in generate_batch(inference, sample, GenerationSettings(max_new_tokens=NEW_TOKENS))]
-        plain = []
-        for ids in sample:
-            x = torch.tensor([ids], device=inference.model.device)
-            out = inference.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                                           do_sample=False, pad_token_id=tk.pad_token_id, eos_token_id=tk.eos_token_id)
-            plain.append(tk.decode(out[0, len(ids):], skip_special_tokens=True))
-        from tinymath.prompts import extract_answer
+        for dtype in (None, torch.float32):  # bf16 (eval's own), then fp32: no near-ties from rounding
+            if dtype is not None:
+                inference.model.to(dtype)
+            sample = [encode_prompt(tk, build_prompt(tk, r["question"], "chat")) for r in rows[:16]]
+            fast = [text for text, _ in generate_batch(inference, sample, GenerationSettings(max_new_tokens=NEW_TOKENS))]
+            plain = []
+            for ids in sample:
+                x = torch.tensor([ids], device=inference.model.device)
+                out = inference.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                                               do_sample=False, pad_token_id=tk.pad_token_id, eos_token_id=tk.eos_token_id)
+                plain.append(tk.decode(out[0, len(ids):], skip_special_tokens=True))
+            from tinymath.prompts import extract_answer
 
-        log(event="greedy_equality", sample=len(sample), same_text=sum(a == b for a, b in zip(fast, plain)),
-            same_answer=sum(extract_answer(a) == extract_answer(b) for a, b in zip(fast, plain)))
+            log(event="greedy_equality", dtype=str(inference.model.dtype), sample=len(sample),
+                same_text=sum(a == b for a, b in zip(fast, plain)),
+                same_answer=sum(extract_answer(a) == extract_answer(b) for a, b in zip(fast, plain)))
 
 
 if __name__ == "__main__":
