@@ -96,7 +96,8 @@ def main():
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--data", required=True, help="folder with GSM8K test.jsonl")
     parser.add_argument("--gguf", default=None, help="real SmolLM2-135M-Instruct GGUF")
-    parser.add_argument("--only", default="seed,tiny,smol")
+    parser.add_argument("--only", default="seed,tiny,smol,equal")
+    parser.add_argument("--equal-sample", type=int, default=16)
     args = parser.parse_args()
     which = set(args.only.split(","))
 
@@ -146,29 +147,28 @@ def main():
         log(event="eval", name="tinymath_eval_defaults", arch="tinyllama", problems=len(prompts), **extra, **fast)
     if "smol" in which and args.gguf:
         smol_eval(args, "smollm2_real_natural_stop", True)
-        # greedy equality with plain HF generate (batch 1, no padding) on a sample
+    if "equal" in which and args.gguf:
+        # greedy equality with plain HF generate (batch 1, no padding) on a sample, in fp32: the same
+        # computation (static cache, batching, padding, stopping) without bf16 rounding near-ties
         import torch
 
         from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
+        from tinymath.prompts import extract_answer
 
         inference = load_for_inference(model=args.gguf)
+        inference.model.to(torch.float32)
         tk = inference.tokenizer
-        for dtype in (None, torch.float32):  # bf16 (eval's own), then fp32: no near-ties from rounding
-            if dtype is not None:
-                inference.model.to(dtype)
-            sample = [encode_prompt(tk, build_prompt(tk, r["question"], "chat")) for r in rows[:16]]
-            fast = [text for text, _ in generate_batch(inference, sample, GenerationSettings(max_new_tokens=NEW_TOKENS))]
-            plain = []
-            for ids in sample:
-                x = torch.tensor([ids], device=inference.model.device)
-                out = inference.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                                               do_sample=False, pad_token_id=tk.pad_token_id, eos_token_id=tk.eos_token_id)
-                plain.append(tk.decode(out[0, len(ids):], skip_special_tokens=True))
-            from tinymath.prompts import extract_answer
-
-            log(event="greedy_equality", dtype=str(inference.model.dtype), sample=len(sample),
-                same_text=sum(a == b for a, b in zip(fast, plain)),
-                same_answer=sum(extract_answer(a) == extract_answer(b) for a, b in zip(fast, plain)))
+        sample = [encode_prompt(tk, build_prompt(tk, r["question"], "chat")) for r in rows[:args.equal_sample]]
+        fast = [text for text, _ in generate_batch(inference, sample, GenerationSettings(max_new_tokens=NEW_TOKENS))]
+        plain = []
+        for ids in sample:
+            x = torch.tensor([ids], device=inference.model.device)
+            out = inference.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                                           do_sample=False, pad_token_id=tk.pad_token_id, eos_token_id=tk.eos_token_id)
+            plain.append(tk.decode(out[0, len(ids):], skip_special_tokens=True))
+        log(event="greedy_equality", dtype="float32", sample=len(sample),
+            same_text=sum(a == b for a, b in zip(fast, plain)),
+            same_answer=sum(extract_answer(a) == extract_answer(b) for a, b in zip(fast, plain)))
 
 
 if __name__ == "__main__":

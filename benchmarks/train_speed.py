@@ -141,16 +141,26 @@ def main():
         log(event="train", name="tinymath_max_memory_6GB", arch="tinyllama", **extra,
             **{k: v for k, v in low.items() if k != "losses"})
     if "losses" in which:
-        # the same examples per step (the default batch), cut differently; LoRA dropout off
+        # the same examples per step (the default batch), cut differently; LoRA dropout off. In bf16
+        # (as trained) and in fp32, where rounding cannot hide a difference in the math
+        import tinymath.model
         from tinymath.config import TrainConfig
 
         batch = TrainConfig().batch_size
-        fast = tinymath_run("loss_fast", tiny, prep_tiny, 20, lora_dropout=0.0)
-        plain = tinymath_run("loss_plain", tiny, prep_tiny, 20, lora_dropout=0.0, packing=False, batch_size=8,
-                             grad_accum=batch // 8)
-        diffs = [abs(a - b) / abs(b) for a, b in zip(fast["losses"], plain["losses"])]
-        log(event="loss_agreement", arch="tinyllama", fast=fast["losses"], plain=plain["losses"],
-            max_rel_diff=round(max(diffs), 5), plain_tokens_per_s=plain["real_tokens_per_s"])
+        bf16 = tinymath.model.compute_dtype
+        for dtype in ("bfloat16", "float32"):
+            if dtype == "float32":
+                import torch
+
+                tinymath.model.compute_dtype = lambda device=None: torch.float32
+            runs = {}
+            for name, extra in (("fast", {}), ("fast_no_compile", {"compile": False}),
+                                ("plain", {"packing": False, "batch_size": 8, "grad_accum": batch // 8})):
+                runs[name] = tinymath_run(f"loss_{name}_{dtype}", tiny, prep_tiny, 20, lora_dropout=0.0, **extra)["losses"]
+            diff = {name: round(max(abs(a - b) / abs(b) for a, b in zip(runs[name], runs["plain"])), 6)
+                    for name in ("fast", "fast_no_compile")}
+            log(event="loss_agreement", arch="tinyllama", dtype=dtype, **runs, max_rel_diff_vs_plain=diff)
+        tinymath.model.compute_dtype = bf16
     if "smol" in which:
         plain = tinymath_run("smol_plain", smol, prep, args.steps, quant="none", packing=False)
         eager = tinymath_run("smol_eager", smol, prep, args.steps, quant="none", compile=False)
