@@ -140,15 +140,16 @@ def main():
         extra = {"ratio_vs_seed": round(low["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)} if "seed" in which else {}
         log(event="train", name="tinymath_max_memory_6GB", arch="tinyllama", **extra,
             **{k: v for k, v in low.items() if k != "losses"})
-    if "losses" in which:
+    if which & {"losses", "losses32"}:
         # the same examples per step (the default batch), cut differently; LoRA dropout off. In bf16
-        # (as trained) and in fp32, where rounding cannot hide a difference in the math
+        # (`losses`, as trained) or in fp32 (`losses32`, where rounding cannot hide a difference in
+        # the math); one per process (accelerate fixes the precision once per process)
         import tinymath.model
         from tinymath.config import TrainConfig
 
         batch = TrainConfig().batch_size
         bf16 = tinymath.model.compute_dtype
-        for dtype in ("bfloat16", "float32"):
+        for dtype in ["bfloat16"] * ("losses" in which) or ["float32"]:
             if dtype == "float32":
                 import torch
 
