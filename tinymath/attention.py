@@ -49,7 +49,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                                              is_causal=attention_mask is None, scale=scaling,
                                              enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
-    varlen_attn, has_gqa = _varlen() if query.is_cuda else (None, False)
+    varlen_attn, has_gqa = _varlen() if query.is_cuda and query.dtype != torch.float32 else (None, False)
     if varlen_attn is not None:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
         if gqa and not has_gqa:
