@@ -38,6 +38,18 @@ def test_packed_losses_equal_padded_losses(tiny_model, gsm8k_dir, tmp_path):
         assert a == pytest.approx(b, rel=1e-4)
 
 
+def test_compiled_layers_compute_the_same_losses(tiny_model, gsm8k_dir, tmp_path):
+    """--compile (the default on a GPU) changes speed, not math: the same losses as the plain padded
+    path, fp32 on CPU, 1e-4 relative."""
+    train(_config(tiny_model, gsm8k_dir, tmp_path / "compiled", compile=True, max_steps=6))
+    train(_config(tiny_model, gsm8k_dir, tmp_path / "padded", packing=False, max_steps=6))
+    compiled, padded = _losses(tmp_path / "compiled"), _losses(tmp_path / "padded")
+    assert len(compiled) == 6
+    for a, b in zip(compiled, padded):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert json.loads((tmp_path / "compiled" / "run.json").read_text())["compile"] is True
+
+
 def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path):
     out = tmp_path / "run"
     result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, "--max-steps", 2,

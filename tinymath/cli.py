@@ -209,7 +209,7 @@ def train_cmd(
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Padding-free packing (same loss, faster). [default: on]", rich_help_panel="Speed", show_default=False)] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory (switched on by itself when --max-memory needs it).", rich_help_panel="Speed", show_default=False)] = None,
     max_memory: Annotated[Optional[str], _opt("GPU memory to stay within, e.g. 6GB (default: the free memory).", "Speed")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile each decoder layer (fewer, fused kernels; about a minute of compiling first). [default: on with a GPU]", rich_help_panel="Speed", show_default=False)] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile each decoder layer (fewer, fused kernels; about a minute of compiling first). [default: on with a GPU and --packing]", rich_help_panel="Speed", show_default=False)] = None,
     micro_batch_tokens: Annotated[Optional[int], _opt("Tokens per packed micro-batch (default: sized to memory on GPU, 4096 on CPU).", "Speed")] = None,
     save_every: Annotated[Optional[int], _opt("Save a resumable checkpoint every N steps.", "Run control")] = None,
     keep_checkpoints: Annotated[Optional[int], _opt("How many checkpoints to keep. [default: 2]", "Run control")] = None,

@@ -441,8 +441,8 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     elif config.packing and max_tokens is None:  # no planner off the GPU: a size that fits in RAM
         max_tokens = CPU_MICRO_BATCH_TOKENS
     config.micro_batch_tokens = max_tokens
-    if config.compile is None:  # auto: on with a GPU, where launching kernels one by one is the cost
-        config.compile = device.startswith("cuda")
+    if config.compile is None:  # auto: on with a GPU (where launching kernels one by one is the cost),
+        config.compile = device.startswith("cuda") and config.packing  # for the fast path, not the plain one
     if config.compile:  # after planning: the planner's eager measurement is the larger (safe) one
         compile_layers(model)
 
