@@ -155,3 +155,24 @@ def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(result.stdout)
     assert summary["best_step"] in (2, 4)
+
+
+def test_resume_puts_back_the_best_adapter_of_its_checkpoint(tiny_model, gsm8k_dir, tmp_path):
+    """A best/ written after the checkpoint belongs to steps that run again: resuming restores the
+    checkpoint's own copy, so --keep best never ships an adapter from a lost future."""
+    out = tmp_path / "run"
+    args = ("--max-steps", "4", "--save-every", "2", "--val-size", "2", "--eval-every", "1", "--eval-limit", "2",
+            "--keep", "best", "--keep-checkpoints", "5")
+    assert _train(tiny_model, gsm8k_dir, out, *args).exit_code == 0
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert (checkpoint / "best" / "adapter_model.safetensors").is_file()
+    (out / "best" / "from_a_lost_future").write_text("written after the checkpoint")
+    result = run_cli("train", "--resume", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert not (out / "best" / "from_a_lost_future").exists()
+    summary = json.loads(result.stdout)
+    assert summary["resumed_from_step"] == 2
+    final = (out / "adapter_model.safetensors").read_bytes()
+    assert final == (out / "best" / "adapter_model.safetensors").read_bytes()
+    if summary["best_step"] <= 2:  # no better step after resuming: the checkpoint's best is shipped
+        assert final == (checkpoint / "best" / "adapter_model.safetensors").read_bytes()

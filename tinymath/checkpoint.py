@@ -2,7 +2,8 @@
 keeps two runs out of one folder, and turning SIGINT/SIGTERM into "save and stop".
 
 A checkpoint is ``RUN/checkpoints/step-000123/``: the adapter, optimizer and scheduler state, RNG
-states and ``state.json`` (step, epoch position, best accuracy). It is written to a temporary
+states, ``state.json`` (step, epoch position, best accuracy) and, with ``--keep best``, a copy of
+``RUN/best/`` as it was then (resuming puts it back: a later best belongs to steps that run again). It is written to a temporary
 folder and renamed, so a crash mid-save never damages the last good one. The data position is
 the step number: the order of examples is a pure function of (seed, epoch).
 """
@@ -20,6 +21,7 @@ from tinymath.errors import TinymathError
 
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
+BEST = "best"
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -53,6 +55,8 @@ def save_checkpoint(run: Path, step: int, peft_model, optimizer, scheduler, extr
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         write_json(tmp / "state.json", {"step": step, **extra})
+        if (Path(run) / BEST).is_dir():
+            shutil.copytree(Path(run) / BEST, tmp / BEST)
     for old in checkpoint_dirs(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -75,6 +79,14 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / "state.json").read_text())
+
+
+def restore_best(path: Path, run: Path) -> None:
+    """Make ``RUN/best/`` what it was at checkpoint ``path`` (or absent, if there was none then)."""
+    best = Path(run) / BEST
+    shutil.rmtree(best, ignore_errors=True)
+    if (Path(path) / BEST).is_dir():
+        shutil.copytree(Path(path) / BEST, best)
 
 
 def _pid_alive(pid: int) -> bool:

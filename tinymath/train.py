@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+from tinymath.checkpoint import BEST
 from tinymath.config import CONFIG_FILE, RUN_FILE, TrainConfig, parse_memory
 from tinymath.errors import TinymathError
 
@@ -368,7 +369,8 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     from transformers import get_cosine_schedule_with_warmup
 
     from tinymath.attention import register as register_packed_attention
-    from tinymath.checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, stop_on_signals
+    from tinymath.checkpoint import (latest_checkpoint, load_checkpoint, restore_best, run_lock, save_checkpoint,
+                                     stop_on_signals)
     from tinymath.curves import plot_curves
     from tinymath.files import write_json
     from tinymath.lora import attach_lora, get_lora_config
@@ -476,6 +478,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                     if _parses(line) and json.loads(line)["step"] <= start_step] if metrics_path.exists() else []
             metrics_path.write_text("".join(line + "\n" for line in kept))
             (out / RUN_FILE).unlink(missing_ok=True)
+            restore_best(checkpoint, out)
     accelerator.wait_for_everyone()
     if log_with:
         accelerator.init_trackers("tinymath", config={k: v for k, v in asdict(config).items()
@@ -563,7 +566,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                     if best["accuracy"] is None or record["val_accuracy"] > best["accuracy"]:
                         best = {"accuracy": record["val_accuracy"], "step": done}
                         if config.keep == "best":
-                            model.save_pretrained(str(out / "best"))
+                            model.save_pretrained(str(out / BEST))
                 if retention and (done % config.retention_every == 0 or done == total_steps):
                     numbers = retention()
                     record.update(retention_kl=numbers["kl"], retention_top1=numbers["top1_agreement"])
@@ -609,8 +612,8 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                    data_stats=data_stats, versions=_versions(), git_commit=_git_commit(),
                    num_processes=world, memory_plan=memory_plan, result=summary)
         model.save_pretrained(str(out))
-        if config.keep == "best" and (out / "best" / "adapter_model.safetensors").exists():
-            shutil.copy(out / "best" / "adapter_model.safetensors", out / "adapter_model.safetensors")
+        if config.keep == "best" and (out / BEST / "adapter_model.safetensors").exists():
+            shutil.copy(out / BEST / "adapter_model.safetensors", out / "adapter_model.safetensors")
         tokenizer.save_pretrained(str(out))
         plot_curves(out)
         write_json(out / RUN_FILE, run)  # last: its presence marks a complete run
