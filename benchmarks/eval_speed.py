@@ -148,8 +148,9 @@ def main():
     if "smol" in which and args.gguf:
         smol_eval(args, "smollm2_real_natural_stop", True)
     if "equal" in which and args.gguf:
-        # greedy equality with plain HF generate (batch 1, no padding) on a sample, in fp32: the same
-        # computation (static cache, batching, padding, stopping) without bf16 rounding near-ties
+        # greedy equality with plain HF generate (batch 1, no padding, SDPA attention) on a sample, in
+        # fp32: the same computation (static cache, batching, padding, stopping, decode attention)
+        # without bf16 rounding near-ties
         import torch
 
         from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
@@ -160,6 +161,7 @@ def main():
         tk = inference.tokenizer
         sample = [encode_prompt(tk, build_prompt(tk, r["question"], "chat")) for r in rows[:args.equal_sample]]
         fast = [text for text, _ in generate_batch(inference, sample, GenerationSettings(max_new_tokens=NEW_TOKENS))]
+        inference.model.set_attn_implementation("sdpa")  # the reference: transformers' own attention
         plain = []
         for ids in sample:
             x = torch.tensor([ids], device=inference.model.device)

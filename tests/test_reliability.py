@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,3 +177,15 @@ def test_resume_puts_back_the_best_adapter_of_its_checkpoint(tiny_model, gsm8k_d
     assert final == (out / "best" / "adapter_model.safetensors").read_bytes()
     if summary["best_step"] <= 2:  # no better step after resuming: the checkpoint's best is shipped
         assert final == (checkpoint / "best" / "adapter_model.safetensors").read_bytes()
+
+    # a checkpoint from before best/ was kept in checkpoints says nothing of it: best/ stays as it is
+    state_file = checkpoint / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["best_saved"]
+    state_file.write_text(json.dumps(state))
+    shutil.rmtree(checkpoint / "best")
+    kept = (out / "best" / "adapter_model.safetensors").read_bytes()
+    assert run_cli("train", "--resume", out, "--json").exit_code == 0
+    assert (out / "best" / "adapter_model.safetensors").is_file()
+    if json.loads((out / "run.json").read_text())["result"]["best_step"] <= 2:
+        assert (out / "best" / "adapter_model.safetensors").read_bytes() == kept

@@ -41,13 +41,19 @@ def test_packed_losses_equal_padded_losses(tiny_model, gsm8k_dir, tmp_path):
 def test_compiled_layers_compute_the_same_losses(tiny_model, gsm8k_dir, tmp_path):
     """--compile (the default on a GPU) changes speed, not math: the same losses as the plain padded
     path, fp32 on CPU, 1e-4 relative."""
-    train(_config(tiny_model, gsm8k_dir, tmp_path / "compiled", compile=True, max_steps=6))
+    import torch._dynamo
+
+    torch._dynamo.utils.counters.clear()
+    summary = train(_config(tiny_model, gsm8k_dir, tmp_path / "compiled", compile=True, max_steps=6))
+    assert summary["compiled"] is True
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the layers really went through Dynamo
     train(_config(tiny_model, gsm8k_dir, tmp_path / "padded", packing=False, max_steps=6))
     compiled, padded = _losses(tmp_path / "compiled"), _losses(tmp_path / "padded")
     assert len(compiled) == 6
     for a, b in zip(compiled, padded):
         assert a == pytest.approx(b, rel=1e-4)
-    assert json.loads((tmp_path / "compiled" / "run.json").read_text())["compile"] is True
+    run = json.loads((tmp_path / "compiled" / "run.json").read_text())
+    assert run["result"]["compiled"] is True
 
 
 def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path):

@@ -36,14 +36,24 @@ def _varlen():
     return _VARLEN[0]
 
 
+def _groups(module) -> int:
+    """Query heads per key/value head, from the module's settings (1 for models without GQA)."""
+    groups = getattr(module, "num_key_value_groups", None)
+    if groups is None:
+        config = module.config
+        heads = config.num_attention_heads
+        groups = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    return int(groups)
+
+
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      cu_seq_lens=None, max_seq_len=None, **kwargs):
     """query/key/value: [1, heads, T, dim]; returns ([1, T, heads, dim], None)."""
     import torch
     import torch.nn.functional as F
 
-    groups = int(module.num_key_value_groups)
-    gqa = bool(groups > 1)  # plain Python values, not symbolic ones, under torch.compile
+    groups = _groups(module)
+    gqa = groups > 1  # plain Python values, not symbolic ones, under torch.compile
     if cu_seq_lens is None:  # one example per row (e.g. validation on a padded batch)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                              is_causal=attention_mask is None, scale=scaling,

@@ -54,9 +54,10 @@ def save_checkpoint(run: Path, step: int, peft_model, optimizer, scheduler, extr
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        write_json(tmp / "state.json", {"step": step, **extra})
-        if (Path(run) / BEST).is_dir():
+        best_saved = (Path(run) / BEST).is_dir()
+        if best_saved:
             shutil.copytree(Path(run) / BEST, tmp / BEST)
+        write_json(tmp / "state.json", {"step": step, **extra, "best_saved": best_saved})
     for old in checkpoint_dirs(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -82,7 +83,10 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> dict:
 
 
 def restore_best(path: Path, run: Path) -> None:
-    """Make ``RUN/best/`` what it was at checkpoint ``path`` (or absent, if there was none then)."""
+    """Make ``RUN/best/`` what it was at checkpoint ``path`` (or absent, if there was none then).
+    Checkpoints from before best/ was kept in them say nothing about it: best/ is left alone."""
+    if "best_saved" not in json.loads((Path(path) / "state.json").read_text()):
+        return
     best = Path(run) / BEST
     shutil.rmtree(best, ignore_errors=True)
     if (Path(path) / BEST).is_dir():

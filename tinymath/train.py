@@ -292,9 +292,25 @@ def compile_layers(peft_model) -> None:
     adds, and far fewer kernel launches: small models are otherwise launch-bound. Generation and
     validation run the layers eagerly (`eager`)."""
     causal_lm = peft_model.get_base_model()
-    causal_lm.enable_input_require_grads()
-    for layer in causal_lm.get_decoder().layers:
+    layers = getattr(causal_lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise TinymathError(f"--compile: {type(causal_lm).__name__} keeps its decoder layers elsewhere than "
+                            "`.layers`; pass --no-compile")
+    if not hasattr(causal_lm, "_require_grads_hook"):  # gradient checkpointing may have set it already
+        causal_lm.enable_input_require_grads()
+    for layer in layers:
         layer.compile(dynamic=True)
+
+
+def compile_by_default(device: str, config: TrainConfig) -> bool:
+    """Compile the packed path on GPUs that torch.compile's Triton kernels support (compute
+    capability 7.0 and newer); never the plain reference path, never on CPU."""
+    if not (device.startswith("cuda") and config.packing):
+        return False
+    import torch
+    from torch.utils._triton import has_triton
+
+    return torch.cuda.get_device_capability(device) >= (7, 0) and has_triton()
 
 
 @contextmanager
@@ -443,9 +459,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     elif config.packing and max_tokens is None:  # no planner off the GPU: a size that fits in RAM
         max_tokens = CPU_MICRO_BATCH_TOKENS
     config.micro_batch_tokens = max_tokens
-    if config.compile is None:  # auto: on with a GPU (where launching kernels one by one is the cost),
-        config.compile = device.startswith("cuda") and config.packing  # for the fast path, not the plain one
-    if config.compile:  # after planning: the planner's eager measurement is the larger (safe) one
+    # the choice made for this machine is recorded in the result, not in the config: a run resumed
+    # elsewhere decides again
+    compiling = config.compile if config.compile is not None else compile_by_default(device, config)
+    if compiling:  # after planning: the planner's eager measurement is the larger (safe) one
         compile_layers(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -590,6 +607,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                     save(done)
                     raise TinymathError(f"stopped by {stop['signal']} after step {done} of {total_steps}; "
                                         f"a checkpoint is saved. Continue with: tinymath train --resume {out}")
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        raise TinymathError(f"torch.compile could not compile the model on this machine ({type(exc.inner_exception).__name__}: "
+                            f"{str(exc.inner_exception).splitlines()[0] if str(exc.inner_exception) else ''}); "
+                            "train with --no-compile") from exc
     except torch.OutOfMemoryError:
         raise TinymathError("the GPU ran out of memory; pass --max-memory (e.g. 6GB) to size micro-batches, "
                             "--gradient-checkpointing, a smaller --batch-size or --max-length") from None
@@ -602,6 +623,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     summary = {"steps": total_steps, "final_loss": last_loss, "train_seconds": round(seconds, 2),
                "real_tokens_per_s": round(real_tokens_total / seconds, 1), "out": str(out),
                "micro_batch_tokens": max_tokens, "gradient_checkpointing": config.gradient_checkpointing,
+               "compiled": compiling,
                "resumed_from_step": start_step or None, "best_val_accuracy": best["accuracy"],
                "best_step": best["step"]}
     if device.startswith("cuda"):
