@@ -3,9 +3,9 @@ keeps two runs out of one folder, and turning SIGINT/SIGTERM into "save and stop
 
 A checkpoint is ``RUN/checkpoints/step-000123/``: the adapter, optimizer and scheduler state, RNG
 states, ``state.json`` (step, epoch position, best accuracy) and, with ``--keep best``, a copy of
-``RUN/best/`` as it was then (resuming puts it back: a later best belongs to steps that run again). It is written to a temporary
-folder and renamed, so a crash mid-save never damages the last good one. The data position is
-the step number: the order of examples is a pure function of (seed, epoch).
+``RUN/best/`` as it was then (resuming puts it back: a later best belongs to steps that run again).
+It is written to a temporary folder and renamed, so a crash mid-save never damages the last good
+one. The data position is the step number: the order of examples is a pure function of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -82,10 +82,11 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def restore_best(path: Path, run: Path) -> None:
-    """Make ``RUN/best/`` what it was at checkpoint ``path`` (or absent, if there was none then).
-    Checkpoints from before best/ was kept in them say nothing about it: best/ is left alone."""
-    if "best_saved" not in json.loads((Path(path) / "state.json").read_text()):
+def restore_best(path: Path, run: Path, state: dict) -> None:
+    """Make ``RUN/best/`` what it was at checkpoint ``path`` (``state``: its state.json, as
+    `load_checkpoint` returns it), or absent if there was none then. Checkpoints from before best/
+    was kept in them say nothing about it: best/ is left alone."""
+    if "best_saved" not in state:
         return
     best = Path(run) / BEST
     shutil.rmtree(best, ignore_errors=True)

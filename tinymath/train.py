@@ -475,10 +475,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     warmup_steps = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total_steps))
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
-    start_step, best = 0, {"accuracy": None, "step": None}
+    start_step, best, saved_state = 0, {"accuracy": None, "step": None}, {}
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        start_step, best = state["step"], state.get("best", best)
+        saved_state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start_step, best = saved_state["step"], saved_state.get("best", best)
         if start_step >= total_steps:
             raise TinymathError(f"--resume {out}: the checkpoint is at step {start_step}, the run ends at step "
                                 f"{total_steps}; pass a larger --max-steps or --epochs to train further")
@@ -495,7 +495,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                     if _parses(line) and json.loads(line)["step"] <= start_step] if metrics_path.exists() else []
             metrics_path.write_text("".join(line + "\n" for line in kept))
             (out / RUN_FILE).unlink(missing_ok=True)
-            restore_best(checkpoint, out)
+            restore_best(checkpoint, out, saved_state)
     accelerator.wait_for_everyone()
     if log_with:
         accelerator.init_trackers("tinymath", config={k: v for k, v in asdict(config).items()
@@ -608,9 +608,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                     raise TinymathError(f"stopped by {stop['signal']} after step {done} of {total_steps}; "
                                         f"a checkpoint is saved. Continue with: tinymath train --resume {out}")
     except torch._dynamo.exc.BackendCompilerFailed as exc:
-        raise TinymathError(f"torch.compile could not compile the model on this machine ({type(exc.inner_exception).__name__}: "
-                            f"{str(exc.inner_exception).splitlines()[0] if str(exc.inner_exception) else ''}); "
-                            "train with --no-compile") from exc
+        cause = exc.inner_exception
+        first_line = (str(cause).splitlines() or [""])[0]
+        raise TinymathError(f"torch.compile could not compile the model on this machine "
+                            f"({type(cause).__name__}: {first_line}); train with --no-compile") from exc
     except torch.OutOfMemoryError:
         raise TinymathError("the GPU ran out of memory; pass --max-memory (e.g. 6GB) to size micro-batches, "
                             "--gradient-checkpointing, a smaller --batch-size or --max-length") from None
