@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 OUT = Path(os.environ.get("OUT", "/tmp/bench"))
+WORK = Path("/tmp/tm_bench")  # random-weight models and prepared data, built once per machine
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
                  rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
@@ -40,6 +41,19 @@ def random_model(path: Path, arch: dict, tokenizer_dir: str) -> Path:
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     del model
     return path
+
+
+def smollm2_with_data(tokenizer_dir: str, data_dir: Path) -> tuple[Path, Path]:
+    """The SmolLM2-135M architecture with random weights, and the GSM8K folder ``data_dir``
+    prepared for it (both kept in WORK): (model folder, prepared-data folder)."""
+    from tinymath.data import prepare_data
+
+    WORK.mkdir(exist_ok=True)
+    smol = random_model(WORK / "smollm2_rand", SMOLLM2, tokenizer_dir)
+    prep = WORK / "prep"
+    if not prep.exists():
+        prepare_data(data=str(data_dir), model=str(smol), out=prep)
+    return smol, prep
 
 
 def remap_prepared(src: Path, dst: Path, vocab: int) -> Path:

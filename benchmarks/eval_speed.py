@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import TINYLLAMA, log, random_model  # noqa: E402
+from common import TINYLLAMA, WORK, log, random_model  # noqa: E402
 
 NEW_TOKENS = 256
 
@@ -107,9 +107,8 @@ def main():
     from tinymath.prompts import build_prompt, encode_prompt
 
     state = process_state()  # under accelerate launch: rank 0 builds the model, the others wait
-    work = Path("/tmp/tm_bench")
-    work.mkdir(exist_ok=True)
-    fixed = work / "tinyllama_rand_fixed256"
+    WORK.mkdir(exist_ok=True)
+    fixed = WORK / "tinyllama_rand_fixed256"
     with state.main_process_first():
         if not fixed.exists():
             random_model(fixed, TINYLLAMA, args.tokenizer)

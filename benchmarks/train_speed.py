@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, SMOLLM2, TINYLLAMA, log, random_model, remap_prepared  # noqa: E402
+from common import TINYLLAMA, WORK, log, random_model, remap_prepared, smollm2_with_data  # noqa: E402
 
 
 def seed_style_baseline(model_dir: Path, texts: list[str], tokenizer, steps: int = 30) -> dict:
@@ -94,19 +94,12 @@ def main():
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from tinymath.data import prepare_data
     from tinymath.model import end_processes
 
-    work = Path("/tmp/tm_bench")
-    work.mkdir(exist_ok=True)
     with PartialState().main_process_first():  # under accelerate launch: rank 0 builds, the others wait
-        smol = random_model(work / "smollm2_rand", SMOLLM2, args.tokenizer)
-        tiny = random_model(work / "tinyllama_rand", TINYLLAMA, args.tokenizer)
-        data_dir = Path(args.train).parent
-        prep = work / "prep"
-        if not prep.exists():
-            prepare_data(data=str(data_dir), model=str(smol), out=prep)
-        prep_tiny = remap_prepared(prep, work / "prep_tiny", TINYLLAMA["vocab_size"])
+        smol, prep = smollm2_with_data(args.tokenizer, Path(args.train).parent)
+        tiny = random_model(WORK / "tinyllama_rand", TINYLLAMA, args.tokenizer)
+        prep_tiny = remap_prepared(prep, WORK / "prep_tiny", TINYLLAMA["vocab_size"])
 
     if "multi" in which:  # run under `accelerate launch --num_processes N`
         state = PartialState()
