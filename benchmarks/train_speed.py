@@ -72,9 +72,12 @@ def tinymath_run(name: str, model_dir: Path, data: Path, steps: int, **overrides
     steady = metrics[3:] or metrics
     seconds = sum(m["tokens"] / m["tokens_per_s"] for m in steady)
     result = {"real_tokens_per_s": round(sum(m["tokens"] for m in steady) / seconds),
-              "overall_tokens_per_s": summary["real_tokens_per_s"], "peak_gib": summary.get("peak_memory_gib"),
+              "overall_tokens_per_s": summary["real_tokens_per_s"],
+              # a step once its CUDA graph exists (the steady figure above includes the captures)
+              "median_step_tokens_per_s": round(sorted(m["tokens_per_s"] for m in steady)[len(steady) // 2]), "peak_gib": summary.get("peak_memory_gib"),
               "micro_batch_tokens": summary["micro_batch_tokens"],
               "gradient_checkpointing": summary["gradient_checkpointing"], "steps": steps,
+              "compiled": summary["compiled"], "cuda_graphs": summary["cuda_graphs"],
               "first_step_s": round(metrics[0]["tokens"] / metrics[0]["tokens_per_s"], 1),  # compiling included
               "losses": [m["loss"] for m in metrics]}
     gc.collect()
@@ -124,10 +127,11 @@ def main():
         extra = {"ratio_vs_seed": round(fast["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)} if "seed" in which else {}
         log(event="train", name="tinymath_defaults", arch="tinyllama", **extra,
             **{k: v for k, v in fast.items() if k != "losses"})
-    if "tiny_eager" in which:  # what torch.compile adds
-        eager = tinymath_run("tiny_eager", tiny, prep_tiny, args.steps, compile=False)
-        log(event="train", name="tinymath_defaults_no_compile", arch="tinyllama",
-            **{k: v for k, v in eager.items() if k != "losses"})
+    if "tiny_eager" in which:  # what torch.compile and CUDA graphs add
+        for name, extra in (("no_compile", {"compile": False}), ("no_graphs", {"cuda_graphs": False})):
+            r = tinymath_run(f"tiny_{name}", tiny, prep_tiny, args.steps, **extra)
+            log(event="train", name=f"tinymath_defaults_{name}", arch="tinyllama",
+                **{k: v for k, v in r.items() if k != "losses"})
     if "mem6" in which:
         low = tinymath_run("mem6", tiny, prep_tiny, args.steps, max_memory="6GB")
         extra = {"ratio_vs_seed": round(low["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)} if "seed" in which else {}
@@ -142,21 +146,30 @@ def main():
         batch = TrainConfig().batch_size
         runs = {}
         for name, extra in (("fast", {}), ("fast_no_compile", {"compile": False}),
+                            ("fast_no_compile_no_graphs", {"compile": False, "cuda_graphs": False}),
                             ("plain", {"packing": False, "compile": False, "batch_size": 8, "grad_accum": batch // 8})):
             runs[name] = tinymath_run(f"loss_{name}", tiny, prep_tiny, 20, lora_dropout=0.0, lr=1e-4, **extra)["losses"]
         diff = {name: round(max(abs(a - b) / abs(b) for a, b in zip(runs[name], runs["plain"])), 6)
-                for name in ("fast", "fast_no_compile")}
+                for name in ("fast", "fast_no_compile", "fast_no_compile_no_graphs")}
         log(event="loss_agreement", arch="tinyllama", lr=1e-4, **runs, max_rel_diff_vs_plain=diff)
     if "smol" in which:
-        plain = tinymath_run("smol_plain", smol, prep, args.steps, quant="none", packing=False, compile=False)
-        eager = tinymath_run("smol_eager", smol, prep, args.steps, quant="none", compile=False)
-        fast = tinymath_run("smol_fast", smol, prep, args.steps, quant="none")
-        log(event="train", name="smollm2_lora", arch="smollm2", plain_loop_tokens_per_s=plain["real_tokens_per_s"],
+        variants = {"plain": dict(packing=False, compile=False, cuda_graphs=False),  # the plain loop
+                    "no_compile_no_graphs": dict(compile=False, cuda_graphs=False),
+                    "compiled_no_graphs": dict(cuda_graphs=False),
+                    "graphs_no_compile": dict(compile=False),
+                    "defaults": {}}
+        runs = {}
+        for name, extra in variants.items():
+            runs[name] = tinymath_run(f"smol_{name}", smol, prep, args.steps, quant="none", **extra)
+            log(event="train", name=f"smollm2_{name}", arch="smollm2",
+                **{k: v for k, v in runs[name].items() if k != "losses"})
+        plain, fast = runs["plain"]["real_tokens_per_s"], runs["defaults"]
+        log(event="train", name="smollm2_lora", arch="smollm2", plain_loop_tokens_per_s=plain,
             tinymath_tokens_per_s=fast["real_tokens_per_s"], peak_gib=fast["peak_gib"],
             micro_batch_tokens=fast["micro_batch_tokens"], first_step_s=fast["first_step_s"],
-            overall_tokens_per_s=fast["overall_tokens_per_s"], no_compile_tokens_per_s=eager["real_tokens_per_s"],
-            ratio_vs_plain=round(fast["real_tokens_per_s"] / plain["real_tokens_per_s"], 2))
-
+            overall_tokens_per_s=fast["overall_tokens_per_s"],
+            **{f"{name}_tokens_per_s": r["real_tokens_per_s"] for name, r in runs.items()},
+            ratio_vs_plain=round(fast["real_tokens_per_s"] / plain, 2))
 
 if __name__ == "__main__":
     main()

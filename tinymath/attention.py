@@ -71,7 +71,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     bounds = cu_seq_lens.tolist()
     outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
                                            scale=scaling, enable_gqa=gqa)
-            for s, e in zip(bounds[:-1], bounds[1:])]
+            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]  # empty segments: padding of `tinymath.graphs`
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 

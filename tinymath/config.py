@@ -24,7 +24,8 @@ RUN_RECORD_KEYS = {"dtype", "base_fingerprint", "data_stats", "versions", "git_c
                    "memory_plan", "result"}
 # what may change when a run is resumed: everything else must match the saved run
 RESUME_SAFE = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_limit",
-               "report_to", "retention_every", "max_memory", "micro_batch_tokens", "gradient_checkpointing", "compile"}
+               "report_to", "retention_every", "max_memory", "micro_batch_tokens", "gradient_checkpointing", "compile",
+               "cuda_graphs"}
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainConfig:
     max_memory: str | None = None
     gradient_checkpointing: bool = False
     compile: bool | None = None
+    cuda_graphs: bool | None = None
     log_every: int = 1
     save_every: int | None = None
     keep_checkpoints: int = 2

@@ -116,21 +116,26 @@ def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096):
             super().__init__()
             self.peft_model = peft_model
 
-        def forward(self, input_ids, labels, **kwargs):
+        def forward(self, input_ids, labels, all_positions=False, **kwargs):
+            """``all_positions``: the loss over every position, unlabelled ones ignored, instead of
+            over the selected labelled ones (the same sum; a fixed shape for `tinymath.graphs`)."""
             if not fast:
                 logits = self.peft_model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
                 return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                        ignore_index=-100, reduction="sum")
             causal_lm = self.peft_model.get_base_model()
             hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
-            targets = labels[:, 1:]
-            keep = targets != -100
-            hidden, targets = hidden[:, :-1][keep], targets[keep]
+            hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+            if not all_positions:
+                keep = targets != -100
+                hidden, targets = hidden[keep], targets[keep]
             head = causal_lm.get_output_embeddings()
             total = hidden.new_zeros((), dtype=torch.float32)
             for start in range(0, targets.shape[0], chunk_tokens):
                 h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-                total = total + (checkpoint(chunk_loss, head, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                # no random numbers in the loss: nothing to save (and no RNG state read under a CUDA graph)
+                total = total + (checkpoint(chunk_loss, head, h, t, use_reentrant=False, preserve_rng_state=False)
+                                 if torch.is_grad_enabled()
                                  else chunk_loss(head, h, t))
             return total
 
@@ -389,6 +394,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                                      stop_on_signals)
     from tinymath.curves import plot_curves
     from tinymath.files import write_json
+    from tinymath.graphs import GraphCaptureError, GraphedMicroBatches, use_cuda_graphs
     from tinymath.lora import attach_lora, get_lora_config
     from tinymath.model import (compute_dtype, default_device, load_base_model, load_tokenizer, model_fingerprint,
                                 process_state)
@@ -483,6 +489,15 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
             raise TinymathError(f"--resume {out}: the checkpoint is at step {start_step}, the run ends at step "
                                 f"{total_steps}; pass a larger --max-steps or --epochs to train further")
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
+    graphed = None
+    if use_cuda_graphs(config, device, world):
+        if not (device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing):
+            raise TinymathError("--cuda-graphs needs a GPU, --packing, one process and no gradient checkpointing "
+                                "(with --max-memory the planner may have chosen it); drop --cuda-graphs")
+        graphed = GraphedMicroBatches(loss_model, trainable, tokenizer.pad_token_id or 0,
+                                      max_examples=math.ceil(per_step / world),
+                                      max_seq_len=max(len(ex["input_ids"]) for ex in train_examples),
+                                      device=accelerator.device)
 
     if is_main:
         if not resume and out.exists():
@@ -502,12 +517,23 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                                                       if isinstance(v, (int, float, str, bool))})
     pad_id = tokenizer.pad_token_id
 
+    orders = {}
+
     def step_examples(step: int) -> list[dict]:
         epoch, index = divmod(step, steps_per_epoch)
-        order = list(range(len(train_examples)))
-        random.Random(config.seed + epoch).shuffle(order)
-        chosen = order[index * per_step:(index + 1) * per_step]
+        if epoch not in orders:  # one shuffle per epoch
+            order = list(range(len(train_examples)))
+            random.Random(config.seed + epoch).shuffle(order)
+            orders.clear()
+            orders[epoch] = order
+        chosen = orders[epoch][index * per_step:(index + 1) * per_step]
         return [train_examples[i] for i in chosen]
+
+    def step_batches(step: int):
+        """A step's examples, its answer-token count and this process's micro-batches."""
+        examples = step_examples(step)
+        local = examples[accelerator.process_index::world]
+        return examples, count_label_tokens(examples), list(micro_batches(local, config, pad_id, max_tokens))
 
     def save(step: int):
         if is_main:
@@ -538,21 +564,29 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                 progress_bar("training", total_steps, show_progress, fields_fmt, loss=float("nan"), lr=0.0,
                              tps=0.0) as update:
             update(advance=start_step)
+            upcoming = step_batches(start_step)
             for step in range(start_step, total_steps):
                 t0 = time.time()
-                examples = step_examples(step)
-                local = examples[accelerator.process_index::world]
                 # normalise by the answer tokens of the whole step, across processes; DDP then
                 # averages gradients over processes, hence the factor ``world``
-                step_tokens = count_label_tokens(examples)
-                batches = list(micro_batches(local, config, pad_id, max_tokens))
+                examples, step_tokens, batches = upcoming
                 loss_total = torch.zeros((), device=accelerator.device)
                 for i, batch in enumerate(batches):
+                    if graphed is not None:
+                        try:
+                            micro_loss = graphed.step(batch, world / step_tokens)
+                            loss_total += micro_loss
+                            continue
+                        except GraphCaptureError as exc:  # a model or library that graphs cannot hold
+                            accelerator.print(f"tinymath: training without CUDA graphs ({exc})")
+                            graphed = None
                     sync = i == len(batches) - 1
                     with nullcontext() if sync else accelerator.no_sync(loss_model):
                         micro_loss = loss_model(**to_device(batch, accelerator.device))
                         accelerator.backward(micro_loss * world / step_tokens)
                     loss_total += micro_loss.detach()
+                if step + 1 < total_steps:  # the next step's batches, built while the GPU works on this one
+                    upcoming = step_batches(step + 1)
                 # one collective per step: the loss, and whether any rank was asked to stop (all
                 # ranks must agree to stop at the same step, or they deadlock)
                 totals = torch.stack([loss_total, torch.tensor(float(bool(stop["signal"])), device=accelerator.device)])
@@ -566,7 +600,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                 lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=graphed is None)  # graphs keep adding into the same buffers
                 real = sum(len(ex["input_ids"]) for ex in examples)
                 real_tokens_total += real
                 tps = real / max(time.time() - t0, 1e-9)
@@ -624,7 +658,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     summary = {"steps": total_steps, "final_loss": last_loss, "train_seconds": round(seconds, 2),
                "real_tokens_per_s": round(real_tokens_total / seconds, 1), "out": str(out),
                "micro_batch_tokens": max_tokens, "gradient_checkpointing": config.gradient_checkpointing,
-               "compiled": compiling,
+               "compiled": compiling, "cuda_graphs": graphed is not None,
                "resumed_from_step": start_step or None, "best_val_accuracy": best["accuracy"],
                "best_step": best["step"]}
     if device.startswith("cuda"):

@@ -1,0 +1,75 @@
+"""CUDA-graph training (tinymath.graphs): the fixed-shape padding it replays must change no loss and
+no gradient. The graphs themselves need a GPU (benchmarks/train_speed.py runs them); what they
+replay is checked here on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tinymath.config import TrainConfig
+from tinymath.errors import TinymathError
+from tinymath.graphs import BUCKET, pad_packed
+from tinymath.train import build_loss_model, load_training_data, pack_examples, train
+
+
+def _loss_model(tiny_model):
+    from tinymath.attention import register
+    from tinymath.lora import attach_lora, get_lora_config
+    from tinymath.model import load_base_model
+
+    base = load_base_model(str(tiny_model), "none", dtype=torch.float32, device="cpu")
+    base.set_attn_implementation(register())
+    model = attach_lora(base, get_lora_config(8, 16, 0.0, "all-linear"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give A's gradients something to flow through
+            p.data.normal_(0, 0.05)
+    return build_loss_model(model)
+
+
+def _loss_and_grads(loss_model, batch, **kwargs):
+    loss_model.zero_grad(set_to_none=True)
+    loss = loss_model(**batch, **kwargs)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in loss_model.named_parameters() if p.requires_grad}
+
+
+def test_padding_for_graphs_changes_no_loss_or_gradient(tiny_model, gsm8k_dir):
+    from tinymath.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = load_training_data(TrainConfig(data=str(gsm8k_dir), model=str(tiny_model)), tokenizer)[0]["train"][:5]
+    batch = pack_examples(examples)
+    n = batch["input_ids"].shape[1]
+    size = BUCKET * math.ceil(n / BUCKET)
+    padded = pad_packed(batch, size, slots=len(examples) + 4, pad_id=tokenizer.pad_token_id)
+    assert padded["input_ids"].shape == (1, size) and size > n
+    assert padded["cu_seq_lens"].tolist()[-4:] == [n, size, size, size]  # padding segment, then empty ones
+
+    loss_model = _loss_model(tiny_model)
+    loss, grads = _loss_and_grads(loss_model, batch)
+    padded_loss, padded_grads = _loss_and_grads(loss_model, padded, all_positions=True)
+    assert padded_loss == pytest.approx(loss, rel=1e-5)
+    assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_A" in name)
+    for name, grad in grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_refuses_too_many_examples(tiny_model, gsm8k_dir):
+    from tinymath.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = load_training_data(TrainConfig(data=str(gsm8k_dir), model=str(tiny_model)), tokenizer)[0]["train"][:5]
+    with pytest.raises(ValueError, match="6 segments do not fit in 4"):
+        pad_packed(pack_examples(examples), 2 * BUCKET, slots=5, pad_id=0)
+
+
+def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tiny_model, gsm8k_dir, tmp_path):
+    config = TrainConfig(data=str(gsm8k_dir), model=str(tiny_model), out=str(tmp_path / "run"), quant="none",
+                         max_steps=1, batch_size=2, cuda_graphs=True)
+    with pytest.raises(TinymathError, match="--cuda-graphs needs a GPU"):
+        train(config)
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -1,0 +1,112 @@
+"""CUDA-graph replay of a training micro-batch (forward and backward together).
+
+A small model such as SmolLM2-135M is launch-bound on a large GPU: a step makes thousands of small
+kernel launches (most of them LoRA's little matmuls), and the GPU waits on the CPU issuing them.
+Capturing one micro-batch's forward and backward into a CUDA graph and replaying it issues them all
+at once.
+
+A graph replays fixed shapes, so each packed row is padded up to a multiple of ``BUCKET`` tokens.
+The padding is one more example with no labels, in its own attention segment: it changes no loss
+and no gradient. The example boundaries are padded to a fixed count with empty segments. The loss
+runs over every position (unlabelled ones are ignored) instead of selecting the labelled ones,
+which would be a data-dependent shape. Each padded length gets its own graph, captured the first
+time it is seen (two warm-up passes and a capture: about two steps' time). All graphs share one
+memory pool, and gradients accumulate into ``.grad`` buffers allocated once, outside the graphs,
+so gradient accumulation over several micro-batches works as without graphs.
+
+Used for one process (no DDP) without gradient checkpointing; see `use_cuda_graphs`.
+"""
+
+from __future__ import annotations
+
+BUCKET = 512  # padded lengths are multiples of this: at most 511 wasted tokens a micro-batch
+
+
+def pad_packed(batch: dict, size: int, slots: int, pad_id: int) -> dict:
+    """A packed row (`tinymath.train.pack_examples`) padded to ``size`` tokens with ``slots``
+    boundaries; the same losses and gradients as ``batch``."""
+    import torch
+
+    n = batch["input_ids"].shape[1]
+    extra = size - n
+    bounds = batch["cu_seq_lens"].tolist() + ([size] if extra else [])
+    if len(bounds) > slots:
+        raise ValueError(f"{len(bounds) - 1} segments do not fit in {slots - 1}")
+    bounds += [size] * (slots - len(bounds))  # empty segments
+    filler = {"input_ids": torch.full((1, extra), pad_id), "labels": torch.full((1, extra), -100),
+              "position_ids": torch.arange(extra).unsqueeze(0)}
+    padded = {k: torch.cat([batch[k], filler[k].to(batch[k].dtype)], dim=1) for k in filler}
+    padded["cu_seq_lens"] = torch.tensor(bounds, dtype=torch.int32)
+    return padded
+
+
+class GraphCaptureError(RuntimeError):
+    """A micro-batch could not be captured (an op that synchronizes with the CPU, say): train without."""
+
+
+class GraphedMicroBatches:
+    """``step(batch, scale)`` runs forward and backward of ``loss_model`` on a packed micro-batch,
+    adding ``scale`` x the gradient of its summed loss to the parameters' ``.grad``; returns the
+    summed loss (a tensor that the next call overwrites)."""
+
+    def __init__(self, loss_model, params: list, pad_id: int, max_examples: int, max_seq_len: int, device):
+        import torch
+
+        self.loss_model, self.pad_id, self.device = loss_model, pad_id, device
+        self.slots = max_examples + 2  # the examples' boundaries, and the padding's
+        self.max_seq_len = max(int(max_seq_len), BUCKET)  # a fixed bound: flash attention skips what is beyond
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+        self.scale = torch.zeros((), device=device)
+        for p in params:  # accumulated into in place by every replay, whichever graph
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _forward_backward(self, inputs: dict):
+        loss = self.loss_model(**inputs, max_seq_len=self.max_seq_len, all_positions=True)
+        (loss * self.scale).backward()
+        return loss.detach()
+
+    def _capture(self, size: int, inputs: dict):
+        import torch
+
+        self.scale.zero_()  # warm-up passes add zero to the gradients
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(1 if self.graphs else 2):  # compiling, cuBLAS workspaces: not in the capture
+                self._forward_backward(inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self._forward_backward(inputs)
+        self.pool = self.pool or graph.pool()
+        self.graphs[size] = (graph, inputs, loss)
+
+    def step(self, batch: dict, scale: float):
+        import math
+
+        size = BUCKET * math.ceil(batch["input_ids"].shape[1] / BUCKET)
+        padded = pad_packed(batch, size, self.slots, self.pad_id)
+        if size not in self.graphs:
+            try:
+                self._capture(size, {k: v.to(self.device) for k, v in padded.items()})
+            except RuntimeError as exc:  # the gradients are untouched: warm-up adds zero, a capture runs nothing
+                import torch
+
+                torch.cuda.synchronize(self.device)
+                raise GraphCaptureError(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+        graph, inputs, loss = self.graphs[size]
+        for key, value in padded.items():
+            inputs[key].copy_(value)
+        self.scale.fill_(scale)
+        graph.replay()
+        return loss
+
+
+def use_cuda_graphs(config, device: str, world: int) -> bool:
+    """The default: on a GPU, packed rows, one process (DDP's gradient hooks are not captured) and
+    no gradient checkpointing."""
+    if config.cuda_graphs is not None:
+        return config.cuda_graphs
+    return device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing
