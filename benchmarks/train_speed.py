@@ -91,6 +91,7 @@ def main():
     parser.add_argument("--train", required=True, help="GSM8K train.jsonl")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--only", default="seed,tiny,mem6,losses,smol")
+    parser.add_argument("--loss-paths", help="with --only losses: which fast paths to compare (default: all)")
     args = parser.parse_args()
     which = set(args.only.split(","))
 
@@ -145,12 +146,17 @@ def main():
 
         batch = TrainConfig().batch_size
         runs = {}
+        only = set(args.loss_paths.split(",")) if args.loss_paths else None
         for name, extra in (("fast", {}), ("fast_no_compile", {"compile": False}),
                             ("fast_no_compile_no_graphs", {"compile": False, "cuda_graphs": False}),
+                            # several graphed micro-batches a step, their gradients accumulated
+                            ("graphs_micro_2048", {"compile": False, "micro_batch_tokens": 2048}),
                             ("plain", {"packing": False, "compile": False, "batch_size": 8, "grad_accum": batch // 8})):
+            if only and name not in only | {"plain"}:
+                continue
             runs[name] = tinymath_run(f"loss_{name}", tiny, prep_tiny, 20, lora_dropout=0.0, lr=1e-4, **extra)["losses"]
         diff = {name: round(max(abs(a - b) / abs(b) for a, b in zip(runs[name], runs["plain"])), 6)
-                for name in ("fast", "fast_no_compile", "fast_no_compile_no_graphs")}
+                for name in runs if name != "plain"}
         log(event="loss_agreement", arch="tinyllama", lr=1e-4, **runs, max_rel_diff_vs_plain=diff)
     if "smol" in which:
         variants = {"plain": dict(packing=False, compile=False, cuda_graphs=False),  # the plain loop

@@ -77,6 +77,7 @@ class GraphedMicroBatches:
             for _ in range(1 if self.graphs else 2):  # compiling, cuBLAS workspaces: not in the capture
                 self._forward_backward(inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.empty_cache()  # the warm-ups' cached blocks, free for the graphs' own pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             loss = self._forward_backward(inputs)
