@@ -54,8 +54,8 @@ def test_padding_for_graphs_changes_no_loss_or_gradient(tiny_model, gsm8k_dir):
     padded_loss, padded_grads = _loss_and_grads(loss_model, padded, all_positions=True)
     assert padded_loss == pytest.approx(loss, rel=1e-5)
     assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_A" in name)
-    for name, grad in grads.items():
-        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-4, atol=1e-6)
+    for name, grad in grads.items():  # fp32; larger matmuls only sum in another order
+        assert (padded_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
 
 
 def test_padding_refuses_too_many_examples(tiny_model, gsm8k_dir):
