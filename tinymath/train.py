@@ -241,14 +241,18 @@ def validation_loss(loss_model, examples: list[dict], config: TrainConfig, pad_i
 
 
 def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, device, budget: int,
-                     set_checkpointing) -> tuple[int, bool, dict]:
+                     set_checkpointing, graphs: bool = False) -> tuple[int, bool, dict]:
     """The largest packed micro-batch (in tokens) whose peak memory stays within ``budget`` bytes.
 
     Measures instead of guessing: one forward/backward on a probe batch gives the bytes each token
     costs; if not even the longest example fits, gradient checkpointing is switched on and measured
-    again. Returns (tokens, checkpointing, the measurements).
+    again. ``graphs``: CUDA graphs will replay micro-batches if no checkpointing is needed; they
+    keep a memory pool of their own and pad rows by up to a bucket, so they get more headroom.
+    Returns (tokens, checkpointing, the measurements).
     """
     import torch
+
+    from tinymath.graphs import BUCKET
 
     longest = max(len(ex["input_ids"]) for ex in examples)
     probe = []
@@ -273,8 +277,9 @@ def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, devi
         torch.cuda.synchronize(device)
         per_token = (torch.cuda.max_memory_allocated(device) - base) / probe_tokens
         # optimizer state (2 fp32 moments) and fp32 gradients of the LoRA weights come on top
-        room = (budget - base - trainable) * 0.9
-        fits[checkpointing] = int(room / per_token) if room > 0 else 0
+        graphed = graphs and not checkpointing
+        room = (budget - base - trainable) * (0.8 if graphed else 0.9)
+        fits[checkpointing] = max(int(room / per_token) - (BUCKET if graphed else 0), 0)
         figures[f"bytes_per_token{'_ckpt' if checkpointing else ''}"] = round(per_token)
         if not checkpointing and fits[False] >= step_tokens:
             break  # a whole step fits without recomputation: nothing to gain from checkpointing
@@ -458,8 +463,9 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
         free, _ = torch.cuda.mem_get_info(device)
         budget = budget or int(torch.cuda.memory_allocated(device) + free * 0.9)
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            max_tokens, checkpointing, memory_plan = plan_micro_batch(loss_model, train_examples, config, device,
-                                                                      budget, set_checkpointing)
+            max_tokens, checkpointing, memory_plan = plan_micro_batch(
+                loss_model, train_examples, config, device, budget, set_checkpointing,
+                graphs=config.cuda_graphs is not False and accelerator.num_processes == 1)
         config.gradient_checkpointing = config.gradient_checkpointing or checkpointing
         set_checkpointing(config.gradient_checkpointing)
     elif config.packing and max_tokens is None:  # no planner off the GPU: a size that fits in RAM
