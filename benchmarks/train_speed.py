@@ -150,7 +150,7 @@ def main():
         for name, extra in (("fast", {}), ("fast_no_compile", {"compile": False}),
                             ("fast_no_compile_no_graphs", {"compile": False, "cuda_graphs": False}),
                             # several graphed micro-batches a step, their gradients accumulated
-                            ("graphs_micro_2048", {"compile": False, "micro_batch_tokens": 2048}),
+                            ("graphs_micro_2048", {"compile": False, "micro_batch_tokens": 2048, "cuda_graphs": True}),
                             ("plain", {"packing": False, "compile": False, "batch_size": 8, "grad_accum": batch // 8})):
             if only and name not in only | {"plain"}:
                 continue

@@ -1,6 +1,6 @@
 """CUDA-graph training (tinymath.graphs): the fixed-shape padding it replays must change no loss and
-no gradient. The graphs themselves need a GPU (benchmarks/train_speed.py runs them); what they
-replay is checked here on CPU."""
+no gradient, and graphs are only used by default where they are safe. The graphs themselves need
+a GPU: benchmarks/train_speed.py compares whole graphed runs with the plain path there."""
 
 from __future__ import annotations
 
@@ -67,9 +67,23 @@ def test_padding_refuses_too_many_examples(tiny_model, gsm8k_dir):
         pad_packed(pack_examples(examples), 2 * BUCKET, slots=5, pad_id=0)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tiny_model, gsm8k_dir, tmp_path):
     config = TrainConfig(data=str(gsm8k_dir), model=str(tiny_model), out=str(tmp_path / "run"), quant="none",
                          max_steps=1, batch_size=2, cuda_graphs=True)
     with pytest.raises(TinymathError, match="--cuda-graphs needs a GPU"):
         train(config)
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_graphs_by_default_only_where_they_are_safe():
+    from tinymath.graphs import use_cuda_graphs
+
+    config = TrainConfig()
+    assert use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=False, room=5)
+    assert not use_cuda_graphs(config, "cpu", world=1, loss_scaling=False, room=5)
+    assert not use_cuda_graphs(config, "cuda:0", world=2, loss_scaling=False, room=5)  # DDP
+    assert not use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=True, room=5)  # fp16 GPUs
+    assert not use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=False, room=1.5)  # memory-bound
+    assert not use_cuda_graphs(TrainConfig(gradient_checkpointing=True), "cuda:0", 1, False, 5)
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", 1, False, 1.5)  # asked for: honoured

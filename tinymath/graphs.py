@@ -14,7 +14,9 @@ time it is seen (two warm-up passes and a capture: about two steps' time). All g
 memory pool, and gradients accumulate into ``.grad`` buffers allocated once, outside the graphs,
 so gradient accumulation over several micro-batches works as without graphs.
 
-Used for one process (no DDP) without gradient checkpointing; see `use_cuda_graphs`.
+Used by default for one process (no DDP), bf16, without gradient checkpointing and with memory to
+spare; see `use_cuda_graphs`. With LoRA dropout, warm-up passes draw random numbers, so a resumed
+run's dropout masks differ from an uninterrupted run's (the default dropout is 0).
 """
 
 from __future__ import annotations
@@ -105,9 +107,13 @@ class GraphedMicroBatches:
         return loss
 
 
-def use_cuda_graphs(config, device: str, world: int) -> bool:
-    """The default: on a GPU, packed rows, one process (DDP's gradient hooks are not captured) and
-    no gradient checkpointing."""
+def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float) -> bool:
+    """The default: on a GPU, packed rows, one process (DDP's gradient hooks are not captured), no
+    gradient checkpointing, no fp16 loss scaling (bf16 GPUs), and micro-batches with ``room`` for
+    at least two average steps. That last one keeps graphs to where memory is plentiful: a new
+    length's eager warm-up runs beside the pool holding the earlier graphs, and a memory-bound
+    run's large micro-batches gain little from graphs."""
     if config.cuda_graphs is not None:
         return config.cuda_graphs
-    return device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing
+    return (device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing
+            and not loss_scaling and room >= 2)

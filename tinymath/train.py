@@ -241,18 +241,14 @@ def validation_loss(loss_model, examples: list[dict], config: TrainConfig, pad_i
 
 
 def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, device, budget: int,
-                     set_checkpointing, graphs: bool = False) -> tuple[int, bool, dict]:
+                     set_checkpointing) -> tuple[int, bool, dict]:
     """The largest packed micro-batch (in tokens) whose peak memory stays within ``budget`` bytes.
 
     Measures instead of guessing: one forward/backward on a probe batch gives the bytes each token
     costs; if not even the longest example fits, gradient checkpointing is switched on and measured
-    again. ``graphs``: CUDA graphs will replay micro-batches if no checkpointing is needed; they
-    keep a memory pool of their own and pad rows by up to a bucket, so they get more headroom.
-    Returns (tokens, checkpointing, the measurements).
+    again. Returns (tokens, checkpointing, the measurements).
     """
     import torch
-
-    from tinymath.graphs import BUCKET
 
     longest = max(len(ex["input_ids"]) for ex in examples)
     probe = []
@@ -277,9 +273,8 @@ def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, devi
         torch.cuda.synchronize(device)
         per_token = (torch.cuda.max_memory_allocated(device) - base) / probe_tokens
         # optimizer state (2 fp32 moments) and fp32 gradients of the LoRA weights come on top
-        graphed = graphs and not checkpointing
-        room = (budget - base - trainable) * (0.8 if graphed else 0.9)
-        fits[checkpointing] = max(int(room / per_token) - (BUCKET if graphed else 0), 0)
+        room = (budget - base - trainable) * 0.9
+        fits[checkpointing] = int(room / per_token) if room > 0 else 0
         figures[f"bytes_per_token{'_ckpt' if checkpointing else ''}"] = round(per_token)
         if not checkpointing and fits[False] >= step_tokens:
             break  # a whole step fits without recomputation: nothing to gain from checkpointing
@@ -463,9 +458,8 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
         free, _ = torch.cuda.mem_get_info(device)
         budget = budget or int(torch.cuda.memory_allocated(device) + free * 0.9)
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            max_tokens, checkpointing, memory_plan = plan_micro_batch(
-                loss_model, train_examples, config, device, budget, set_checkpointing,
-                graphs=config.cuda_graphs is not False and accelerator.num_processes == 1)
+            max_tokens, checkpointing, memory_plan = plan_micro_batch(loss_model, train_examples, config, device,
+                                                                      budget, set_checkpointing)
         config.gradient_checkpointing = config.gradient_checkpointing or checkpointing
         set_checkpointing(config.gradient_checkpointing)
     elif config.packing and max_tokens is None:  # no planner off the GPU: a size that fits in RAM
@@ -496,10 +490,14 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                                 f"{total_steps}; pass a larger --max-steps or --epochs to train further")
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
     graphed = None
-    if use_cuda_graphs(config, device, world):
-        if not (device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing):
-            raise TinymathError("--cuda-graphs needs a GPU, --packing, one process and no gradient checkpointing "
-                                "(with --max-memory the planner may have chosen it); drop --cuda-graphs")
+    mean_length = sum(len(ex["input_ids"]) for ex in train_examples) / len(train_examples)
+    if use_cuda_graphs(config, device, world, accelerator.scaler is not None,
+                       room=(max_tokens or 0) / (mean_length * math.ceil(per_step / world))):
+        if not (device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing
+                and accelerator.scaler is None):
+            raise TinymathError("--cuda-graphs needs a GPU with bf16 (no fp16 loss scaling), --packing, one process "
+                                "and no gradient checkpointing (with --max-memory the planner may have chosen it); "
+                                "drop --cuda-graphs")
         graphed = GraphedMicroBatches(loss_model, trainable, tokenizer.pad_token_id or 0,
                                       max_examples=math.ceil(per_step / world),
                                       max_seq_len=max(len(ex["input_ids"]) for ex in train_examples),
@@ -584,6 +582,9 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                             loss_total += micro_loss
                             continue
                         except GraphCaptureError as exc:  # a model or library that graphs cannot hold
+                            if config.lora_dropout:  # a failed capture can leave the CUDA RNG unusable
+                                raise TinymathError(f"CUDA graphs could not capture this model ({exc}); "
+                                                    "train with --no-cuda-graphs") from exc
                             accelerator.print(f"tinymath: training without CUDA graphs ({exc})")
                             graphed = None
                     sync = i == len(batches) - 1
