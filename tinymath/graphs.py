@@ -21,6 +21,8 @@ run's dropout masks differ from an uninterrupted run's (the default dropout is 0
 
 from __future__ import annotations
 
+from tinymath.errors import TinymathError
+
 BUCKET = 512  # padded lengths are multiples of this: at most 511 wasted tokens a micro-batch
 
 
@@ -108,12 +110,18 @@ class GraphedMicroBatches:
 
 
 def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float) -> bool:
-    """The default: on a GPU, packed rows, one process (DDP's gradient hooks are not captured), no
-    gradient checkpointing, no fp16 loss scaling (bf16 GPUs), and micro-batches with ``room`` for
-    at least two average steps. That last one keeps graphs to where memory is plentiful: a new
-    length's eager warm-up runs beside the pool holding the earlier graphs, and a memory-bound
-    run's large micro-batches gain little from graphs."""
+    """Whether to train with graphs: ``--cuda-graphs``/``--no-cuda-graphs`` if given (an error where
+    graphs cannot run), else the default. They can run on a GPU, with packed rows, one process
+    (DDP's gradient hooks are not captured), no gradient checkpointing and no fp16 loss scaling
+    (bf16 GPUs). By default they also need micro-batches with ``room`` for at least two average
+    steps: that keeps them to where memory is plentiful (a new length's eager warm-up runs beside
+    the pool holding the earlier graphs), and a memory-bound run's large micro-batches gain little."""
+    possible = (device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing
+                and not loss_scaling)
+    if config.cuda_graphs and not possible:
+        raise TinymathError("--cuda-graphs needs a GPU with bf16 (no fp16 loss scaling), --packing, one process "
+                            "and no gradient checkpointing (with --max-memory the planner may have chosen it); "
+                            "drop --cuda-graphs")
     if config.cuda_graphs is not None:
         return config.cuda_graphs
-    return (device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing
-            and not loss_scaling and room >= 2)
+    return possible and room >= 2

@@ -380,6 +380,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
 
     ``resume``: continue the run in ``config.out`` from its latest checkpoint.
     """
+    import functools
     import json
     import random
     import shutil
@@ -490,18 +491,12 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                                 f"{total_steps}; pass a larger --max-steps or --epochs to train further")
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
     graphed = None
-    mean_length = sum(len(ex["input_ids"]) for ex in train_examples) / len(train_examples)
-    if use_cuda_graphs(config, device, world, accelerator.scaler is not None,
-                       room=(max_tokens or 0) / (mean_length * math.ceil(per_step / world))):
-        if not (device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing
-                and accelerator.scaler is None):
-            raise TinymathError("--cuda-graphs needs a GPU with bf16 (no fp16 loss scaling), --packing, one process "
-                                "and no gradient checkpointing (with --max-memory the planner may have chosen it); "
-                                "drop --cuda-graphs")
-        graphed = GraphedMicroBatches(loss_model, trainable, tokenizer.pad_token_id or 0,
-                                      max_examples=math.ceil(per_step / world),
-                                      max_seq_len=max(len(ex["input_ids"]) for ex in train_examples),
-                                      device=accelerator.device)
+    lengths = [len(ex["input_ids"]) for ex in train_examples]
+    local_examples = math.ceil(per_step / world)
+    room = (max_tokens or 0) / (sum(lengths) / len(lengths) * local_examples)  # in average steps
+    if use_cuda_graphs(config, device, world, accelerator.scaler is not None, room):
+        graphed = GraphedMicroBatches(loss_model, trainable, tokenizer.pad_token_id or 0, max_examples=local_examples,
+                                      max_seq_len=max(lengths), device=accelerator.device)
 
     if is_main:
         if not resume and out.exists():
@@ -521,17 +516,15 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
                                                       if isinstance(v, (int, float, str, bool))})
     pad_id = tokenizer.pad_token_id
 
-    orders = {}
+    @functools.lru_cache(maxsize=1)  # one shuffle per epoch
+    def epoch_order(epoch: int) -> list[int]:
+        order = list(range(len(train_examples)))
+        random.Random(config.seed + epoch).shuffle(order)
+        return order
 
     def step_examples(step: int) -> list[dict]:
         epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in orders:  # one shuffle per epoch
-            order = list(range(len(train_examples)))
-            random.Random(config.seed + epoch).shuffle(order)
-            orders.clear()
-            orders[epoch] = order
-        chosen = orders[epoch][index * per_step:(index + 1) * per_step]
-        return [train_examples[i] for i in chosen]
+        return [train_examples[i] for i in epoch_order(epoch)[index * per_step:(index + 1) * per_step]]
 
     def step_batches(step: int):
         """A step's examples, its answer-token count and this process's micro-batches."""
