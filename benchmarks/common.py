@@ -46,7 +46,7 @@ def random_model(path: Path, arch: dict, tokenizer_dir: str) -> Path:
 def smollm2_with_data(tokenizer_dir: str, data_dir: Path) -> tuple[Path, Path]:
     """The SmolLM2-135M architecture with random weights, and the GSM8K folder ``data_dir``
     prepared for it (both kept in WORK): (model folder, prepared-data folder)."""
-    from tinymath.data import prepare_data
+    from tinymath.services.prepare import prepare_data
 
     WORK.mkdir(exist_ok=True)
     smol = random_model(WORK / "smollm2_rand", SMOLLM2, tokenizer_dir)

@@ -50,7 +50,11 @@ def tinymath_generation(model_dir: Path, prompts: list[list[int]], **settings) -
     """`tinymath eval`'s generation path with its defaults (16-bit weights, auto batch size)."""
     import torch
 
-    from tinymath.generate import GenerationSettings, generate_across_processes, load_for_inference
+    from tinymath.lib.generate import (
+        GenerationSettings,
+        generate_across_processes,
+        load_for_inference,
+    )
 
     t = time.time()
     inference = load_for_inference(model=str(model_dir))
@@ -79,7 +83,7 @@ def tinymath_generation(model_dir: Path, prompts: list[list[int]], **settings) -
 def smol_eval(args, name: str, main_process: bool) -> None:
     """`tinymath eval` defaults on the real SmolLM2, full test set, natural stopping; run twice (the
     first run pays for compilation), the second is the figure."""
-    from tinymath.evaluate import evaluate
+    from tinymath.services.evaluate import evaluate
 
     for attempt in ("cold", "warm"):
         t = time.time()
@@ -103,8 +107,8 @@ def main():
 
     from transformers import AutoTokenizer
 
-    from tinymath.model import end_processes, process_state
-    from tinymath.prompts import build_prompt, encode_prompt
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.distributed import end_processes, process_state
 
     state = process_state()  # under accelerate launch: rank 0 builds the model, the others wait
     WORK.mkdir(exist_ok=True)
@@ -152,8 +156,12 @@ def main():
         # without bf16 rounding near-ties
         import torch
 
-        from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
-        from tinymath.prompts import extract_answer
+        from tinymath.base.prompts import extract_answer
+        from tinymath.lib.generate import (
+            GenerationSettings,
+            generate_batch,
+            load_for_inference,
+        )
 
         inference = load_for_inference(model=args.gguf)
         inference.model.to(torch.float32)

@@ -26,11 +26,13 @@ def main():
 
     import torch
 
-    from tinymath.attention import register
-    from tinymath.lora import attach_lora, get_lora_config
-    from tinymath.model import load_base_model, load_tokenizer
-    from tinymath.train import (TrainConfig, build_loss_model, compile_layers, load_training_data, pack_examples,
-                                to_device)
+    from tinymath.base.config import TrainConfig
+    from tinymath.lib.attention import register
+    from tinymath.lib.batching import build_loss_model, pack_examples, to_device
+    from tinymath.lib.gsm8k import load_training_data
+    from tinymath.lib.lora import attach_lora, get_lora_config
+    from tinymath.lib.model import load_base_model, load_tokenizer
+    from tinymath.lib.speed import compile_layers
 
     model_dir, prep = smollm2_with_data(args.tokenizer, Path(args.data))
     config = TrainConfig(data=str(prep), model=str(model_dir))

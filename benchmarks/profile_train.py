@@ -29,7 +29,8 @@ def main():
 
     from torch.profiler import ProfilerActivity, profile
 
-    from tinymath.train import TrainConfig, train
+    from tinymath import train
+    from tinymath.base.config import TrainConfig
 
     smol, prep = smollm2_with_data(args.tokenizer, Path(args.data))
 

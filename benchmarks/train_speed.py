@@ -26,8 +26,13 @@ def seed_style_baseline(model_dir: Path, texts: list[str], tokenizer, steps: int
     gradient checkpointing (as in shared/baselines/seed_style_qlora.py)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     torch.cuda.reset_peak_memory_stats()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": 0},
@@ -62,7 +67,8 @@ def tinymath_run(name: str, model_dir: Path, data: Path, steps: int, **overrides
     """`tinymath train` with its defaults (plus overrides); steady-state tokens/s after 3 warm-up steps."""
     import torch
 
-    from tinymath.train import TrainConfig, train
+    from tinymath import train
+    from tinymath.base.config import TrainConfig
 
     torch.cuda.reset_peak_memory_stats()
     config = TrainConfig(data=str(data), model=str(model_dir), out=f"/tmp/tm_{name}", max_steps=steps, overwrite=True,
@@ -98,7 +104,7 @@ def main():
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from tinymath.model import end_processes
+    from tinymath.lib.distributed import end_processes
 
     with PartialState().main_process_first():  # under accelerate launch: rank 0 builds, the others wait
         smol, prep = smollm2_with_data(args.tokenizer, Path(args.train).parent)
@@ -142,7 +148,7 @@ def main():
         # the same examples per step (the default batch), cut differently; LoRA dropout off. At
         # lr 1e-4: at the default 1e-3 random weights train chaotically (loss spikes), and bf16
         # rounding alone then moves losses by percents after ~8 steps, whichever path computes them
-        from tinymath.config import TrainConfig
+        from tinymath.base.config import TrainConfig
 
         batch = TrainConfig().batch_size
         runs = {}

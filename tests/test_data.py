@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from tinymath.data import load_prepared, read_gsm8k
+from tinymath.lib.gsm8k import load_prepared, read_gsm8k
 
 
 def test_prepare_folder_writes_splits_and_manifest(tiny_model, gsm8k_dir, tmp_path):

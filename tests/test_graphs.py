@@ -1,4 +1,4 @@
-"""CUDA-graph training (tinymath.graphs): the fixed-shape padding it replays must change no loss and
+"""CUDA-graph training (tinymath.lib.graphs): the fixed-shape padding it replays must change no loss and
 no gradient, and graphs are only used by default where they are safe. The graphs themselves need
 a GPU: benchmarks/train_speed.py compares whole graphed runs with the plain path there."""
 
@@ -9,16 +9,18 @@ import math
 import pytest
 import torch
 
-from tinymath.config import TrainConfig
-from tinymath.errors import TinymathError
-from tinymath.graphs import BUCKET, pad_packed
-from tinymath.train import build_loss_model, load_training_data, pack_examples, train
+from tinymath import train
+from tinymath.base.config import TrainConfig
+from tinymath.base.errors import TinymathError
+from tinymath.lib.batching import build_loss_model, pack_examples
+from tinymath.lib.graphs import BUCKET, pad_packed
+from tinymath.lib.gsm8k import load_training_data
 
 
 def _loss_model(tiny_model):
-    from tinymath.attention import register
-    from tinymath.lora import attach_lora, get_lora_config
-    from tinymath.model import load_base_model
+    from tinymath.lib.attention import register
+    from tinymath.lib.lora import attach_lora, get_lora_config
+    from tinymath.lib.model import load_base_model
 
     base = load_base_model(str(tiny_model), "none", dtype=torch.float32, device="cpu")
     base.set_attn_implementation(register())
@@ -38,7 +40,7 @@ def _loss_and_grads(loss_model, batch, **kwargs):
 
 
 def test_padding_for_graphs_changes_no_loss_or_gradient(tiny_model, gsm8k_dir):
-    from tinymath.model import load_tokenizer
+    from tinymath.lib.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     examples = load_training_data(TrainConfig(data=str(gsm8k_dir), model=str(tiny_model)), tokenizer)[0]["train"][:5]
@@ -59,7 +61,7 @@ def test_padding_for_graphs_changes_no_loss_or_gradient(tiny_model, gsm8k_dir):
 
 
 def test_padding_refuses_too_many_examples(tiny_model, gsm8k_dir):
-    from tinymath.model import load_tokenizer
+    from tinymath.lib.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     examples = load_training_data(TrainConfig(data=str(gsm8k_dir), model=str(tiny_model)), tokenizer)[0]["train"][:5]
@@ -77,7 +79,7 @@ def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tiny_model, gsm8k_
 
 
 def test_graphs_by_default_only_where_they_are_safe():
-    from tinymath.graphs import use_cuda_graphs
+    from tinymath.lib.graphs import use_cuda_graphs
 
     config = TrainConfig()
     assert use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=False, room=5)

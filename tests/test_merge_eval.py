@@ -6,7 +6,8 @@ import json
 import pytest
 from conftest import run_cli
 
-from tinymath.train import TrainConfig, train
+from tinymath import train
+from tinymath.base.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,12 @@ def trained_run(tiny_model, gsm8k_dir, tmp_path_factory):
 def test_merged_model_answers_like_the_adapter_model(trained_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
-    from tinymath.prompts import build_prompt, encode_prompt
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.generate import (
+        GenerationSettings,
+        generate_batch,
+        load_for_inference,
+    )
 
     merged_dir = tmp_path / "merged"
     result = run_cli("merge-adapters", trained_run, "--out", merged_dir, "--dtype", "fp32", "--json")
@@ -81,7 +86,7 @@ def test_eval_writes_predictions_and_summary(trained_run, gsm8k_dir, tmp_path):
 
 
 def test_eval_scores_known_completions():
-    from tinymath.evaluate import score, wilson_interval
+    from tinymath.lib.scoring import score, wilson_interval
 
     scored = score(["#### 13", "the answer is 40", "no idea"], ["#### 13", "#### 40", "#### 37.5"])
     s = scored["summary"]
@@ -105,8 +110,12 @@ def test_batched_generation_equals_plain_generate(tiny_model):
     one-at-a-time `generate` (fp32 on CPU)."""
     import torch
 
-    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
-    from tinymath.prompts import build_prompt, encode_prompt
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.generate import (
+        GenerationSettings,
+        generate_batch,
+        load_for_inference,
+    )
 
     inference = load_for_inference(model=str(tiny_model))
     tok = inference.tokenizer
@@ -131,8 +140,8 @@ def test_padding_after_an_early_stop_is_not_counted(tiny_model):
     count is what it generated, so the calculator's budget and tokens/s stay right."""
     import torch
 
-    from tinymath.generate import _decode_new
-    from tinymath.model import load_tokenizer
+    from tinymath.lib.generate import _decode_new
+    from tinymath.lib.model import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     word = tok("apples", add_special_tokens=False).input_ids
@@ -171,8 +180,12 @@ def test_decode_attention_matches_sdpa(tiny_model):
     SDPA (tiny model: 4 query heads share 2 key/value heads), with padded batches and a static cache."""
     import torch
 
-    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
-    from tinymath.prompts import build_prompt, encode_prompt
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.generate import (
+        GenerationSettings,
+        generate_batch,
+        load_for_inference,
+    )
 
     fast = load_for_inference(model=str(tiny_model))
     assert fast.model.config._attn_implementation == "tinymath_decode"

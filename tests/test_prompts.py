@@ -3,7 +3,12 @@
 import pytest
 
 from tinymath import extract_answer, is_correct
-from tinymath.prompts import build_prompt, encode_example, encode_prompt, strip_calc_annotations
+from tinymath.base.prompts import (
+    build_prompt,
+    encode_example,
+    encode_prompt,
+    strip_calc_annotations,
+)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -46,7 +51,7 @@ def test_strip_calc_annotations():
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    from tinymath.model import load_tokenizer
+    from tinymath.lib.model import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 

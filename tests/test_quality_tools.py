@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from tinymath.calculator import calculate, pending_call
+from tinymath.base.calculator import calculate, pending_call
 
 
 @pytest.mark.parametrize("expression, value", [
@@ -30,7 +30,7 @@ def test_pending_call():
 
 
 def test_self_consistency_scores():
-    from tinymath.evaluate import self_consistency
+    from tinymath.lib.scoring import self_consistency
 
     result = self_consistency([["#### 5", "#### 5", "#### 6"], ["#### 1", "#### 2", "no idea"]], ["#### 5", "#### 2"])
     s = result["summary"]
@@ -40,7 +40,7 @@ def test_self_consistency_scores():
 
 
 def test_lm_eval_filters():
-    from tinymath.evaluate import lm_eval_score
+    from tinymath.lib.scoring import lm_eval_score
 
     golds = ["... #### 1,000", "#### 18", "#### 7"]
     s = lm_eval_score(["so #### 1,000.", "she makes $18", "the answer is 8"], golds)["summary"]
@@ -88,9 +88,9 @@ def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir):
 
 
 def test_lm_eval_prompt_is_five_shot(tiny_model, gsm8k_dir):
-    from tinymath.data import read_gsm8k
-    from tinymath.evaluate import lm_eval_prompts
-    from tinymath.model import load_tokenizer
+    from tinymath.lib.gsm8k import read_gsm8k
+    from tinymath.lib.model import load_tokenizer
+    from tinymath.lib.scoring import lm_eval_prompts
 
     tok = load_tokenizer(str(tiny_model))
     rows = read_gsm8k(str(gsm8k_dir), "test")
@@ -101,10 +101,15 @@ def test_lm_eval_prompt_is_five_shot(tiny_model, gsm8k_dir):
 def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     """A model taught to write annotations (overfitted on the fixtures) gets its results from the
     calculator: a patched calculator's answer appears inside the annotation."""
-    import tinymath.calculator as calc
-    from tinymath.generate import GenerationSettings, generate_batch, load_for_inference
-    from tinymath.prompts import build_prompt, encode_prompt
-    from tinymath.train import TrainConfig, train
+    import tinymath.base.calculator as calc
+    from tinymath import train
+    from tinymath.base.config import TrainConfig
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.generate import (
+        GenerationSettings,
+        generate_batch,
+        load_for_inference,
+    )
 
     data = tmp_path / "two.jsonl"  # two problems, learnt by heart
     data.write_text("\n".join((gsm8k_dir / "train.jsonl").read_text().splitlines()[:2]) + "\n")

@@ -55,7 +55,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_model, gsm8k_dir, tm
 
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
-    import tinymath.train as train_module
+    import tinymath.lib.batching as train_module
 
     build = train_module.build_loss_model
 
@@ -83,20 +83,31 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny_model, gsm8k_
     assert all(t.isfinite().all() for t in load_file(last / "adapter_model.safetensors").values())
 
 
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
 def test_lock_refuses_a_second_run(tiny_model, gsm8k_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    other = subprocess.Popen(["sleep", "30"])
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".lock").write_text(str(other.pid))
-        result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "1", "--overwrite")
+        assert other.stdout.readline().strip() == "locked"
+        result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "1")
         assert result.exit_code == 1 and f"pid {other.pid}" in result.stderr
-        assert (out / ".lock").exists()
+        assert not (out / "train_config.json").exists()  # refused before anything was written
     finally:
         other.kill()
         other.wait()
-    # a stale lock (its process is gone) does not block
-    assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "1", "--overwrite").exit_code == 0
+    # a lock left by a process that died (kill -9 included) does not block
+    assert (out / ".lock").exists()
+    assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "1").exit_code == 0
 
 
 def test_config_file_precedence_and_dry_run(tiny_model, gsm8k_dir, tmp_path):

@@ -6,7 +6,8 @@ import json
 import pytest
 from conftest import run_cli
 
-from tinymath.train import TrainConfig, train
+from tinymath import train
+from tinymath.base.config import TrainConfig
 
 
 def _config(tiny_model, gsm8k_dir, out, **kw):

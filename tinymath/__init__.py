@@ -1,7 +1,9 @@
 """tinymath: fine-tune small chat LLMs to solve grade-school math step by step.
 
 The public Python API. Every CLI command is one of these service functions; importing this
-package is cheap (torch and transformers are imported by the functions that need them).
+package is cheap (torch and transformers are imported by the functions that need them). The
+services live in `tinymath.services` (one module per command), on the libraries of
+`tinymath.lib`, on the base of `tinymath.base`.
 
     from tinymath import extract_answer, is_correct
     extract_answer("... so she pays 18 dollars.\\n#### 18")   # -> "18"
@@ -9,36 +11,50 @@ package is cheap (torch and transformers are imported by the functions that need
 
 __version__ = "0.1.0"
 
-from tinymath.errors import TinymathError
-from tinymath.prompts import extract_answer, is_correct
+from tinymath.base.errors import TinymathError
+from tinymath.base.prompts import extract_answer, is_correct
 
 
 def prepare_data(*args, **kwargs):
-    """Read GSM8K, format, tokenize and mask it, save it to disk. See `tinymath.data.prepare_data`."""
-    from tinymath.data import prepare_data as _prepare_data
+    """Read GSM8K, format, tokenize and mask it, save it to disk. See `tinymath.services.prepare.prepare_data`."""
+    from tinymath.services.prepare import prepare_data as run
 
-    return _prepare_data(*args, **kwargs)
+    return run(*args, **kwargs)
 
 
 def train(*args, **kwargs):
-    """QLoRA fine-tuning into a run folder. See `tinymath.train.train`."""
-    from tinymath.train import train as _train
+    """QLoRA fine-tuning into a run folder. See `tinymath.services.train.train`."""
+    from tinymath.services.train import train as run
 
-    return _train(*args, **kwargs)
+    return run(*args, **kwargs)
 
 
 def merge_adapters(*args, **kwargs):
-    """Merge a run's adapter into a standalone model. See `tinymath.merge.merge_adapters`."""
-    from tinymath.merge import merge_adapters as _merge
+    """Merge a run's adapter into a standalone model. See `tinymath.services.merge.merge_adapters`."""
+    from tinymath.services.merge import merge_adapters as run
 
-    return _merge(*args, **kwargs)
+    return run(*args, **kwargs)
 
 
 def evaluate(*args, **kwargs):
-    """GSM8K accuracy of a model or run. See `tinymath.evaluate.evaluate`."""
-    from tinymath.evaluate import evaluate as _evaluate
+    """GSM8K accuracy of a model or run. See `tinymath.services.evaluate.evaluate`."""
+    from tinymath.services.evaluate import evaluate as run
 
-    return _evaluate(*args, **kwargs)
+    return run(*args, **kwargs)
+
+
+def compare(*args, **kwargs):
+    """Paired comparison of two eval folders. See `tinymath.services.evaluate.compare`."""
+    from tinymath.services.evaluate import compare as run
+
+    return run(*args, **kwargs)
+
+
+def evaluate_retention(*args, **kwargs):
+    """Drift of a tuned model from its base. See `tinymath.services.retention.evaluate_retention`."""
+    from tinymath.services.retention import evaluate_retention as run
+
+    return run(*args, **kwargs)
 
 
 __all__ = [
@@ -50,4 +66,6 @@ __all__ = [
     "train",
     "merge_adapters",
     "evaluate",
+    "compare",
+    "evaluate_retention",
 ]

@@ -6,10 +6,13 @@ Heavy libraries are imported inside the commands, so `tinymath --help` is instan
 
 from __future__ import annotations
 
+import errno
 import functools
+import inspect
 import json
 import os
 import sys
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +21,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tinymath.errors import TinymathError
+from tinymath.base.config import DEFAULT_DATA, DEFAULT_MODEL, TrainConfig
+from tinymath.base.errors import TinymathError
+from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
+from tinymath.base.quantization import QUANTIZATIONS
+from tinymath.base.runs import PREDICTIONS
+from tinymath.lib.lora import MERGE_BASES
+from tinymath.lib.scoring import PROTOCOLS
+from tinymath.services.merge import DTYPES
 
 app = typer.Typer(
     name="tinymath",
@@ -30,44 +40,18 @@ app = typer.Typer(
 out_console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"  # as tinymath.data; kept here so --help needs no import
-DEFAULT_DATA = "openai/gsm8k"
+
+def choices(name: str, registry) -> type[Enum]:
+    """A Typer choice type made from one of tinymath's registries (the single list of its kind)."""
+    return Enum(name, {key: key for key in registry}, type=str)
 
 
-class Format(str, Enum):
-    chat = "chat"
-    instruction = "instruction"
-
-
-class Quant(str, Enum):
-    nf4 = "nf4"
-    none = "none"
-
-
-class Calc(str, Enum):
-    strip = "strip"
-    keep = "keep"
-
-
-class DType(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class Task(str, Enum):
-    gsm8k = "gsm8k"
-    retention = "retention"
-
-
-class Protocol(str, Enum):
-    default = "default"
-    lm_eval_gsm8k = "lm-eval-gsm8k"
-
-
-class MergeBase(str, Enum):
-    dequantized = "dequantized"
-    original = "original"
+Format = choices("Format", FORMATS)
+Quant = choices("Quant", QUANTIZATIONS)
+Calc = choices("Calc", CALC_ANNOTATIONS)
+DType = choices("DType", DTYPES)
+Protocol = choices("Protocol", PROTOCOLS)
+MergeBase = choices("MergeBase", MERGE_BASES)
 
 
 def _quiet_libraries() -> None:
@@ -102,13 +86,23 @@ def command(fn):
         try:
             return fn(*args, **kwargs)
         except TinymathError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _print_error(str(exc))
+            raise typer.Exit(1)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise
+            _print_error(f"{exc.filename or 'an output file'}: {exc.strerror}; nothing was left half-written, "
+                         "free some space or choose another --out and run the command again")
             raise typer.Exit(1)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130)
 
     return wrapper
+
+
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _print_json(data) -> None:
@@ -147,7 +141,7 @@ def prepare_data_cmd(
     tinymath prepare-data --data ../gsm8k --model SmolLM2-135M-Instruct.Q4_1.gguf --out prep --val-size 200
     ```
     """
-    from tinymath.data import prepare_data
+    from tinymath.services.prepare import prepare_data
 
     manifest = prepare_data(data=data, model=model, out=out, fmt=format.value, system_prompt=system_prompt,
                             max_length=max_length, calc_annotations=calc_annotations.value, val_size=val_size,
@@ -166,63 +160,49 @@ def prepare_data_cmd(
     out_console.print(table)
 
 
-class Keep(str, Enum):
-    last = "last"
-    best = "best"
+def _shown_default(f) -> str:
+    """How a train option's default reads in --help: from its one declaration in `TrainConfig`."""
+    shown = f.metadata["shown"]
+    if shown is None and f.default is not None:
+        shown = format(f.default, "g") if isinstance(f.default, float) else str(f.default)
+    return f" [default: {shown}]" if shown else ""
 
 
-class ReportTo(str, Enum):
-    tensorboard = "tensorboard"
-    wandb = "wandb"
+def _train_option(f) -> inspect.Parameter:
+    """The command-line option of one `TrainConfig` field (None when not given, so a config file or
+    a resumed run's saved value is not overridden by a default)."""
+    meta = f.metadata
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if meta["choices"] is not None:
+        kind = choices(f.name.title().replace("_", ""), meta["choices"])
+    option = typer.Option(*meta["flags"], help=meta["help"] + _shown_default(f), rich_help_panel=meta["panel"],
+                          show_default=False)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[kind], option])
 
 
-def _opt(help: str, panel: str | None = None, *names: str):
-    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)
+def _with_train_options(fn):
+    """Give ``fn`` (which takes ``**options``) one keyword option per `TrainConfig` field."""
+    from dataclasses import fields
+
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(fn, eval_str=True).parameters.values()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params = [_train_option(f) for f in fields(TrainConfig)] + own
+    fn.__signature__ = inspect.Signature(params)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn
 
 
 @app.command("train")
 @command
+@_with_train_options
 def train_cmd(
-    data: Annotated[Optional[str], _opt("A prepare-data folder, or raw data (prepared on the fly). [default: openai/gsm8k]")] = None,
-    model: Annotated[Optional[str], _opt("Hub id, local folder, or .gguf. [default: TinyLlama/TinyLlama-1.1B-Chat-v1.0]", None, "--model", "-m")] = None,
-    out: Annotated[Optional[str], _opt("Run folder (adapter, run.json, metrics.jsonl, checkpoints). [default: run]")] = None,
-    config: Annotated[Optional[Path], _opt("TOML file (or a run's run.json) with any train options; flags override it.", "Run control")] = None,
-    resume: Annotated[Optional[Path], _opt("Continue this run folder from its latest checkpoint.", "Run control")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file (or a run's run.json) with any train options; flags override it.", rich_help_panel="Run control", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its latest checkpoint.", rich_help_panel="Run control", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and data/token counts, then exit.", rich_help_panel="Run control")] = False,
-    epochs: Annotated[Optional[float], _opt("Passes over the training data. [default: 3]", "Schedule")] = None,
-    max_steps: Annotated[Optional[int], _opt("Stop after N optimizer steps (overrides --epochs).", "Schedule")] = None,
-    batch_size: Annotated[Optional[int], _opt("Examples per optimizer step and GPU = --batch-size x --grad-accum. With --packing the step is cut into micro-batches by tokens. [default: 32]", "Schedule")] = None,
-    grad_accum: Annotated[Optional[int], _opt("Gradient accumulation (multiplies the examples per step). [default: 1]", "Schedule")] = None,
-    lr: Annotated[Optional[float], _opt("Peak learning rate, cosine decay. [default: 1e-3]", "Schedule")] = None,
-    warmup: Annotated[Optional[float], _opt("Warm-up: a fraction of the steps (< 1) or a step count. [default: 0.03]", "Schedule")] = None,
-    seed: Annotated[Optional[int], _opt("Random seed (LoRA init, data order). [default: 42]", "Schedule")] = None,
-    lora_r: Annotated[Optional[int], _opt("LoRA rank. [default: 32]", "LoRA")] = None,
-    lora_alpha: Annotated[Optional[float], _opt("LoRA alpha (scale = alpha / r). [default: 64]", "LoRA")] = None,
-    lora_dropout: Annotated[Optional[float], _opt("LoRA dropout. [default: 0]", "LoRA")] = None,
-    target_modules: Annotated[Optional[str], _opt("'all-linear' or comma-separated names (q_proj,v_proj). [default: all-linear]", "LoRA")] = None,
-    quant: Annotated[Optional[Quant], _opt("Base weights: nf4 (QLoRA) or none. [default: nf4]")] = None,
-    format: Annotated[Optional[Format], _opt("Prompt format (raw data only). [default: chat]", "Data")] = None,
-    system_prompt: Annotated[Optional[str], _opt("System prompt (raw data only).", "Data")] = None,
-    max_length: Annotated[Optional[int], _opt("Max tokens per example (raw data only). [default: 512]", "Data")] = None,
-    calc_annotations: Annotated[Optional[Calc], _opt("strip or keep <<a*b=c>> (raw data only). [default: keep]", "Data")] = None,
-    val_size: Annotated[Optional[float], _opt("Validation examples held out of train (raw data only).", "Data")] = None,
-    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Padding-free packing (same loss, faster). [default: on]", rich_help_panel="Speed", show_default=False)] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory (switched on by itself when --max-memory needs it).", rich_help_panel="Speed", show_default=False)] = None,
-    max_memory: Annotated[Optional[str], _opt("GPU memory to stay within, e.g. 6GB (default: the free memory).", "Speed")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile each decoder layer (fewer, fused kernels; about a minute of compiling first). [default: on with a GPU and --packing]", rich_help_panel="Speed", show_default=False)] = None,
-    cuda_graphs: Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay each micro-batch's forward and backward as a CUDA graph (small models wait on kernel launches otherwise). [default: on with one GPU, --packing and no checkpointing]", rich_help_panel="Speed", show_default=False)] = None,
-    micro_batch_tokens: Annotated[Optional[int], _opt("Tokens per packed micro-batch (default: sized to memory on GPU, 4096 on CPU).", "Speed")] = None,
-    save_every: Annotated[Optional[int], _opt("Save a resumable checkpoint every N steps.", "Run control")] = None,
-    keep_checkpoints: Annotated[Optional[int], _opt("How many checkpoints to keep. [default: 2]", "Run control")] = None,
-    eval_every: Annotated[Optional[int], _opt("GSM8K accuracy on the validation split every N steps (needs --val-size).", "Run control")] = None,
-    eval_limit: Annotated[Optional[int], _opt("Validation problems per evaluation. [default: 200]", "Run control")] = None,
-    keep: Annotated[Optional[Keep], _opt("Final adapter: the last one, or the best by validation accuracy. [default: last]", "Run control")] = None,
-    report_to: Annotated[Optional[ReportTo], _opt("Also log to tensorboard or wandb (if installed).", "Run control")] = None,
-    log_every: Annotated[Optional[int], _opt("Write metrics every N steps. [default: 1]", "Run control")] = None,
-    retention_every: Annotated[Optional[int], _opt("Every N steps, record drift from the base on general prompts (KL, top-1 agreement).", "Run control")] = None,
-    overwrite: OverwriteOpt = False,
-    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow the model's own Python code from the hub.", show_default=False)] = None,
     json_out: JsonOpt = False,
+    **options,
 ):
     """QLoRA fine-tuning: a 4-bit NF4 base with trainable LoRA adapters.
 
@@ -240,37 +220,25 @@ def train_cmd(
     accelerate launch --num_processes 2 -m tinymath train --data prep --out run
     ```
     """
-    from tinymath.config import resolve_train_config
+    from tinymath.base.config import resolve_train_config
 
-    enum_value = lambda e: e.value if e is not None else None  # noqa: E731
-    flags = dict(
-        data=data, model=model, out=out, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, warmup=warmup, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, target_modules=target_modules, quant=enum_value(quant), format=enum_value(format),
-        system_prompt=system_prompt, max_length=max_length, calc_annotations=enum_value(calc_annotations),
-        val_size=val_size, packing=packing, gradient_checkpointing=gradient_checkpointing, compile=compile, cuda_graphs=cuda_graphs,
-        max_memory=max_memory,
-        micro_batch_tokens=micro_batch_tokens, save_every=save_every, keep_checkpoints=keep_checkpoints,
-        eval_every=eval_every, eval_limit=eval_limit, keep=enum_value(keep), report_to=enum_value(report_to),
-        log_every=log_every, retention_every=retention_every, trust_remote_code=trust_remote_code,
-    )
+    flags = {name: value.value if isinstance(value, Enum) else value for name, value in options.items()}
     resolved = resolve_train_config(flags, str(config) if config else None, str(resume) if resume else None)
-    resolved.overwrite = overwrite
     if dry_run:
-        from tinymath.train import dry_run_report
+        from tinymath.services.train import dry_run_report
 
         report = dry_run_report(resolved)
         if json_out:
             return _print_json(report)
         out_console.print_json(data=report)
         return
-    from tinymath.train import train
+    from tinymath.services.train import train
 
     summary = train(resolved, show_progress=not json_out, resume=resume is not None)
     if json_out:
         return _print_json(summary)
     out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
-                      f"{summary['final_loss']:.4f}, {summary['real_tokens_per_s']:,.0f} tokens/s -> {resolved.out}")
+                      f"{summary['final_loss']:.4f}, {summary['real_tokens_per_s']:,.0f} tokens/s -> {summary['out']}")
 
 
 @app.command("merge-adapters")
@@ -281,6 +249,7 @@ def merge_cmd(
     dtype: Annotated[DType, typer.Option(help="Weight dtype of the merged model.")] = DType.bf16,
     merge_base: Annotated[MergeBase, typer.Option(help="Merge into the NF4-dequantized base (what the adapter was trained against) or the original weights.")] = MergeBase.dequantized,
     overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ):
     """Merge a run's LoRA adapter into a standalone model (safetensors).
@@ -292,10 +261,11 @@ def merge_cmd(
     tinymath merge-adapters run --out merged-fp32 --dtype fp32 --merge-base original
     ```
     """
-    from tinymath.merge import merge_adapters
+    from tinymath.services.merge import merge_adapters
 
     with err_console.status("merging...", spinner="dots") if not json_out else _nothing():
-        report = merge_adapters(run, out, dtype=dtype.value, merge_base=merge_base.value, overwrite=overwrite)
+        report = merge_adapters(run, out, dtype=dtype.value, merge_base=merge_base.value, overwrite=overwrite,
+                                trust_remote_code=trust_remote_code)
     if json_out:
         return _print_json(report)
     out_console.print(f"[bold green]merged[/bold green] -> {out}  (largest logit difference vs base+adapter: "
@@ -306,6 +276,80 @@ def _nothing():
     from contextlib import nullcontext
 
     return nullcontext()
+
+
+def _gsm8k(o: dict) -> None:
+    """``eval --task gsm8k``: accuracy, as a table or JSON."""
+    from tinymath.lib.distributed import end_processes, process_state
+    from tinymath.services.evaluate import evaluate
+
+    summary = evaluate(model=o["model"], adapter=str(o["adapter"]) if o["adapter"] else None, data=o["data"],
+                       split=o["split"], limit=o["limit"], out=o["out"], batch_size=o["batch_size"],
+                       max_new_tokens=o["max_new_tokens"], quant=o["quant"].value,
+                       fmt=o["format"].value if o["format"] else None, system_prompt=o["system_prompt"],
+                       merge_base=o["merge_base"].value, overwrite=o["overwrite"],
+                       trust_remote_code=o["trust_remote_code"], show_progress=not o["json_out"],
+                       calculator=o["calculator"], samples=o["samples"], temperature=o["temperature"],
+                       seed=o["seed"], protocol=o["protocol"].value)
+    state = process_state()
+    end_processes(state)
+    if not state.is_main_process:  # under accelerate launch: one report, rank 0's
+        return
+    if o["json_out"]:
+        return _print_json(summary)
+    _print_gsm8k(summary, o["split"], o["samples"], o["out"])
+
+
+def _print_gsm8k(summary: dict, split: str, samples: int, out) -> None:
+    from rich.table import Table
+
+    table = Table(title="GSM8K " + split)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    low, high = summary["ci95"]
+    table.add_row("accuracy", f"{summary['accuracy']:.2%}  (95% CI {low:.1%}-{high:.1%})")
+    if "maj_at_k" in summary:
+        table.add_row(f"pass@{samples}", f"{summary['pass_at_k']:.2%}")
+        table.add_row("single-sample accuracy", f"{summary['single_sample_accuracy']:.2%}")
+    else:
+        table.add_row("accuracy (strict: #### marker)", f"{summary['accuracy_strict']:.2%}")
+        table.add_row("no answer found", f"{summary['invalid_rate']:.1%}")
+    table.add_row("problems", str(summary["n"]))
+    table.add_row("tokens generated", f"{summary['tokens_generated']:,} ({summary['tokens_per_s']:,.0f}/s)")
+    out_console.print(table)
+    if out:
+        out_console.print(f"predictions -> {out / PREDICTIONS}")
+
+
+def _retention(o: dict) -> None:
+    """``eval --task retention``: drift from the base model, as a table or JSON."""
+    from tinymath.services.retention import evaluate_retention
+
+    out, json_out = o["out"], o["json_out"]
+    status = err_console.status("measuring drift from the base model...") if not json_out else _nothing()
+    with status:
+        summary = evaluate_retention(model=o["model"], adapter=str(o["adapter"]) if o["adapter"] else None,
+                                     base=o["base"], out=out, limit=o["limit"], lm_eval_tasks=o["lm_eval"],
+                                     overwrite=o["overwrite"], trust_remote_code=o["trust_remote_code"])
+    if json_out:
+        return _print_json(summary)
+    from rich.table import Table
+
+    table = Table(title=f"retention: {summary['verdict']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("KL(base || tuned), nats/token", f"{summary['kl']:.4f}")
+    table.add_row("perplexity ratio tuned/base", f"{summary['ppl_ratio']:.3f}")
+    table.add_row("top-1 next-token agreement", f"{summary['top1_agreement']:.1%}")
+    table.add_row("prompts / scored tokens", f"{summary['n']} / {summary['tokens']:,}")
+    out_console.print(table)
+    if out:
+        out_console.print(f"side by side -> {Path(out) / 'retention.md'}")
+
+
+# eval --task name -> what runs it (the CLI's --task choices)
+EVAL_TASKS = {"gsm8k": _gsm8k, "retention": _retention}
+Task = choices("Task", EVAL_TASKS)
 
 
 @app.command("eval")
@@ -352,46 +396,11 @@ def eval_cmd(
     """
     if compare:
         return _compare(*compare, json_out)
-    if task == Task.retention:
-        return _retention(model, adapter, base, out, limit, lm_eval, overwrite, trust_remote_code, json_out)
-    from tinymath.evaluate import evaluate
-
-    summary = evaluate(model=model, adapter=str(adapter) if adapter else None, data=data, split=split, limit=limit,
-                       out=out, batch_size=batch_size, max_new_tokens=max_new_tokens, quant=quant.value,
-                       fmt=format.value if format else None, system_prompt=system_prompt,
-                       merge_base=merge_base.value, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                       show_progress=not json_out, calculator=calculator, samples=samples, temperature=temperature,
-                       seed=seed, protocol=protocol.value)
-    from tinymath.model import end_processes, process_state
-
-    state = process_state()
-    end_processes(state)
-    if not state.is_main_process:  # under accelerate launch: one report, rank 0's
-        return
-    if json_out:
-        return _print_json(summary)
-    from rich.table import Table
-
-    table = Table(title="GSM8K " + split)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    low, high = summary["ci95"]
-    table.add_row("accuracy", f"{summary['accuracy']:.2%}  (95% CI {low:.1%}-{high:.1%})")
-    if "maj_at_k" in summary:
-        table.add_row(f"pass@{samples}", f"{summary['pass_at_k']:.2%}")
-        table.add_row("single-sample accuracy", f"{summary['single_sample_accuracy']:.2%}")
-    else:
-        table.add_row("accuracy (strict: #### marker)", f"{summary['accuracy_strict']:.2%}")
-        table.add_row("no answer found", f"{summary['invalid_rate']:.1%}")
-    table.add_row("problems", str(summary["n"]))
-    table.add_row("tokens generated", f"{summary['tokens_generated']:,} ({summary['tokens_per_s']:,.0f}/s)")
-    out_console.print(table)
-    if out:
-        out_console.print(f"predictions -> {out / 'predictions.jsonl'}")
+    return EVAL_TASKS[task.value](locals())
 
 
 def _compare(first, second, json_out):
-    from tinymath.evaluate import compare
+    from tinymath.services.evaluate import compare
 
     result = compare(first, second)
     if json_out:
@@ -408,30 +417,6 @@ def _compare(first, second, json_out):
     table.add_row("McNemar p-value", f"{result['mcnemar_p']:.3g}")
     table.add_row("right only in A / only in B", f"{len(result['only_a_correct'])} / {len(result['only_b_correct'])}")
     out_console.print(table)
-
-
-def _retention(model, adapter, base, out, limit, lm_eval, overwrite, trust_remote_code, json_out):
-    from tinymath.retention import evaluate_retention
-
-    status = err_console.status("measuring drift from the base model...") if not json_out else _nothing()
-    with status:
-        summary = evaluate_retention(model=model, adapter=str(adapter) if adapter else None, base=base, out=out,
-                                     limit=limit, lm_eval_tasks=lm_eval, overwrite=overwrite,
-                                     trust_remote_code=trust_remote_code)
-    if json_out:
-        return _print_json(summary)
-    from rich.table import Table
-
-    table = Table(title=f"retention: {summary['verdict']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("KL(base || tuned), nats/token", f"{summary['kl']:.4f}")
-    table.add_row("perplexity ratio tuned/base", f"{summary['ppl_ratio']:.3f}")
-    table.add_row("top-1 next-token agreement", f"{summary['top1_agreement']:.1%}")
-    table.add_row("prompts / scored tokens", f"{summary['n']} / {summary['tokens']:,}")
-    out_console.print(table)
-    if out:
-        out_console.print(f"side by side -> {Path(out) / 'retention.md'}")
 
 
 app.command("evaluate", hidden=True, help="Alias of eval.")(eval_cmd)
@@ -462,8 +447,8 @@ def chat_cmd(
     tinymath chat --model merged --question "What is 12 * 7?" --json
     ```
     """
-    from tinymath.chat import ChatSession, answer, run_interactive, run_scripted
-    from tinymath.generate import GenerationSettings, load_for_inference
+    from tinymath.lib.generate import GenerationSettings, load_for_inference
+    from tinymath.services.chat import ChatSession, answer, run_interactive, run_scripted
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   calculator=calculator)
@@ -480,4 +465,4 @@ def chat_cmd(
         return _print_json(result) if json_out else print(result["completion"])
     if interactive:
         raise typer.Exit(run_interactive(session, out_console))
-    raise typer.Exit(run_scripted(session, sys.stdin, json_out))
+    raise typer.Exit(run_scripted(session, getattr(sys.stdin, "buffer", sys.stdin), json_out))

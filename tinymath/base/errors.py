@@ -1,7 +1,8 @@
 """The one exception type a user sees: a mistake in their input, with the fix in the message.
 
 Service functions raise `TinymathError`; the CLI prints its message without a traceback and
-exits non-zero. Anything else that escapes is a bug and keeps its traceback.
+exits 1 (a malformed command line, such as an unknown flag, exits 2). Anything else that
+escapes is a bug and keeps its traceback.
 """
 
 
@@ -15,3 +16,8 @@ def raise_if_problems(problems: list[str]) -> None:
         raise TinymathError(problems[0])
     if problems:
         raise TinymathError("\n".join(["several problems:"] + [f"  - {p}" for p in problems]))
+
+
+def choice(flag: str, value, choices) -> list[str]:
+    """A validation problem when ``value`` is not one of ``choices`` (a registry dict or names)."""
+    return [] if value in choices else [f"{flag} {value}: use one of {', '.join(choices)}"]

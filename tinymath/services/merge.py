@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinymath.errors import TinymathError
+from tinymath.base.errors import TinymathError, choice, raise_if_problems
+from tinymath.base.runs import MERGE_MARKER
+from tinymath.lib.lora import MERGE_BASES
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-MERGE_MARKER = "tinymath.json"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --dtype name -> torch dtype name
 CHECK_QUESTIONS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have?",
     "A train travels 60 miles per hour for 3 hours. How far does it go?",
@@ -33,21 +34,23 @@ def _logits(model, tokenizer, prompts):
 
 
 def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", merge_base: str = "dequantized",
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, trust_remote_code: bool = False) -> dict:
     """Merge ``run_dir``'s adapter into its base and save to ``out``; returns the check's figures."""
+    import math
+
     import torch
 
-    from tinymath.files import atomic_output_dir, check_output_dir, write_json
-    from tinymath.lora import load_adapted_model, load_run
-    from tinymath.model import load_tokenizer
-    from tinymath.prompts import build_prompt, encode_prompt
+    from tinymath.base.files import atomic_output_dir, check_output_dir, write_json
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.base.runs import load_run
+    from tinymath.lib.lora import load_adapted_model
+    from tinymath.lib.model import load_tokenizer
 
-    if dtype not in DTYPES:
-        raise TinymathError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    raise_if_problems(choice("--dtype", dtype, DTYPES) + choice("--merge-base", merge_base, MERGE_BASES))
     run = load_run(run_dir)
     check_output_dir(out, overwrite, marker=MERGE_MARKER)
-    tokenizer = load_tokenizer(str(run.path), run.trust_remote_code)
-    adapted = load_adapted_model(run, merge_base=merge_base, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(run.path), trust_remote_code)
+    adapted = load_adapted_model(run, merge_base=merge_base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, q, run.prompt_format, run.system_prompt))
                for q in CHECK_QUESTIONS]
     reference = _logits(adapted, tokenizer, prompts)
@@ -60,6 +63,9 @@ def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", me
     scale = max(1.0, max(r.abs().max().item() for r in reference))
     adapter_effect = max((a - b).abs().max().item() for a, b in zip(reference, base_logits))
     tolerance = RELATIVE_TOLERANCE * scale
+    if not math.isfinite(max_diff) or not math.isfinite(adapter_effect):
+        raise TinymathError(f"merge check failed: the logits are not finite (largest difference {max_diff}); "
+                            f"the adapter in {run.path} holds NaN or infinite weights")
     if max_diff > tolerance:
         raise TinymathError(f"merge check failed: merged logits differ from base+adapter by {max_diff:.3g} "
                             f"(tolerance {tolerance:.3g}); the adapter does not fit this base model")

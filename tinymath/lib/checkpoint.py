@@ -1,27 +1,26 @@
-"""What makes a long run safe: checkpoints (save, keep the last K, find, restore), the lock that
-keeps two runs out of one folder, and turning SIGINT/SIGTERM into "save and stop".
+"""What makes a long run safe: checkpoints (save, keep the last K, find, restore) and turning
+SIGINT/SIGTERM into "save and stop". (The lock that keeps two runs out of one folder is the run
+folder's: `tinymath.base.runs.run_lock`.)
 
 A checkpoint is ``RUN/checkpoints/step-000123/``: the adapter, optimizer and scheduler state, RNG
 states, ``state.json`` (step, epoch position, best accuracy) and, with ``--keep best``, a copy of
 ``RUN/best/`` as it was then (resuming puts it back: a later best belongs to steps that run again).
 It is written to a temporary folder and renamed, so a crash mid-save never damages the last good
-one. The data position is the step number: the order of examples is a pure function of (seed, epoch).
+one; and a checkpoint damaged anyway (a disk error, a copy cut short) is passed over for the newest
+intact one, with a word to the user. Everything is read back as data (`tinymath.base.files`:
+safetensors, and torch files with ``weights_only=True``), so a shared run folder cannot run code.
+The data position is the step number: the order of examples is a pure function of (seed, epoch).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-from tinymath.errors import TinymathError
-
-CHECKPOINTS = "checkpoints"
-LOCK = ".lock"
-BEST = "best"
+from tinymath.base.errors import TinymathError
+from tinymath.base.runs import BEST, CHECKPOINTS
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -43,7 +42,7 @@ def save_checkpoint(run: Path, step: int, peft_model, optimizer, scheduler, extr
 
     import torch
 
-    from tinymath.files import atomic_output_dir, write_json
+    from tinymath.base.files import atomic_output_dir, write_json
 
     target = Path(run) / CHECKPOINTS / f"step-{step:06d}"
     with atomic_output_dir(target) as tmp:
@@ -69,17 +68,46 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> dict:
 
     import torch
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    set_peft_model_state_dict(peft_model, load_file(str(path / "adapter_model.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
+    from tinymath.base.files import load_safetensors, read_json_object, torch_load
+
+    state = read_json_object(path / "state.json", "a checkpoint's state")
+    if not isinstance(state.get("step"), int):
+        raise TinymathError(f"{path / 'state.json'} has no step number")
+    weights = load_safetensors(path / "adapter_model.safetensors")
+    optimizer_state, scheduler_state, rng = (torch_load(path / name) for name in ("optimizer.pt", "scheduler.pt",
+                                                                                  "rng.pt"))
+    set_peft_model_state_dict(peft_model, weights)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    random.setstate(_python_rng_state(rng["python"]))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())
+    return state
+
+
+def _python_rng_state(saved) -> tuple:
+    """``random.getstate()`` comes back from a torch file with its tuples as lists."""
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)
+
+
+def load_latest_checkpoint(run: Path, peft_model, optimizer, scheduler, say=print) -> tuple[Path, dict]:
+    """Restore the newest checkpoint of ``run`` that reads back whole; a damaged newer one is
+    reported with ``say`` and passed over. An error when none is intact."""
+    found = checkpoint_dirs(run)
+    if not found:
+        raise TinymathError(f"--resume {run}: no checkpoint to resume from (train with --save-every N, "
+                            "or Ctrl-C a run: it saves one)")
+    problems = []
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path, peft_model, optimizer, scheduler)
+        except (TinymathError, KeyError, ValueError, TypeError) as exc:
+            problems.append(f"{path.name}: {exc}")
+            say(f"tinymath: checkpoint {path} is damaged ({exc}); trying an older one")
+    raise TinymathError(f"--resume {run}: no intact checkpoint ({'; '.join(problems)})")
 
 
 def restore_best(path: Path, run: Path, state: dict) -> None:
@@ -92,41 +120,6 @@ def restore_best(path: Path, run: Path, state: dict) -> None:
     shutil.rmtree(best, ignore_errors=True)
     if (Path(path) / BEST).is_dir():
         shutil.copytree(Path(path) / BEST, best)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def check_unlocked(run: Path) -> None:
-    """Refuse a folder that a live run is writing to (a stale lock of a dead process is ignored)."""
-    lock = Path(run) / LOCK
-    if lock.is_file():
-        try:
-            pid = int(lock.read_text().strip() or 0)
-        except ValueError:
-            pid = 0
-        if pid and pid != os.getpid() and _pid_alive(pid):
-            raise TinymathError(f"another training run (pid {pid}) is writing to {run}; wait for it to finish, "
-                                f"or use another --out")
-
-
-@contextmanager
-def run_lock(run: Path):
-    """Hold ``RUN/.lock`` (our pid) for the duration of training."""
-    check_unlocked(run)
-    lock = Path(run) / LOCK
-    lock.write_text(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -17,7 +17,6 @@ import re
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 
-FORMATS = ("chat", "instruction")
 CALC_ANNOTATION = re.compile(r"<<[^<>]*>>")
 _NUMBER = r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _MARKER = re.compile(r"####\s*(" + _NUMBER + ")")
@@ -79,10 +78,18 @@ def strip_calc_annotations(text: str) -> str:
     return CALC_ANNOTATION.sub("", text)
 
 
+def keep_calc_annotations(text: str) -> str:
+    """GSM8K's answer as it is, ``<<48/2=24>>`` annotations included."""
+    return text
+
+
+# what to do with GSM8K's calculator annotations: ``--calc-annotations`` name -> function
+CALC_ANNOTATIONS = {"keep": keep_calc_annotations, "strip": strip_calc_annotations}
+
+
 def format_target(answer: str, calc_annotations: str = "strip") -> str:
     """The text the model learns to write after the prompt (its EOS is added at tokenization)."""
-    answer = answer.strip()
-    return strip_calc_annotations(answer) if calc_annotations == "strip" else answer
+    return CALC_ANNOTATIONS[calc_annotations](answer.strip())
 
 
 def build_messages(question: str, system_prompt: str | None = None,
@@ -95,23 +102,37 @@ def build_messages(question: str, system_prompt: str | None = None,
     return messages
 
 
+def chat_prompt(tokenizer, question: str, system_prompt: str | None = None,
+                history: list[tuple[str, str]] | None = None) -> str:
+    """The tokenizer's own chat template, ending with the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        from tinymath.base.errors import TinymathError
+
+        raise TinymathError("this model's tokenizer has no chat template; use --format instruction")
+    return tokenizer.apply_chat_template(
+        build_messages(question, system_prompt, history), add_generation_prompt=True, tokenize=False
+    )
+
+
+def instruction_prompt(tokenizer, question: str, system_prompt: str | None = None,
+                       history: list[tuple[str, str]] | None = None) -> str:
+    """The seed's plain text: ``### Instruction:`` / ``### Response:`` blocks."""
+    text = f"{system_prompt}\n\n" if system_prompt else ""
+    for user, assistant in history or []:
+        text += f"### Instruction:\n{user}\n\n### Response:\n{assistant}\n\n"
+    return text + f"### Instruction:\n{question}\n\n### Response:\n"
+
+
+# the prompt formats: ``--format`` name -> the function that builds a prompt
+FORMATS = {"chat": chat_prompt, "instruction": instruction_prompt}
+
+
 def build_prompt(tokenizer, question: str, fmt: str = "chat", system_prompt: str | None = None,
                  history: list[tuple[str, str]] | None = None) -> str:
     """The prompt text for ``question`` in format ``fmt``, ending where the model's answer begins."""
-    if fmt == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            from tinymath.errors import TinymathError
-
-            raise TinymathError("this model's tokenizer has no chat template; use --format instruction")
-        return tokenizer.apply_chat_template(
-            build_messages(question, system_prompt, history), add_generation_prompt=True, tokenize=False
-        )
-    if fmt == "instruction":
-        text = f"{system_prompt}\n\n" if system_prompt else ""
-        for user, assistant in history or []:
-            text += f"### Instruction:\n{user}\n\n### Response:\n{assistant}\n\n"
-        return text + f"### Instruction:\n{question}\n\n### Response:\n"
-    raise ValueError(f"unknown prompt format {fmt!r}; expected one of {FORMATS}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; expected one of {tuple(FORMATS)}")
+    return FORMATS[fmt](tokenizer, question, system_prompt, history)
 
 
 @lru_cache(maxsize=8)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tinymath.errors import TinymathError, raise_if_problems
+from tinymath.base.errors import TinymathError, raise_if_problems
+from tinymath.base.runs import MERGE_MARKER
 
 
 @dataclass
@@ -24,7 +25,12 @@ class GenerationSettings:
     calculator: bool = False  # complete <<expr= annotations with tinymath.calculator
 
     def validate(self) -> None:
-        problems = []
+        import math
+
+        problems = [f"--{name.replace('_', '-')} {value} must be a finite number"
+                    for name, value in (("temperature", self.temperature), ("top_p", self.top_p))
+                    if not math.isfinite(value)]
+        raise_if_problems(problems)
         if self.max_new_tokens <= 0:
             problems.append(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
         if self.temperature < 0:
@@ -64,16 +70,17 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
     A run's own format and system prompt are used unless given explicitly; for a plain model
     the default format is ``chat``.
     """
-    from tinymath.attention import use_decode_attention
-    from tinymath.lora import load_merged_model, load_run
-    from tinymath.model import load_base_model, load_tokenizer
+    from tinymath.base.runs import load_run
+    from tinymath.lib.attention import use_decode_attention
+    from tinymath.lib.lora import load_merged_model
+    from tinymath.lib.model import load_base_model, load_tokenizer
 
     if (model is None) == (adapter is None):
         raise TinymathError("give exactly one of --model (a model) or --adapter (a `tinymath train` run folder)")
     if adapter is not None:
         run = load_run(adapter)
-        tokenizer = load_tokenizer(str(run.path), run.trust_remote_code)
-        weights = load_merged_model(run, merge_base=merge_base)
+        tokenizer = load_tokenizer(str(run.path), trust_remote_code)
+        weights = load_merged_model(run, merge_base=merge_base, trust_remote_code=trust_remote_code)
         use_decode_attention(weights)
         return InferenceModel(weights, tokenizer, fmt or run.prompt_format,
                               system_prompt if system_prompt is not None else run.system_prompt,
@@ -90,11 +97,10 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
 def _merged_prompt_settings(model: str) -> dict:
     from pathlib import Path
 
-    from tinymath.files import read_json
-    from tinymath.merge import MERGE_MARKER
+    from tinymath.base.files import read_json_object
 
     marker = Path(model).expanduser() / MERGE_MARKER
-    return read_json(marker) if marker.is_file() else {}
+    return read_json_object(marker, "a merged model's settings") if marker.is_file() else {}
 
 
 def _decode_new(tokenizer, new_ids) -> tuple[str, int]:
@@ -147,30 +153,14 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
             for ids in generate_ids(inference, prompts, settings, update)]
 
 
-def process_share(count: int) -> range:
-    """The indices of ``count`` prompts this process answers: every num_processes-th one."""
-    from tinymath.model import process_state
-
-    state = process_state()
-    return range(state.process_index, count, state.num_processes)
-
-
 def generate_across_processes(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
                               update=lambda advance=1: None) -> list[tuple[str, int]]:
     """`generate_batch` shared by the processes of `accelerate launch`: each generates every
     num_processes-th prompt, and every process gets all results in input order. One process: plain."""
-    from tinymath.model import process_state
+    from tinymath.lib.distributed import gather_in_order, process_share
 
     mine = process_share(len(prompts))
-    here = generate_batch(inference, [prompts[i] for i in mine], settings, update)
-    if process_state().num_processes == 1:
-        return here
-    from accelerate.utils import gather_object
-
-    results: list = [None] * len(prompts)
-    for i, result in gather_object(list(zip(mine, here))):
-        results[i] = result
-    return results
+    return gather_in_order(mine, generate_batch(inference, [prompts[i] for i in mine], settings, update), len(prompts))
 
 
 def _cut_at_stop(decoded: tuple[str, int], stop: tuple[str, ...]) -> tuple[str, int]:
@@ -221,7 +211,7 @@ def _calculator_stop(tokenizer):
     import torch
     from transformers import StoppingCriteria
 
-    from tinymath.calculator import pending_call
+    from tinymath.base.calculator import pending_call
 
     class CalculatorStop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -242,7 +232,7 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
 
     from transformers import StoppingCriteriaList
 
-    from tinymath.calculator import calculate, pending_call
+    from tinymath.base.calculator import calculate, pending_call
 
     tokenizer = inference.tokenizer
     texts, used, calls = [""] * len(prompts), [0] * len(prompts), [0] * len(prompts)

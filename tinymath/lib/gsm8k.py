@@ -1,5 +1,5 @@
-"""prepare-data: read GSM8K (hub or local files), format it with a prompt format, tokenize it with
-the answer-only loss mask and a learned EOS, and save it with a manifest.
+"""GSM8K as data: reading it (hub or local files), tokenizing it with a prompt format, the
+answer-only loss mask and a learned EOS, and reading a prepare-data folder back.
 
 Sources: a hub id (``openai/gsm8k``), a folder holding ``train.jsonl`` / ``test.jsonl`` (the
 original GSM8K layout), or a single ``.jsonl`` / ``.json`` / ``.parquet`` file (treated as every
@@ -16,13 +16,13 @@ import json
 import random
 from pathlib import Path
 
-from tinymath.errors import TinymathError, raise_if_problems
-from tinymath.prompts import FORMATS
+from tinymath.base.config import DEFAULT_DATA
+from tinymath.base.errors import TinymathError, choice, raise_if_problems
+from tinymath.base.files import read_json, read_json_object, read_text
+from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
+from tinymath.base.runs import MANIFEST
 
-DEFAULT_DATA = "openai/gsm8k"
-DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-MANIFEST = "prepare.json"
 
 
 # ---------------------------------------------------------------- reading
@@ -30,18 +30,17 @@ MANIFEST = "prepare.json"
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TinymathError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise TinymathError(f"{path}, line {number}: expected a JSON object with question and answer")
-            row["_where"] = f"{path}, line {number}"
-            rows.append(row)
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TinymathError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise TinymathError(f"{path}, line {number}: expected a JSON object with question and answer")
+        row["_where"] = f"{path}, line {number}"
+        rows.append(row)
     return rows
 
 
@@ -49,10 +48,7 @@ def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         rows = _read_jsonl(path)
     elif path.suffix == ".json":
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise TinymathError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        loaded = read_json(path)
         if not isinstance(loaded, list):
             raise TinymathError(f"{path}: expected a JSON list of objects with question and answer")
         rows = [dict(row, _where=f"{path}, item {i}") if isinstance(row, dict) else {"_where": f"{path}, item {i}"}
@@ -78,6 +74,9 @@ def _check_rows(rows: list[dict]) -> list[dict]:
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 problems.append(f"{row.get('_where', 'a row')}: missing {key!r}")
+        if isinstance(row.get("answer"), str) and extract_answer(row["answer"], strict=True) is None:
+            problems.append(f"{row.get('_where', 'a row')}: the answer does not end in '#### N' (GSM8K's final "
+                            "answer marker), so it cannot be scored")
         if len(problems) >= 5:
             break
     raise_if_problems(problems)
@@ -166,13 +165,13 @@ def split_validation(rows: list[dict], val_size: float, seed: int = 0) -> dict[s
 
 def validate_prepare_options(fmt: str, max_length: int, calc_annotations: str, val_size: float,
                              limit: int | None) -> None:
-    problems = []
-    if fmt not in FORMATS:
-        problems.append(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    import math
+
+    if isinstance(val_size, float) and not math.isfinite(val_size):
+        raise TinymathError(f"--val-size {val_size} must be a finite number")
+    problems = choice("--format", fmt, FORMATS) + choice("--calc-annotations", calc_annotations, CALC_ANNOTATIONS)
     if max_length < 16:
         problems.append(f"--max-length {max_length} is too small; use at least 16 (GSM8K needs ~400)")
-    if calc_annotations not in ("strip", "keep"):
-        problems.append(f"--calc-annotations {calc_annotations}: use strip or keep")
     if val_size < 0:
         problems.append(f"--val-size {val_size} must be >= 0 (a count, or a fraction below 1)")
     if limit is not None and limit <= 0:
@@ -183,7 +182,7 @@ def validate_prepare_options(fmt: str, max_length: int, calc_annotations: str, v
 def tokenize_split(rows: list[dict], tokenizer, fmt: str, system_prompt: str | None, max_length: int,
                    calc_annotations: str, update=lambda advance=1: None) -> tuple[dict, dict]:
     """Tokenize rows into columns (question, answer, input_ids, labels) and their statistics."""
-    from tinymath.prompts import encode_example
+    from tinymath.base.prompts import encode_example
 
     columns = {"question": [], "answer": [], "input_ids": [], "labels": []}
     lengths, truncated, dropped = [], 0, 0
@@ -205,53 +204,6 @@ def tokenize_split(rows: list[dict], tokenizer, fmt: str, system_prompt: str | N
     return columns, stats
 
 
-def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str | Path = "prep",
-                 fmt: str = "chat", system_prompt: str | None = None, max_length: int = 512,
-                 calc_annotations: str = "keep", val_size: float = 0, limit: int | None = None,
-                 seed: int = 0, overwrite: bool = False, trust_remote_code: bool = False,
-                 show_progress: bool = False) -> dict:
-    """Prepare GSM8K for training and return the manifest (also saved as ``OUT/prepare.json``).
-
-    ``val_size`` takes a validation split from train: a count (>= 1) or a fraction (< 1).
-    """
-    import datasets
-
-    from tinymath.files import atomic_output_dir, check_output_dir, write_json
-    from tinymath.model import load_tokenizer
-    from tinymath.progress import progress_bar
-
-    validate_prepare_options(fmt, max_length, calc_annotations, val_size, limit)
-    check_output_dir(out, overwrite, marker=MANIFEST)
-    found = available_splits(data)
-    if not found:
-        raise TinymathError(f"--data {data} has no train.jsonl or test.jsonl (nor .json/.parquet); "
-                            "give the GSM8K folder or one data file")
-    splits = {split: read_gsm8k(data, split, limit) for split in found}
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-
-    if "train" in splits:
-        splits.update(split_validation(splits["train"], val_size, seed))
-
-    prepared, stats = {}, {}
-    total = sum(len(rows) for rows in splits.values())
-    with progress_bar("tokenizing", total, enabled=show_progress) as update:
-        for split, rows in splits.items():
-            columns, stats[split] = tokenize_split(rows, tokenizer, fmt, system_prompt, max_length,
-                                                   calc_annotations, update)
-            prepared[split] = datasets.Dataset.from_dict(columns)
-
-    manifest = {
-        "data": data, "model": model, "format": fmt, "system_prompt": system_prompt,
-        "max_length": max_length, "calc_annotations": calc_annotations, "val_size": val_size,
-        "limit": limit, "seed": seed, "eos_token": tokenizer.eos_token, "vocab_size": len(tokenizer),
-        "splits": stats,
-    }
-    with atomic_output_dir(out) as tmp:
-        datasets.DatasetDict(prepared).save_to_disk(str(tmp))
-        write_json(tmp / MANIFEST, manifest)
-    return manifest
-
-
 def is_prepared(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).exists()
 
@@ -260,9 +212,54 @@ def load_prepared(path: str | Path):
     """The saved DatasetDict of a prepare-data folder and its manifest."""
     import datasets
 
-    from tinymath.files import read_json
-
     path = Path(path)
     if not is_prepared(path):
         raise TinymathError(f"{path} is not a prepare-data output (no {MANIFEST})")
-    return datasets.load_from_disk(str(path)), read_json(path / MANIFEST)
+    manifest = read_json_object(path / MANIFEST, "a prepare-data manifest")
+    try:
+        return datasets.load_from_disk(str(path)), manifest
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise TinymathError(f"--data {path}: the prepared data cannot be read ({exc}); run prepare-data again") from None
+
+
+# ---------------------------------------------------------------- training data
+
+DATA_SETTINGS = {"format": "chat", "max_length": 512, "calc_annotations": "keep"}  # raw data's defaults
+
+
+def load_training_data(config, tokenizer) -> tuple[dict[str, list[dict]], dict, dict]:
+    """Tokenized train (and validation) examples for a `TrainConfig`: a prepare-data folder, or raw
+    data prepared now. Returns (splits, their statistics, the data settings in force: format,
+    system prompt, max length, annotations), the config itself left as it was."""
+    if not is_prepared(config.data):
+        settings = {key: getattr(config, key) or default for key, default in DATA_SETTINGS.items()}
+        settings["system_prompt"] = config.system_prompt
+        validate_prepare_options(settings["format"], settings["max_length"], settings["calc_annotations"],
+                                 config.val_size, None)
+        raw = split_validation(read_gsm8k(config.data, "train"), config.val_size)
+        splits, stats = {}, {}
+        for name, split_rows in raw.items():
+            columns, stats[name] = tokenize_split(split_rows, tokenizer, settings["format"], settings["system_prompt"],
+                                                  settings["max_length"], settings["calc_annotations"])
+            splits[name] = _examples(columns)
+        return splits, stats, settings
+    dataset, manifest = load_prepared(config.data)
+    settings = {key: manifest.get(key) for key in ("format", "system_prompt", "max_length", "calc_annotations")}
+    for key, saved in settings.items():
+        given = getattr(config, key)
+        if given is not None and given != saved:
+            raise TinymathError(f"--{key.replace('_', '-')} {given} contradicts the prepared data "
+                                f"({saved}); re-run prepare-data or drop the flag")
+    if manifest.get("eos_token") != tokenizer.eos_token or manifest.get("vocab_size", len(tokenizer)) != len(tokenizer):
+        raise TinymathError(f"--data {config.data} was tokenized for {manifest.get('model')}, "
+                            f"not for --model {config.model}; run prepare-data with this model")
+    if "train" not in dataset:
+        raise TinymathError(f"--data {config.data} has no train split (has {', '.join(dataset)})")
+    splits = {name: _examples(dataset[name].to_dict()) for name in ("train", "validation") if name in dataset}
+    return splits, manifest.get("splits", {}), settings
+
+
+def _examples(columns: dict) -> list[dict]:
+    """Tokenized columns (question, answer, input_ids, labels) as one dict per example."""
+    keys = ("question", "answer", "input_ids", "labels")
+    return [dict(zip(keys, values)) for values in zip(*(columns[k] for k in keys))]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tinymath.errors import TinymathError
-
-QUANTS = ("nf4", "none")
+from tinymath.base.errors import TinymathError
+from tinymath.base.quantization import QUANTIZATIONS
+from tinymath.base.runs import RUN_FILE
+from tinymath.lib.distributed import default_device
 
 
 def cache_dir() -> Path:
@@ -40,7 +41,7 @@ def resolve_source(source: str) -> str:
             return str(gguf_to_folder(path))
         raise TinymathError(f"--model {source} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
     if path.is_dir():
-        if (path / "run.json").exists() and not (path / "config.json").exists():
+        if (path / RUN_FILE).exists() and not (path / "config.json").exists():
             raise TinymathError(f"--model {source} is a training run folder; use --adapter {source} instead")
         if not (path / "config.json").exists():
             raise TinymathError(f"--model {source} is a folder without config.json, so not a Hugging Face model")
@@ -55,7 +56,7 @@ def gguf_to_folder(gguf: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tinymath.files import atomic_output_dir
+    from tinymath.base.files import atomic_output_dir
 
     target = cache_dir() / "gguf" / f"{gguf.stem}-{_quick_digest(gguf)}"
     if (target / "config.json").exists():
@@ -107,38 +108,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def process_state():
-    """accelerate's view of this process (rank, world size), after checking that ``accelerate launch``
-    did not start more processes than there are GPUs (each process needs a GPU of its own)."""
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
-    if torch.cuda.is_available() and state.num_processes > torch.cuda.device_count():
-        raise TinymathError(f"accelerate launched {state.num_processes} processes but this machine has "
-                            f"{torch.cuda.device_count()} GPU(s); use --num_processes {torch.cuda.device_count()}")
-    return state
-
-
-def end_processes(state) -> None:
-    """Under ``accelerate launch``: wait for every process, then close the process group (a clean
-    exit instead of a teardown abort). One process: nothing to do."""
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        state.destroy_process_group()
-
-
-def default_device() -> str:
-    """``cuda:<local rank>`` when a GPU is present (one per process under accelerate), else ``cpu``."""
-    import torch
-
-    if torch.cuda.is_available():
-        from accelerate import PartialState
-
-        return f"cuda:{PartialState().local_process_index}"
-    return "cpu"
-
-
 def compute_dtype(device: str | None = None):
     """bf16 where the hardware has it, fp16 on older GPUs, fp32 on CPU."""
     import torch
@@ -150,20 +119,10 @@ def compute_dtype(device: str | None = None):
 
 
 def get_quantization_config(quant: str, dtype):
-    """The BitsAndBytesConfig for ``quant`` (NF4, double quantization), or None for ``none``."""
-    if quant == "none":
-        return None
-    if quant != "nf4":
-        raise TinymathError(f"--quant {quant} is not supported; use one of {', '.join(QUANTS)}")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype,
-    )
+    """The transformers quantization config for ``quant`` (`QUANTIZATIONS`), or None for plain weights."""
+    if quant not in QUANTIZATIONS:
+        raise TinymathError(f"--quant {quant} is not supported; use one of {', '.join(QUANTIZATIONS)}")
+    return QUANTIZATIONS[quant](dtype)
 
 
 def load_base_model(source: str, quant: str = "nf4", dtype=None, device: str | None = None,

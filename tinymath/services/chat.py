@@ -1,7 +1,7 @@
 """chat: a conversation with a model (interactive) or one answer per input line (scripted).
 
 The session owns the history and the context window: when a conversation no longer fits, the
-oldest turns are dropped (and the caller is told). Prompts are built by `tinymath.prompts` with the
+oldest turns are dropped (and the caller is told). Prompts are built by `tinymath.base.prompts` with the
 run's own format, and replies are scored with the shared `extract_answer`.
 """
 
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from tinymath.errors import TinymathError
-from tinymath.generate import GenerationSettings, InferenceModel, generate_batch, stream_generate
-from tinymath.prompts import build_prompt, encode_prompt, extract_answer
+from tinymath.base.errors import TinymathError
+from tinymath.lib.generate import GenerationSettings, InferenceModel, generate_batch, stream_generate
+from tinymath.base.prompts import build_prompt, encode_prompt, extract_answer
 
+MAX_CHARS_PER_TOKEN = 16  # more characters than this per token of context cannot fit, whatever the tokenizer
 HELP = "Commands: /reset (forget the conversation), /system TEXT (new system prompt), /exit (or Ctrl-D)"
 
 
@@ -46,6 +47,9 @@ class ChatSession:
         how many turns were dropped."""
         tokenizer = self.inference.tokenizer
         budget = self.context_window - self.settings.max_new_tokens
+        if len(question) > MAX_CHARS_PER_TOKEN * self.context_window:  # no tokenizer pass over megabytes
+            raise TinymathError(f"the question is {len(question):,} characters, far more than the model's "
+                                f"{self.context_window}-token context window holds; shorten it")
         dropped = 0
         while True:
             ids = encode_prompt(tokenizer, build_prompt(tokenizer, question, self.inference.format,
@@ -82,13 +86,19 @@ def answer(session: ChatSession, question: str) -> dict:
 
 
 def run_scripted(session: ChatSession, lines, as_json: bool, out=None, err=None) -> int:
-    """Answer each non-empty line independently; returns the exit code (1 if any line failed)."""
+    """Answer each non-empty line independently; returns the exit code (1 if any line failed).
+    ``lines`` may be bytes (a pipe read raw): a line that is not UTF-8 is reported and skipped."""
     import json
 
     out, err = out or sys.stdout, err or sys.stderr
     failed = 0
     for number, line in enumerate(lines, start=1):
-        question = line.strip()
+        try:
+            question = (line.decode("utf-8") if isinstance(line, bytes) else line).strip()
+        except UnicodeDecodeError:
+            print(f"error: line {number}: not UTF-8 text; skipped", file=err)
+            failed += 1
+            continue
         if not question:
             continue
         try:

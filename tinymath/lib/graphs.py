@@ -21,13 +21,13 @@ run's dropout masks differ from an uninterrupted run's (the default dropout is 0
 
 from __future__ import annotations
 
-from tinymath.errors import TinymathError
+from tinymath.base.errors import TinymathError
 
 BUCKET = 512  # padded lengths are multiples of this: at most 511 wasted tokens a micro-batch
 
 
 def pad_packed(batch: dict, size: int, slots: int, pad_id: int) -> dict:
-    """A packed row (`tinymath.train.pack_examples`) padded to ``size`` tokens with ``slots``
+    """A packed row (`tinymath.lib.batching.pack_examples`) padded to ``size`` tokens with ``slots``
     boundaries; the same losses and gradients as ``batch``."""
     import torch
 
@@ -109,14 +109,17 @@ class GraphedMicroBatches:
         return loss
 
 
-def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float) -> bool:
+def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float,
+                    gradient_checkpointing: bool | None = None) -> bool:
     """Whether to train with graphs: ``--cuda-graphs``/``--no-cuda-graphs`` if given (an error where
     graphs cannot run), else the default. They can run on a GPU, with packed rows, one process
     (DDP's gradient hooks are not captured), no gradient checkpointing and no fp16 loss scaling
-    (bf16 GPUs). By default they also need micro-batches with ``room`` for at least two average
+    (bf16 GPUs); ``gradient_checkpointing``: whether the run uses it (asked for, or planned; default: as asked). By default they also need micro-batches with ``room`` for at least two average
     steps: that keeps them to where memory is plentiful (a new length's eager warm-up runs beside
     the pool holding the earlier graphs), and a memory-bound run's large micro-batches gain little."""
-    possible = (device.startswith("cuda") and config.packing and world == 1 and not config.gradient_checkpointing
+    if gradient_checkpointing is None:
+        gradient_checkpointing = config.gradient_checkpointing
+    possible = (device.startswith("cuda") and config.packing and world == 1 and not gradient_checkpointing
                 and not loss_scaling)
     if config.cuda_graphs and not possible:
         raise TinymathError("--cuda-graphs needs a GPU with bf16 (no fp16 loss scaling), --packing, one process "

@@ -1,0 +1,236 @@
+"""Training settings: the `TrainConfig` dataclass, the one declaration of every train option
+(type, default, help, choices: the CLI's ``tinymath train`` options are generated from it), and
+how a config is resolved from defaults, a config file (TOML, or a run's own run.json) and
+command-line flags, in that order of precedence.
+
+A run saves its resolved config (``train_config.json`` at the start, ``run.json`` at the end), so
+``tinymath train --config run/run.json`` repeats a run and ``--resume run`` continues one. A config
+is never changed while a run uses it: what a run decides for itself (micro-batch size,
+checkpointing, compiling) is recorded in its result.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from tinymath.base.errors import TinymathError, choice, raise_if_problems
+from tinymath.base.files import read_json_object, read_toml
+from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
+from tinymath.base.quantization import QUANTIZATIONS
+from tinymath.base.runs import CONFIG_FILE
+
+DEFAULT_DATA = "openai/gsm8k"
+DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+KEEP = ("last", "best")
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name -> the module it needs
+# keys that run.json records about a finished run; not settings, so ignored when it is read back
+RUN_RECORD_KEYS = {"dtype", "base_fingerprint", "data_stats", "versions", "git_commit", "num_processes",
+                   "memory_plan", "result"}
+# what may change when a run is resumed: everything else must match the saved run
+RESUME_SAFE = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_limit",
+               "report_to", "retention_every", "max_memory", "micro_batch_tokens", "gradient_checkpointing", "compile",
+               "cuda_graphs", "trust_remote_code"}
+
+
+def option(default, help: str, panel: str | None = None, *, choices=None, flags: tuple[str, ...] = (),
+           shown: str | None = None):
+    """One train option: its default, its help, its help panel, its allowed values (a registry),
+    its command-line spelling when not ``--name`` and how its default reads in ``--help``."""
+    return field(default=default, metadata={"help": help, "panel": panel, "choices": choices, "flags": flags,
+                                            "shown": shown})
+
+
+SCHEDULE, LORA, DATA, SPEED, CONTROL = "Schedule", "LoRA", "Data", "Speed", "Run control"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved as run.json (None = taken from the prepared data)."""
+
+    data: str = option(DEFAULT_DATA, "A prepare-data folder, or raw data (prepared on the fly).")
+    model: str = option(DEFAULT_MODEL, "Hub id, local folder, or .gguf.", flags=("--model", "-m"))
+    out: str = option("run", "Run folder (adapter, run.json, metrics.jsonl, checkpoints).")
+    format: str | None = option(None, "Prompt format (raw data only).", DATA, choices=FORMATS, shown="chat")
+    system_prompt: str | None = option(None, "System prompt (raw data only).", DATA)
+    max_length: int | None = option(None, "Max tokens per example (raw data only).", DATA, shown="512")
+    calc_annotations: str | None = option(None, "strip or keep <<a*b=c>> (raw data only).", DATA,
+                                          choices=CALC_ANNOTATIONS, shown="keep")
+    val_size: float = option(0.0, "Validation examples held out of train (raw data only).", DATA)
+    quant: str = option("nf4", "Base weights: nf4 (QLoRA) or none.", choices=QUANTIZATIONS)
+    trust_remote_code: bool = option(False, "Allow the model's own Python code from the hub.",
+                                     flags=("--trust-remote-code",), shown="")
+    epochs: float = option(3.0, "Passes over the training data.", SCHEDULE)
+    max_steps: int | None = option(None, "Stop after N optimizer steps (overrides --epochs).", SCHEDULE)
+    batch_size: int = option(32, "Examples per optimizer step and GPU = --batch-size x --grad-accum. With "
+                                 "--packing the step is cut into micro-batches by tokens.", SCHEDULE)
+    grad_accum: int = option(1, "Gradient accumulation (multiplies the examples per step).", SCHEDULE)
+    lr: float = option(1e-3, "Peak learning rate, cosine decay.", SCHEDULE, shown="1e-3")
+    warmup: float = option(0.03, "Warm-up: a fraction of the steps (< 1) or a step count.", SCHEDULE)
+    weight_decay: float = option(0.0, "AdamW weight decay.", SCHEDULE)
+    lora_r: int = option(32, "LoRA rank.", LORA)
+    lora_alpha: float = option(64.0, "LoRA alpha (scale = alpha / r).", LORA)
+    lora_dropout: float = option(0.0, "LoRA dropout.", LORA)
+    target_modules: str = option("all-linear", "'all-linear' or comma-separated names (q_proj,v_proj).", LORA)
+    seed: int = option(42, "Random seed (LoRA init, data order).", SCHEDULE)
+    packing: bool = option(True, "Padding-free packing (same loss, faster).", SPEED,
+                           flags=("--packing/--no-packing",), shown="on")
+    micro_batch_tokens: int | None = option(None, "Tokens per packed micro-batch.", SPEED,
+                                            shown="sized to memory on GPU, 4096 on CPU")
+    max_memory: str | None = option(None, "GPU memory to stay within, e.g. 6GB.", SPEED, shown="the free memory")
+    gradient_checkpointing: bool = option(False, "Recompute activations to save memory (switched on by itself "
+                                                 "when --max-memory needs it).", SPEED,
+                                          flags=("--gradient-checkpointing/--no-gradient-checkpointing",), shown="")
+    compile: bool | None = option(None, "torch.compile each decoder layer (fewer, fused kernels; about a minute "
+                                        "of compiling first).", SPEED, flags=("--compile/--no-compile",),
+                                  shown="on with a GPU and --packing")
+    cuda_graphs: bool | None = option(None, "Replay each micro-batch's forward and backward as a CUDA graph "
+                                            "(small models wait on kernel launches otherwise).", SPEED,
+                                      flags=("--cuda-graphs/--no-cuda-graphs",),
+                                      shown="on with one GPU, --packing and no checkpointing")
+    log_every: int = option(1, "Write metrics every N steps.", CONTROL)
+    save_every: int | None = option(None, "Save a resumable checkpoint every N steps.", CONTROL)
+    keep_checkpoints: int = option(2, "How many checkpoints to keep.", CONTROL)
+    eval_every: int | None = option(None, "GSM8K accuracy on the validation split every N steps (needs "
+                                          "--val-size).", CONTROL)
+    eval_limit: int = option(200, "Validation problems per evaluation.", CONTROL)
+    keep: str = option("last", "Final adapter: the last one, or the best by validation accuracy.", CONTROL,
+                       choices=KEEP)
+    retention_every: int | None = option(None, "Every N steps, record drift from the base on general prompts "
+                                               "(KL, top-1 agreement).", CONTROL)
+    report_to: str | None = option(None, "Also log to tensorboard or wandb (if installed).", CONTROL,
+                                   choices=REPORTERS)
+    overwrite: bool = option(False, "Replace an existing run folder (only once the new run is complete).",
+                             flags=("--overwrite/--no-overwrite",), shown="")
+
+    def validate(self) -> None:
+        """Every problem at once, each naming the flag to fix; NaN and infinity are never valid."""
+        problems = [f"--{name.replace('_', '-')} {value} must be a finite number"
+                    for name, value in asdict(self).items() if isinstance(value, float) and not math.isfinite(value)]
+        raise_if_problems(problems)
+        problems += _positive(self, ("lora_r", "lora_alpha", "lr", "epochs", "batch_size", "grad_accum",
+                                     "eval_limit", "log_every"))
+        problems += _positive(self, ("max_steps", "micro_batch_tokens", "save_every", "eval_every",
+                                     "retention_every", "max_length"), optional=True)
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora-dropout {self.lora_dropout} must be in [0, 1)")
+        for name in ("warmup", "weight_decay", "val_size"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0")
+        if self.max_memory is not None:
+            try:
+                parse_memory(self.max_memory)
+            except TinymathError as exc:
+                problems.append(str(exc))
+        if self.keep_checkpoints < 1:
+            problems.append(f"--keep-checkpoints {self.keep_checkpoints} must be at least 1")
+        problems += choice("--keep", self.keep, KEEP) + choice("--quant", self.quant, QUANTIZATIONS)
+        if self.report_to is not None:
+            problems += choice("--report-to", self.report_to, REPORTERS)
+        if self.format is not None:
+            problems += choice("--format", self.format, FORMATS)
+        if self.calc_annotations is not None:
+            problems += choice("--calc-annotations", self.calc_annotations, CALC_ANNOTATIONS)
+        if self.keep == "best" and not self.eval_every:
+            problems.append("--keep best needs --eval-every N (validation accuracy picks the best adapter)")
+        if self.eval_every and not self.val_size and not (Path(self.data) / "validation").is_dir():
+            problems.append("--eval-every needs a validation split: --val-size N (raw data) or prepare-data --val-size")
+        raise_if_problems(problems)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _positive(config: TrainConfig, names: tuple[str, ...], optional: bool = False) -> list[str]:
+    problems = []
+    for name in names:
+        value = getattr(config, name)
+        if (value is not None or not optional) and not value > 0:
+            problems.append(f"--{name.replace('_', '-')} {value} must be positive")
+    return problems
+
+
+def parse_memory(text: str) -> int:
+    """``"6GB"``, ``"6GiB"``, ``"6000MB"`` -> bytes (GB and GiB both mean 2**30: what cards are sold as)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(g|gb|gib|m|mb|mib)?\s*", text.lower())
+    if not match:
+        raise TinymathError(f"--max-memory {text!r} is not a size; write it like 6GB or 5500MB")
+    unit = (match.group(2) or "gb")[0]
+    return int(float(match.group(1)) * (2**30 if unit == "g" else 2**20))
+
+
+def _expected_type(name: str):
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0]
+
+
+def _coerce(name: str, value, where: str):
+    if value is None:
+        return None
+    expected = _expected_type(name)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool) or expected is not bool and isinstance(value, bool) \
+            or not isinstance(value, expected):
+        raise TinymathError(f"{where}: {name} should be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a TOML file (or a run.json/train_config.json): checked names and types."""
+    path = Path(path)
+    if not path.is_file():
+        raise TinymathError(f"--config {path} does not exist")
+    try:
+        raw = read_json_object(path, "a table of settings") if path.suffix == ".json" else read_toml(path)
+    except TinymathError as exc:
+        raise TinymathError(f"--config {exc}") from None
+    known = TrainConfig.field_names()
+    settings = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in RUN_RECORD_KEYS:
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            raise TinymathError(f"--config {path}: unknown setting {key!r}{hint}")
+        settings[name] = _coerce(name, value, f"--config {path}")
+    # never taken from a file: replacing a folder, and running a model's own code, are asked for each time
+    settings.pop("overwrite", None)
+    settings.pop("trust_remote_code", None)
+    return settings
+
+
+def resolve_train_config(flags: dict, config_file: str | None = None, resume: str | None = None) -> TrainConfig:
+    """Defaults <- config file (or the resumed run's saved config) <- flags given on the command line.
+
+    ``flags`` holds only the options the user actually passed (None = not given).
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    if resume is not None:
+        saved_path = Path(resume) / CONFIG_FILE
+        if not saved_path.is_file():
+            raise TinymathError(f"--resume {resume}: not a tinymath run folder (no {CONFIG_FILE})")
+        saved = load_config_file(saved_path)
+        if config_file:
+            raise TinymathError("--resume continues a run with its saved settings; drop --config")
+        conflicts = [k for k, v in given.items() if k not in RESUME_SAFE and k != "out" and saved.get(k) != v]
+        if conflicts:
+            names = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(conflicts))
+            safe = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUME_SAFE))
+            raise TinymathError(f"--resume: {names} would change the saved run; only {safe} may change on resume")
+        settings = {**saved, **{k: v for k, v in given.items() if k in RESUME_SAFE}, "out": str(resume)}
+        if "max_memory" in given and "micro_batch_tokens" not in given:
+            settings["micro_batch_tokens"] = None  # plan again for the new memory limit
+        return TrainConfig(**settings)
+    settings = load_config_file(config_file) if config_file else {}
+    settings.update(given)
+    return TrainConfig(**settings)

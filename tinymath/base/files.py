@@ -1,0 +1,229 @@
+"""Reading and writing files: one reader per format, atomic writers, output-folder checks.
+
+Every file tinymath reads goes through one of the readers here (UTF-8 text, JSON, JSONL, TOML,
+safetensors, torch checkpoints), so a damaged or foreign file is one clear message naming it,
+never a traceback. Torch checkpoints are read with ``weights_only=True``: a run folder someone
+shared is data, and loading it never runs code.
+
+Every output is written into a hidden temporary sibling and renamed into place at the end, so an
+interrupted command never leaves a folder that looks finished, and a re-run starts clean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from tinymath.base.errors import TinymathError
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is one message naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TinymathError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except FileNotFoundError:
+        raise TinymathError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise TinymathError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def read_json(path: str | Path):
+    """A JSON file's value."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TinymathError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def read_json_object(path: str | Path, what: str = "a JSON object") -> dict:
+    """A JSON file that must hold an object (``what`` names it in the error)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise TinymathError(f"{path}: expected {what}, found {type(value).__name__}")
+    return value
+
+
+def read_jsonl(path: str | Path, skip_torn_last: bool = False) -> list[dict]:
+    """One JSON object per non-empty line. ``skip_torn_last``: a last line cut off mid-write (a
+    killed process) is dropped instead of reported."""
+    lines = read_text(path).splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if skip_torn_last and number == len(lines):
+                break
+            raise TinymathError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise TinymathError(f"{path}, line {number}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file's table (``tomllib`` on Python 3.11+, ``tomli`` before)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(read_text(path))
+    except tomllib.TOMLDecodeError as exc:
+        raise TinymathError(f"{path}: TOML syntax error: {exc}") from None
+
+
+def load_safetensors(path: str | Path) -> dict:
+    """The tensors of a ``.safetensors`` file; a truncated or corrupt file is one clear message."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise TinymathError(f"{path} does not exist") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise TinymathError(f"{path} is damaged or not a safetensors file ({exc})") from None
+
+
+def torch_load(path: str | Path):
+    """A torch checkpoint file, as data only (``weights_only=True``: no pickled code runs)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise TinymathError(f"{path} does not exist") from None
+    except pickle.UnpicklingError as exc:
+        raise TinymathError(f"{path} holds more than tensors and numbers, so it was not loaded (a checkpoint "
+                            f"tinymath wrote never does): {(str(exc).splitlines() or [''])[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise TinymathError(f"{path} is damaged ({(str(exc).splitlines() or [''])[0]})") from None
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _finite(value, where: str = "value") -> None:
+    """JSON has no NaN or infinity: refuse them instead of writing a file other tools cannot read."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}, which JSON cannot hold")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _finite(item, where)
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON atomically (temp file + rename). NaN and infinity are a bug here, never written."""
+    path = Path(path)
+    _finite(data, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically (temp file + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable(folder: str | Path, flag: str = "--out") -> None:
+    """Fail before any work when ``folder`` (or the nearest existing parent) cannot be written."""
+    folder = Path(folder).absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TinymathError(f"{flag} {folder}: {existing or folder} is not a writable folder; choose another {flag}")
+
+
+def check_output_dir(out: str | Path, overwrite: bool, marker: str | None = None) -> None:
+    """Refuse to replace an existing non-empty folder unless ``overwrite`` (before any work starts).
+
+    ``marker`` names the file that proves the folder is our own kind of output; even with
+    ``overwrite`` a folder holding something else is refused, so nothing unrelated is destroyed.
+    The folder's parent must be writable.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TinymathError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+        if marker and not (out / marker).exists():
+            raise TinymathError(
+                f"--out {out} holds files that tinymath did not write (no {marker}); "
+                "choose another --out, or empty it yourself"
+            )
+        check_not_working_dir(out)
+    check_writable(out.absolute().parent)
+
+
+def check_not_working_dir(out: str | Path) -> None:
+    """A folder to be replaced must not be the working directory or one of its parents."""
+    out, here = Path(out).resolve(), Path.cwd().resolve()
+    if out == here or out in here.parents:
+        raise TinymathError(f"--out {out} is the current folder (or holds it); it cannot be replaced from "
+                            "inside. Run from another folder")
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put folder ``new`` in the place of ``out`` (the old one, if any, is removed after the swap)."""
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        os.replace(new, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path):
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on error it is removed."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    except OSError as exc:
+        raise TinymathError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)

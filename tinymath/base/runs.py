@@ -1,0 +1,250 @@
+"""The folders tinymath writes, and the one owner of a training run folder's layout.
+
+A run folder (``tinymath train --out RUN``)::
+
+    RUN/adapter_config.json, adapter_model.safetensors   the PEFT adapter
+    RUN/tokenizer files                                  the tokenizer it was trained with
+    RUN/train_config.json                                the resolved settings, written at the start
+    RUN/metrics.jsonl                                    one line per logged step
+    RUN/curves.png                                       loss, learning rate, validation accuracy
+    RUN/checkpoints/step-000123/                         resumable checkpoints
+    RUN/best/                                            the best adapter (--keep best)
+    RUN/run.json                                         every setting and the result, written last
+    RUN/.lock                                            held (flock) while a process trains here
+
+A folder without ``run.json`` is an unfinished run. A run asked to ``--overwrite`` an earlier one
+trains in the hidden sibling ``.RUN.partial`` (whose ``.replaces`` file names RUN) and takes RUN's
+place only when it is complete, so a failed new run never costs the old one.
+
+Here too: the names of the other commands' outputs, reading ``run.json`` back (`load_run`), the
+checks of train's output folder, the run lock and reading ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinymath.base.errors import TinymathError
+from tinymath.base.files import check_not_working_dir, load_safetensors, read_json_object, read_jsonl
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "train_config.json"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+LOCK = ".lock"
+REPLACES = ".replaces"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# the other commands' outputs
+MANIFEST = "prepare.json"          # prepare-data
+SUMMARY = "summary.json"           # eval
+PREDICTIONS = "predictions.jsonl"  # eval
+MERGE_MARKER = "tinymath.json"     # merge-adapters
+# run.json keys that a later command needs, with their types
+RUN_KEYS = {"model": str, "quant": str, "format": str, "system_prompt": (str, type(None))}
+
+
+# ---------------------------------------------------------------- reading a finished run
+
+
+@dataclass
+class RunInfo:
+    """What a run folder says about itself (from its run.json)."""
+
+    path: Path
+    config: dict
+
+    @property
+    def base_model(self) -> str:
+        return self.config["model"]
+
+    @property
+    def quant(self) -> str:
+        return self.config["quant"]
+
+    @property
+    def prompt_format(self) -> str:
+        return self.config["format"]
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.config.get("system_prompt")
+
+
+def load_run(path: str | Path) -> RunInfo:
+    """Read and check a training run folder; a clear error if it is not one.
+
+    Only data is taken from it: whether remote code may run is never read from a run folder,
+    it is the command's own ``--trust-remote-code`` flag.
+    """
+    from tinymath.base.prompts import FORMATS
+    from tinymath.base.quantization import QUANTIZATIONS
+
+    path = Path(path)
+    if not path.is_dir():
+        raise TinymathError(f"{path} does not exist or is not a folder; give a `tinymath train` output folder")
+    missing = [name for name in (RUN_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).exists()]
+    if missing:
+        raise TinymathError(f"{path} is not a tinymath training run (missing {', '.join(missing)}); "
+                            "give the --out folder of `tinymath train`")
+    config = read_json_object(path / RUN_FILE, "the settings of a tinymath run")
+    problems = [f"{key} should be {getattr(kind, '__name__', 'text or null')}"
+                for key, kind in RUN_KEYS.items() if key not in config and kind is str
+                or key in config and not isinstance(config[key], kind)]
+    if not problems and config["quant"] not in QUANTIZATIONS:
+        problems.append(f"quant {config['quant']!r} is unknown")
+    if not problems and config["format"] not in FORMATS:
+        problems.append(f"format {config['format']!r} is unknown")
+    if config.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+        problems.append(f"dtype {config['dtype']!r} is unknown")
+    if problems:
+        raise TinymathError(f"{path / RUN_FILE} is not a tinymath run record ({'; '.join(problems)})")
+    load_safetensors(path / ADAPTER_WEIGHTS)  # a damaged adapter is reported before any model is loaded
+    return RunInfo(path=path, config=config)
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The logged steps of a run (a last line torn by a killed process is skipped)."""
+    path = Path(run) / METRICS
+    return read_jsonl(path, skip_torn_last=True) if path.is_file() else []
+
+
+def keep_metrics_until(run: str | Path, step: int) -> None:
+    """Forget what was logged after ``step`` (a resumed run logs those steps again)."""
+    from tinymath.base.files import write_text
+
+    kept = [row for row in read_metrics(run) if isinstance(row.get("step"), int) and row["step"] <= step]
+    write_text(Path(run) / METRICS, "".join(_json_line(row) for row in kept))
+
+
+def _json_line(row: dict) -> str:
+    import json
+
+    return json.dumps(row) + "\n"
+
+
+# ---------------------------------------------------------------- train's output folder
+
+
+def is_tinymath_run(folder: Path) -> bool:
+    """Whether ``run.json`` or ``train_config.json`` (as train writes them) proves ``folder`` is a
+    tinymath run; other files, a metrics.jsonl say, prove nothing."""
+    for name in (RUN_FILE, CONFIG_FILE):
+        try:
+            saved = read_json_object(folder / name)
+        except TinymathError:
+            continue
+        if {"model", "data", "lora_r", "lr"} <= saved.keys():
+            return True
+    return False
+
+
+def partial_folder(out: Path) -> Path:
+    """Where a run that replaces ``out`` trains until it is complete."""
+    return out.with_name(f".{out.name}.partial")
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    """``live``: the folder a run trains in (checkpoints, metrics, lock); ``final``: where the
+    complete run ends up. They differ only for a run that replaces an earlier one."""
+
+    live: Path
+    final: Path
+
+
+def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOutput:
+    """Check ``--out`` before any work and say where the run will train. Reads only: the folder is
+    claimed (created, locked, cleared) by `claim_train_output`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TinymathError(f"--out {out} is a file, not a folder")
+    if resume:
+        replaces = out / REPLACES
+        final = Path(replaces.read_text(encoding="utf-8").strip()) if replaces.is_file() else out
+        return TrainOutput(live=out, final=final)
+    if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
+        return TrainOutput(live=out, final=out)
+    if not overwrite:
+        hint = f", or --resume {out} to continue it" if (out / CONFIG_FILE).exists() else ""
+        raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it{hint}")
+    if not is_tinymath_run(out):
+        raise TinymathError(f"--out {out} holds files that tinymath did not write (no {RUN_FILE} of a run); "
+                            "choose another --out, or empty it yourself")
+    check_not_working_dir(out)
+    return TrainOutput(live=partial_folder(out), final=out)
+
+
+@contextmanager
+def claimed_train_output(output: TrainOutput, resume: bool):
+    """Hold a run's folders while it trains: the final folder's lock is taken before anything is
+    read or deleted; a new run that replaces another starts its partial folder afresh. On success
+    a partial run takes its final place. On failure a run with no checkpoint to resume from is
+    removed (a partial one, or one this run created), so nothing half-written is left behind."""
+    import shutil
+
+    created = not output.live.exists()
+    with run_lock(output.final):
+        if output.live != output.final and not resume:
+            if output.live.exists() and (not any(output.live.iterdir()) or is_tinymath_run(output.live)):
+                shutil.rmtree(output.live)
+            output.live.mkdir(parents=True)
+            (output.live / REPLACES).write_text(str(output.final), encoding="utf-8")
+        try:
+            yield
+        except BaseException:
+            _discard_unresumable(output, created, resume)
+            raise
+        if output.live != output.final:
+            from tinymath.base.files import replace_dir
+
+            (output.live / REPLACES).unlink(missing_ok=True)
+            (output.live / LOCK).unlink(missing_ok=True)
+            replace_dir(output.live, output.final)
+
+
+def _discard_unresumable(output: TrainOutput, created: bool, resume: bool) -> None:
+    import shutil
+
+    checkpoints = output.live / CHECKPOINTS
+    if resume or checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return  # a run to continue: left as it is
+    if output.live != output.final or created:
+        shutil.rmtree(output.live, ignore_errors=True)
+        return
+    for path in output.live.iterdir():  # a folder that was empty when the run began: emptied again
+        if path.name != LOCK:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextmanager
+def run_lock(folder: Path):
+    """Hold ``folder/.lock`` exclusively for the duration of training (created if need be).
+
+    An OS lock (``flock``): taken atomically, so of two runs started together exactly one gets
+    it, and released by the kernel when a process dies, so a crash leaves no stale lock.
+    """
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise TinymathError(f"another training run (pid {holder}) is writing to {folder}; wait for it to finish, "
+                            "or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)

@@ -1,0 +1,117 @@
+"""Batches and the loss: a step's examples cut into padding-free packed rows (or padded rows, the
+plain reference path), and the module whose forward returns a micro-batch's summed answer-token
+loss. Every training method shares these: how a step is cut into micro-batches, or whether
+examples are packed, does not change the math.
+"""
+
+from __future__ import annotations
+
+from tinymath.base.config import TrainConfig
+
+
+def pack_examples(examples: list[dict]):
+    """One padding-free row: examples concatenated, ``position_ids`` restarting at each example and
+    the example boundaries (``cu_seq_lens``) for `tinymath.lib.attention`, so attention never crosses
+    from one example into another."""
+    import torch
+
+    input_ids = [t for ex in examples for t in ex["input_ids"]]
+    labels = [t for ex in examples for t in ex["labels"]]
+    positions = [p for ex in examples for p in range(len(ex["input_ids"]))]
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+            "max_seq_len": max(lengths)}
+
+
+def pad_examples(examples: list[dict], pad_id: int):
+    """The plain reference batch: right-padded rows with an attention mask."""
+    import torch
+
+    width = max(len(ex["input_ids"]) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, :n] = torch.tensor(ex["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def count_label_tokens(examples: list[dict]) -> int:
+    """Answer tokens that carry loss (labels shift by one: the first token is never a target)."""
+    return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
+
+
+def micro_batches(examples: list[dict], config: TrainConfig, pad_id: int, max_tokens: int | None = None):
+    """Cut a step's examples into micro-batches: packed rows of at most ``max_tokens`` tokens, or
+    (reference path) padded batches of ``batch_size`` examples."""
+    if not config.packing:
+        for start in range(0, len(examples), config.batch_size):
+            yield pad_examples(examples[start:start + config.batch_size], pad_id)
+        return
+    chunk, size = [], 0
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if chunk and max_tokens and size + n > max_tokens:
+            yield pack_examples(chunk)
+            chunk, size = [], 0
+        chunk.append(ex)
+        size += n
+    if chunk:
+        yield pack_examples(chunk)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096):
+    """Wrap the PEFT model in a module whose forward returns the summed answer-token loss.
+
+    ``fast``: the LM head runs only on labelled positions, in chunks whose fp32 logits are
+    recomputed in the backward pass (checkpointed) instead of kept: the full ``tokens x
+    vocabulary`` logits are never materialized. Otherwise the plain reference: the model's full
+    logits and one cross-entropy. One module, so DDP (under accelerate) sees a single forward.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(head, hidden, targets):
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+    class CausalLMLoss(torch.nn.Module):
+        def __init__(self, peft_model):
+            super().__init__()
+            self.peft_model = peft_model
+
+        def forward(self, input_ids, labels, all_positions=False, **kwargs):
+            """``all_positions``: the loss over every position, unlabelled ones ignored, instead of
+            over the selected labelled ones (the same sum; a fixed shape for `tinymath.lib.graphs`)."""
+            if not fast:
+                logits = self.peft_model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
+                return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+            causal_lm = self.peft_model.get_base_model()
+            hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+            hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+            if not all_positions:
+                keep = targets != -100
+                hidden, targets = hidden[keep], targets[keep]
+            head = causal_lm.get_output_embeddings()
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, targets.shape[0], chunk_tokens):
+                h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+                # no random numbers in the loss: nothing to save (and no RNG state read under a CUDA graph)
+                total = total + (checkpoint(chunk_loss, head, h, t, use_reentrant=False, preserve_rng_state=False)
+                                 if torch.is_grad_enabled()
+                                 else chunk_loss(head, h, t))
+            return total
+
+    return CausalLMLoss(model)

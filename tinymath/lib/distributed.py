@@ -1,0 +1,59 @@
+"""Several processes under ``accelerate launch``: this process's place (rank, world size, device),
+its share of a list of work, and a clean end. One process (the common case) needs none of it,
+and every function here is then trivial.
+"""
+
+from __future__ import annotations
+
+from tinymath.base.errors import TinymathError
+
+
+def process_state():
+    """accelerate's view of this process (rank, world size), after checking that ``accelerate launch``
+    did not start more processes than there are GPUs (each process needs a GPU of its own)."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
+    if torch.cuda.is_available() and state.num_processes > torch.cuda.device_count():
+        raise TinymathError(f"accelerate launched {state.num_processes} processes but this machine has "
+                            f"{torch.cuda.device_count()} GPU(s); use --num_processes {torch.cuda.device_count()}")
+    return state
+
+
+def end_processes(state) -> None:
+    """Under ``accelerate launch``: wait for every process, then close the process group (a clean
+    exit instead of a teardown abort). One process: nothing to do."""
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
+def default_device() -> str:
+    """``cuda:<local rank>`` when a GPU is present (one per process under accelerate), else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return f"cuda:{PartialState().local_process_index}"
+    return "cpu"
+
+
+def process_share(count: int) -> range:
+    """The indices of ``count`` work items this process takes: every num_processes-th one."""
+    state = process_state()
+    return range(state.process_index, count, state.num_processes)
+
+
+def gather_in_order(mine: range, results: list, count: int) -> list:
+    """Every process's ``results`` (for the indices ``mine``) as one list in input order, on every
+    process. One process: its own results."""
+    if process_state().num_processes == 1:
+        return results
+    from accelerate.utils import gather_object
+
+    merged: list = [None] * count
+    for i, result in gather_object(list(zip(mine, results))):
+        merged[i] = result
+    return merged

@@ -1,0 +1,118 @@
+"""Speed and memory policy of training: how many tokens one packed micro-batch holds (measured
+against the GPU memory budget, with gradient checkpointing when that buys much larger
+micro-batches), whether decoder layers are compiled, and running them eagerly where compiled
+code does not fit (generation, validation).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from tinymath.base.config import TrainConfig
+from tinymath.base.errors import TinymathError
+from tinymath.lib.batching import pack_examples, to_device
+
+CPU_MICRO_BATCH_TOKENS = 4096  # fp32 activations of SmolLM2-135M for 4k tokens: about 6 GB
+
+
+def plan_micro_batch(loss_model, examples: list[dict], config: TrainConfig, device, budget: int,
+                     set_checkpointing) -> tuple[int, bool, dict]:
+    """The largest packed micro-batch (in tokens) whose peak memory stays within ``budget`` bytes.
+
+    Measures instead of guessing: one forward/backward on a probe batch gives the bytes each token
+    costs; if not even the longest example fits, gradient checkpointing is switched on and measured
+    again. Returns (tokens, checkpointing, the measurements).
+    """
+    import torch
+
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    probe = []
+    for ex in examples:
+        if sum(len(e["input_ids"]) for e in probe) >= 2048:
+            break
+        probe.append(ex)
+    probe_tokens = sum(len(e["input_ids"]) for e in probe)
+    step_tokens = config.batch_size * config.grad_accum * probe_tokens / len(probe)
+    trainable = sum(p.numel() for p in loss_model.parameters() if p.requires_grad) * 4 * 3
+    figures, fits = {}, {}
+    for checkpointing in (False, True):
+        set_checkpointing(checkpointing)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = loss_model(**to_device(pack_examples(probe), device))
+        loss.backward()
+        loss_model.zero_grad(set_to_none=True)
+        del loss
+        torch.cuda.synchronize(device)
+        per_token = (torch.cuda.max_memory_allocated(device) - base) / probe_tokens
+        # optimizer state (2 fp32 moments) and fp32 gradients of the LoRA weights come on top
+        room = (budget - base - trainable) * 0.9
+        fits[checkpointing] = int(room / per_token) if room > 0 else 0
+        figures[f"bytes_per_token{'_ckpt' if checkpointing else ''}"] = round(per_token)
+        if not checkpointing and fits[False] >= step_tokens:
+            break  # a whole step fits without recomputation: nothing to gain from checkpointing
+    figures.update(base_bytes=base, budget_bytes=budget, tokens=fits)
+    # checkpointing recomputes the forward (~1/3 more work): worth it only for much larger micro-batches
+    use_ckpt = fits.get(True, 0) >= 2 * fits[False] or fits[False] < longest
+    tokens = fits[use_ckpt]
+    if tokens < longest:
+        need = (base + trainable + per_token * longest / 0.9) / 2**30
+        raise TinymathError(f"--max-memory {config.max_memory or 'free memory'}: too small to train even one "
+                            f"example of {longest} tokens; at least {need:.1f}GB is needed (or lower --max-length)")
+    return min(tokens, 65536), use_ckpt, figures
+
+
+def compile_layers(peft_model) -> None:
+    """Regional compilation: each decoder layer goes through ``torch.compile``. Every layer runs the
+    same code, so one graph, compiled once for any token count (dynamic shapes), serves them all.
+    The embeddings' output is marked as requiring gradients so that the first layer sees the same
+    inputs as the others (else it alone compiles again). Fused norms, rotary, activations and LoRA
+    adds, and far fewer kernel launches: small models are otherwise launch-bound. Generation and
+    validation run the layers eagerly (`eager`)."""
+    causal_lm = peft_model.get_base_model()
+    layers = getattr(causal_lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise TinymathError(f"--compile: {type(causal_lm).__name__} keeps its decoder layers elsewhere than "
+                            "`.layers`; pass --no-compile")
+    if not hasattr(causal_lm, "_require_grads_hook"):  # gradient checkpointing may have set it already
+        causal_lm.enable_input_require_grads()
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
+def compile_by_default(device: str, config: TrainConfig) -> bool:
+    """Compile the packed path on GPUs that torch.compile's Triton kernels support (compute
+    capability 7.0 and newer); never the plain reference path, never on CPU."""
+    if not (device.startswith("cuda") and config.packing):
+        return False
+    import torch
+    from torch.utils._triton import has_triton
+
+    return torch.cuda.get_device_capability(device) >= (7, 0) and has_triton()
+
+
+@contextmanager
+def eager():
+    """The compiled layers' plain Python forward (other shapes and attention implementations)."""
+    import torch
+
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+@contextmanager
+def inference_mode(peft_model):
+    """Eval mode with masked SDPA attention (generation and padded scoring need attention masks,
+    which the packed training attention does not take); training mode again afterwards."""
+    base = peft_model.get_base_model()
+    attn = base.config._attn_implementation
+    base.set_attn_implementation("sdpa")
+    peft_model.eval()
+    try:
+        with eager():
+            yield
+    finally:
+        base.set_attn_implementation(attn)
+        peft_model.train()

@@ -1,0 +1,141 @@
+"""eval: GSM8K accuracy of a model or a training run, with the shared answer contract; and the
+paired comparison of two evaluations (``eval --compare``).
+
+Writes ``predictions.jsonl`` (question, gold, completion, extracted, correct) and ``summary.json``
+(accuracy flexible and strict, n, invalid-answer rate, Wilson 95% interval, tokens, time, settings).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tinymath.base.config import DEFAULT_DATA
+from tinymath.base.errors import TinymathError, choice, raise_if_problems
+from tinymath.base.runs import PREDICTIONS, SUMMARY
+from tinymath.lib.scoring import PROTOCOLS
+
+
+def _check_options(limit, protocol, samples, temperature) -> None:
+    problems = choice("--protocol", protocol, PROTOCOLS)
+    if limit is not None and limit <= 0:
+        problems.append(f"--limit {limit} must be a positive number of problems")
+    if samples < 1:
+        problems.append(f"--samples {samples} must be at least 1")
+    if samples > 1 and not temperature:
+        problems.append(f"--samples {samples} needs sampling: add --temperature, e.g. 0.7")
+    raise_if_problems(problems)
+
+
+def evaluate(model: str | None = None, adapter: str | None = None, data: str = DEFAULT_DATA,
+             split: str = "test", limit: int | None = None, out: str | Path | None = None,
+             batch_size: int | None = None, max_new_tokens: int = 256, quant: str = "none", fmt: str | None = None,
+             system_prompt: str | None = None, merge_base: str = "dequantized", overwrite: bool = False,
+             trust_remote_code: bool = False, show_progress: bool = False, calculator: bool = False,
+             samples: int = 1, temperature: float | None = None, seed: int = 0,
+             protocol: str = "default") -> dict:
+    """Evaluate on ``split`` of ``data``; returns the summary (also written to ``OUT/summary.json``).
+
+    ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
+    strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
+    """
+    import torch
+
+    from tinymath.base.files import check_output_dir
+    from tinymath.base.progress import progress_bar
+    from tinymath.base.runs import load_run
+    from tinymath.lib.distributed import process_share, process_state
+    from tinymath.lib.generate import GenerationSettings, generate_across_processes, load_for_inference
+    from tinymath.lib.gsm8k import read_gsm8k
+
+    _check_options(limit, protocol, samples, temperature)
+    chosen = PROTOCOLS[protocol]
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature or 0.0,
+                                  calculator=calculator, stop=chosen.stop)
+    settings.validate()
+    if out is not None:
+        check_output_dir(out, overwrite, marker=SUMMARY)
+    if adapter is not None:  # a wrong run folder is reported before any data is fetched
+        load_run(adapter)
+    rows = read_gsm8k(data, split, limit)
+    inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
+    prompts = chosen.prompts(inference.tokenizer, rows, inference.format, inference.system_prompt,
+                             lambda: read_gsm8k(data, "train"))
+
+    state = process_state()
+    flat = [p for p in prompts for _ in range(samples)]
+    torch.manual_seed(seed + state.process_index)
+    start = time.time()
+    with progress_bar("evaluating", len(process_share(len(flat))), show_progress and state.is_main_process) as update:
+        generated = generate_across_processes(inference, flat, settings, update)
+    seconds = time.time() - start
+    scored, outputs = _score(chosen, [text for text, _ in generated], [r["answer"] for r in rows], samples)
+    tokens = sum(n for _, n in generated)
+    summary = dict(scored["summary"])
+    summary.update(
+        tokens_generated=tokens, generation_seconds=round(seconds, 3),
+        tokens_per_s=round(tokens / seconds, 1) if seconds else None,
+        settings={"data": data, "split": split, "limit": limit, "format": inference.format,
+                  "system_prompt": inference.system_prompt, "batch_size": batch_size,
+                  "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": calculator,
+                  "samples": samples, "temperature": temperature, "seed": seed,
+                  "processes": state.num_processes, **inference.source},
+    )
+    if out is not None and state.is_main_process:
+        _write_eval(out, rows, outputs, scored["rows"], summary)
+    return summary
+
+
+def _score(protocol, completions: list[str], golds: list[str], samples: int) -> tuple[dict, list[dict]]:
+    """The scored rows and summary, and what each problem's prediction line shows."""
+    from tinymath.lib.scoring import self_consistency
+
+    if samples > 1:
+        grouped = [completions[i * samples:(i + 1) * samples] for i in range(len(golds))]
+        return self_consistency(grouped, golds), [{"completions": g} for g in grouped]
+    return protocol.score(completions, golds), [{"completion": c} for c in completions]
+
+
+def _write_eval(out, rows: list[dict], outputs: list[dict], scored: list[dict], summary: dict) -> None:
+    from tinymath.base.files import atomic_output_dir, write_json
+
+    with atomic_output_dir(out) as tmp:
+        with open(tmp / PREDICTIONS, "w", encoding="utf-8") as f:
+            for row, output, s in zip(rows, outputs, scored):
+                f.write(json.dumps({"question": row["question"], "gold": row["answer"], **output, **s}) + "\n")
+        write_json(tmp / SUMMARY, summary)
+
+
+def _read_predictions(folder: Path) -> list[dict]:
+    from tinymath.base.files import read_jsonl
+
+    path = folder / PREDICTIONS
+    if not path.is_file() or not (folder / SUMMARY).is_file():
+        raise TinymathError(f"--compare {folder}: not a `tinymath eval --out` folder (no {PREDICTIONS})")
+    rows = read_jsonl(path)
+    if not rows:
+        raise TinymathError(f"--compare {folder}: {PREDICTIONS} is empty")
+    broken = next((i for i, r in enumerate(rows, 1) if not isinstance(r.get("question"), str)
+                   or not isinstance(r.get("correct"), bool)), None)
+    if broken:
+        raise TinymathError(f"--compare {path}, line {broken}: not a prediction (needs question and correct)")
+    return rows
+
+
+def compare(first: str | Path, second: str | Path) -> dict:
+    """Paired comparison of two eval outputs on the same problems: both accuracies, the difference
+    with a 95% interval, McNemar's exact test, and the problems that flipped each way."""
+    from tinymath.base.files import read_json_object
+    from tinymath.lib.scoring import paired_comparison
+
+    a, b = (_read_predictions(Path(folder)) for folder in (first, second))
+    if [r["question"] for r in a] != [r["question"] for r in b]:
+        raise TinymathError(f"--compare: {first} and {second} scored different problems (or in another order); "
+                            "evaluate both on the same --data, --split and --limit")
+    result = paired_comparison([r["correct"] for r in a], [r["correct"] for r in b])
+    only_a, only_b = result.pop("only_a"), result.pop("only_b")
+    return {**result, "only_a_correct": [a[i]["question"] for i in only_a],
+            "only_b_correct": [b[i]["question"] for i in only_b], "a": str(first), "b": str(second),
+            "summary_a": read_json_object(Path(first) / SUMMARY).get("settings"),
+            "summary_b": read_json_object(Path(second) / SUMMARY).get("settings")}

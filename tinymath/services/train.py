@@ -1,0 +1,72 @@
+"""train: QLoRA fine-tuning (NF4 base via bitsandbytes + PEFT LoRA) into a run folder.
+
+The service checks the config and the output folder, claims the folder (`tinymath.base.runs`:
+locked before anything in it is read or deleted; a run that replaces another trains beside it and
+takes its place only when complete) and runs the phased recipe of `tinymath.lib.trainer`.
+"""
+
+from __future__ import annotations
+
+from tinymath.base.config import TrainConfig
+from tinymath.base.errors import TinymathError
+
+
+def _check_reporter(config: TrainConfig) -> None:
+    import importlib.util
+
+    from tinymath.base.config import REPORTERS
+
+    if config.report_to and importlib.util.find_spec(REPORTERS[config.report_to]) is None:
+        module = REPORTERS[config.report_to]
+        raise TinymathError(f"--report-to {config.report_to}: {module} is not installed (pip install {module})")
+
+
+def train(config: TrainConfig, show_progress: bool = False, resume: bool = False) -> dict:
+    """Fine-tune ``config.model`` on ``config.data`` into ``config.out``; returns the run summary.
+
+    ``resume``: continue the run in ``config.out`` from its latest intact checkpoint.
+    """
+    from tinymath.base.files import check_writable
+    from tinymath.base.runs import claimed_train_output, plan_train_output
+    from tinymath.lib.distributed import process_state
+    from tinymath.lib.trainer import Trainer
+
+    config.validate()
+    _check_reporter(config)
+    output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
+    check_writable(output.live.absolute().parent)
+    if resume and not output.live.is_dir():
+        raise TinymathError(f"--resume {output.live}: no such run folder")
+    trainer = Trainer(config, output.live, show_progress, resume)
+    state = process_state()
+    state.wait_for_everyone()  # every process has checked the folder before the main one changes it
+    if not state.is_main_process:  # the main process claims the folder and puts the result in place
+        return trainer.setup().fit()
+    with claimed_train_output(output, resume):
+        summary = trainer.setup().fit()
+    if output.live != output.final:
+        summary["out"] = str(output.final)
+    return summary
+
+
+def dry_run_report(config: TrainConfig) -> dict:
+    """The resolved config and what the data amounts to, without loading the model."""
+    import math
+    from dataclasses import asdict
+
+    from accelerate import PartialState
+
+    from tinymath.lib.batching import count_label_tokens
+    from tinymath.lib.gsm8k import load_training_data
+    from tinymath.lib.model import load_tokenizer
+
+    config.validate()
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    splits, _, settings = load_training_data(config, tokenizer)
+    per_step = config.batch_size * config.grad_accum * PartialState().num_processes
+    steps_per_epoch = max(1, len(splits["train"]) // per_step)
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    return {"config": {**asdict(config), **settings},
+            "data": {name: {"examples": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
+                            "answer_tokens": count_label_tokens(rows)} for name, rows in splits.items()},
+            "steps_per_epoch": steps_per_epoch, "total_steps": total, "examples_per_step": per_step}
