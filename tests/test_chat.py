@@ -14,6 +14,9 @@ def test_scripted_lines_are_answered_independently(tiny_model):
     assert [line["question"] for line in lines] == ["What is 3 + 4?",
                                                     "A box holds 6 eggs. How many eggs are in 4 boxes?"]
     assert all(set(line) == {"question", "completion", "answer"} for line in lines)
+    alone = run_cli("chat", "--model", tiny_model, "--max-new-tokens", 8, "--json",
+                    input="A box holds 6 eggs. How many eggs are in 4 boxes?\n")
+    assert json.loads(alone.stdout)["completion"] == lines[1]["completion"]  # no history from line 1
 
 
 def test_question_flag_and_plain_output(tiny_model):

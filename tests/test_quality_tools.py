@@ -73,12 +73,17 @@ def test_paired_comparison(tmp_path):
     assert result.exit_code == 1 and "different problems" in result.stderr
 
 
-def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir):
+def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir, tmp_path):
+    from tinymath import is_correct
+
     result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,
-                     "--samples", 3, "--temperature", 1.0, "--json")
+                     "--samples", 3, "--temperature", 1.0, "--json", "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
-    assert s["pass_at_k"] >= s["maj_at_k"] and s["pass_at_k"] >= s["single_sample_accuracy"]
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert [len(r["completions"]) for r in rows] == [3, 3]
+    assert len({c for r in rows for c in r["completions"]}) > 1  # sampled, not greedy
+    assert s["pass_at_k"] == sum(any(is_correct(c, r["gold"]) for c in r["completions"]) for r in rows) / 2
     result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--samples", 3)
     assert result.exit_code == 1 and "--temperature" in result.stderr
     result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,

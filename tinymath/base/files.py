@@ -163,11 +163,20 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def check_writable(folder: str | Path, flag: str = "--out") -> None:
-    """Fail before any work when ``folder`` (or the nearest existing parent) cannot be written."""
+    """Fail before any work when ``folder`` (or the nearest existing parent, where it will be
+    created) cannot be written: tried with a real temporary file, which holds for every user and
+    every file system (read-only mounts, permissions, a file where a folder should be)."""
     folder = Path(folder).absolute()
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise TinymathError(f"{flag} {folder}: {existing or folder} is not a writable folder; choose another {flag}")
+    try:
+        if existing is None or not existing.is_dir():
+            raise NotADirectoryError(f"{existing or folder} is not a folder")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tinymath-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise TinymathError(f"{flag} {folder}: cannot write there ({exc.strerror or exc}); choose another {flag}") \
+            from None
 
 
 def check_output_dir(out: str | Path, overwrite: bool, marker: str | None = None) -> None:

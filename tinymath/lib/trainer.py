@@ -147,6 +147,13 @@ class Trainer:
         self.loss_model = build_loss_model(self.model, fast=config.packing)
         self.loss_model.train()  # checkpointing and dropout only act in training mode: plan in it
 
+    def say(self, message: str) -> None:
+        """A note for the user, once (main process), on stderr: stdout stays clean for --json."""
+        if self.is_main:
+            import sys
+
+            print(message, file=sys.stderr, flush=True)
+
     def _set_checkpointing(self, on: bool) -> None:
         causal_lm = self.model.get_base_model()
         if on:
@@ -198,7 +205,7 @@ class Trainer:
 
         state = self.state
         state.checkpoint, state.saved_state = load_latest_checkpoint(self.out, self.model, self.optimizer,
-                                                                     self.scheduler, say=self.accelerator.print)
+                                                                     self.scheduler, say=self.say)
         state.start_step, state.best = state.saved_state["step"], state.saved_state.get("best", state.best)
         if state.start_step >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the checkpoint is at step {state.start_step}, the run ends at "
@@ -337,7 +344,7 @@ class Trainer:
                     if self.config.lora_dropout:  # a failed capture can leave the CUDA RNG unusable
                         raise TinymathError(f"CUDA graphs could not capture this model ({exc}); "
                                             "train with --no-cuda-graphs") from exc
-                    self.accelerator.print(f"tinymath: training without CUDA graphs ({exc})")
+                    self.say(f"tinymath: training without CUDA graphs ({exc})")
                     self.graphed = None
             sync = i == len(batches) - 1
             with nullcontext() if sync else self.accelerator.no_sync(self.loss_model):
