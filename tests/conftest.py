@@ -31,7 +31,7 @@ def gsm8k_dir() -> Path:
     return FIXTURES / "gsm8k"
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, **config_overrides) -> Path:
     """A 2-layer random Llama and a byte-level BPE tokenizer with a ChatML template."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,6 +56,8 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(path)
