@@ -77,6 +77,7 @@ def test_graph_replay_matches_eager(gpu_model):
     loss = loss_model(**to_device(batch, "cuda"))
     loss.backward()
     eager_loss, eager_grads = loss.item(), [p.grad.clone() for p in params]
+    del loss  # its autograd graph, made on the default stream, must not outlive into the capture
     for p in params:
         p.grad = None
     graphed = GraphedMicroBatches(loss_model, params, pad_id=0, max_examples=len(examples), max_seq_len=256,
