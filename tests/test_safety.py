@@ -40,6 +40,22 @@ def run_copy(finished_run, tmp_path) -> Path:
     return Path(shutil.copytree(finished_run, tmp_path / "run"))
 
 
+def _nan_losses(monkeypatch):
+    """Every training loss becomes NaN (as an overflow would); returns a function that undoes it."""
+    import tinymath.lib.batching as batching
+
+    build = batching.build_loss_model
+
+    def nan_loss(*args, **kwargs):
+        loss_model = build(*args, **kwargs)
+        forward = loss_model.forward
+        loss_model.forward = lambda **batch: forward(**batch) * float("nan")
+        return loss_model
+
+    monkeypatch.setattr(batching, "build_loss_model", nan_loss)
+    return lambda: monkeypatch.setattr(batching, "build_loss_model", build)
+
+
 # ---------------------------------------------------------------- 1. train's output folder
 
 
@@ -61,25 +77,15 @@ def test_two_runs_started_together_one_is_refused(tiny_model, gsm8k_dir, tmp_pat
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_succeeds(tiny_model, gsm8k_dir, run_copy, monkeypatch):
-    import tinymath.lib.batching as batching
-
     before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
-    build = batching.build_loss_model
-
-    def nan_loss(*args, **kwargs):
-        loss_model = build(*args, **kwargs)
-        forward = loss_model.forward
-        loss_model.forward = lambda **batch: forward(**batch) * float("nan")
-        return loss_model
-
-    monkeypatch.setattr(batching, "build_loss_model", nan_loss)
+    restore = _nan_losses(monkeypatch)
     result = _train(tiny_model, gsm8k_dir, run_copy, "--max-steps", "3", "--overwrite")
     _clean_error(result, "the loss became nan")
     assert "--resume" not in result.stderr  # nothing to resume: no checkpoint was saved
     assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
     assert not any(p.name.endswith(".partial") for p in run_copy.parent.iterdir())
 
-    monkeypatch.setattr(batching, "build_loss_model", build)
+    restore()
     assert _train(tiny_model, gsm8k_dir, run_copy, "--max-steps", "3", "--overwrite").exit_code == 0
     assert json.loads((run_copy / "run.json").read_text())["max_steps"] == 3
     assert sorted(p.name for p in run_copy.parent.iterdir()) == ["run"]  # swapped in, nothing left beside it
@@ -102,17 +108,7 @@ def test_overwrite_refuses_the_working_directory(tiny_model, gsm8k_dir, run_copy
 
 
 def test_a_failed_first_run_leaves_nothing_behind(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
-    import tinymath.lib.batching as batching
-
-    build = batching.build_loss_model
-
-    def nan_loss(*args, **kwargs):
-        loss_model = build(*args, **kwargs)
-        forward = loss_model.forward
-        loss_model.forward = lambda **batch: forward(**batch) * float("nan")
-        return loss_model
-
-    monkeypatch.setattr(batching, "build_loss_model", nan_loss)
+    _nan_losses(monkeypatch)
     out = tmp_path / "run"
     _clean_error(_train(tiny_model, gsm8k_dir, out, "--max-steps", "2"), "the loss became nan")
     assert not out.exists()

@@ -55,9 +55,10 @@ def read_json_object(path: str | Path, what: str = "a JSON object") -> dict:
     return value
 
 
-def read_jsonl(path: str | Path, skip_torn_last: bool = False) -> list[dict]:
+def read_jsonl(path: str | Path, skip_torn_last: bool = False, where: str | None = None) -> list[dict]:
     """One JSON object per non-empty line. ``skip_torn_last``: a last line cut off mid-write (a
-    killed process) is dropped instead of reported."""
+    killed process) is dropped instead of reported. ``where``: a key under which each row records
+    its file and line (for messages about the row's content)."""
     lines = read_text(path).splitlines()
     rows = []
     for number, line in enumerate(lines, start=1):
@@ -71,6 +72,8 @@ def read_jsonl(path: str | Path, skip_torn_last: bool = False) -> list[dict]:
             raise TinymathError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise TinymathError(f"{path}, line {number}: expected a JSON object")
+        if where:
+            row[where] = f"{path}, line {number}"
         rows.append(row)
     return rows
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import check_not_working_dir, load_safetensors, read_json_object, read_jsonl
+from tinymath.base.files import check_not_working_dir, load_safetensors, read_json_object, read_jsonl, read_text
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.json"
@@ -166,7 +166,7 @@ def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOu
         raise TinymathError(f"--out {out} is a file, not a folder")
     if resume:
         replaces = out / REPLACES
-        final = Path(replaces.read_text(encoding="utf-8").strip()) if replaces.is_file() else out
+        final = Path(read_text(replaces).strip()) if replaces.is_file() else out
         return TrainOutput(live=out, final=final)
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return TrainOutput(live=out, final=out)

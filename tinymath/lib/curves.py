@@ -3,8 +3,9 @@ drawn from metrics.jsonl with matplotlib's file-only backend."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from tinymath.base.runs import CURVES, read_metrics
 
 
 def plot_curves(run: Path) -> Path | None:
@@ -14,15 +15,7 @@ def plot_curves(run: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics_path = Path(run) / "metrics.jsonl"
-    if not metrics_path.is_file():
-        return None
-    rows = []
-    for line in metrics_path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
+    rows = read_metrics(run)
     if not rows:
         return None
     panels = [("loss", "train loss"), ("lr", "learning rate")]
@@ -42,7 +35,7 @@ def plot_curves(run: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    target = Path(run) / "curves.png"
+    target = Path(run) / CURVES
     tmp = target.with_name(".curves.png.tmp")
     fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)

@@ -12,13 +12,12 @@ counts and token-length statistics).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from tinymath.base.config import DEFAULT_DATA
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
-from tinymath.base.files import read_json, read_json_object, read_text
+from tinymath.base.files import read_json, read_json_object, read_jsonl
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
 from tinymath.base.runs import MANIFEST
 
@@ -28,25 +27,9 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # ---------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TinymathError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise TinymathError(f"{path}, line {number}: expected a JSON object with question and answer")
-        row["_where"] = f"{path}, line {number}"
-        rows.append(row)
-    return rows
-
-
 def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path, where="_where")
     elif path.suffix == ".json":
         loaded = read_json(path)
         if not isinstance(loaded, list):
