@@ -26,6 +26,7 @@ from tinymath.base.errors import TinymathError
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import PREDICTIONS
+from tinymath.lib.grpo import METHODS
 from tinymath.lib.lora import MERGE_BASES
 from tinymath.lib.scoring import PROTOCOLS
 from tinymath.services.merge import DTYPES
@@ -160,6 +161,10 @@ def prepare_data_cmd(
     out_console.print(table)
 
 
+# train options whose registry lives above the base layer (the training methods are library classes)
+LIBRARY_CHOICES = {"method": METHODS}
+
+
 def _shown_default(f) -> str:
     """How a train option's default reads in --help: from its one declaration in `TrainConfig`."""
     shown = f.metadata["shown"]
@@ -174,8 +179,9 @@ def _train_option(f) -> inspect.Parameter:
     meta = f.metadata
     hint = typing.get_type_hints(TrainConfig)[f.name]
     kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-    if meta["choices"] is not None:
-        kind = choices(f.name.title().replace("_", ""), meta["choices"])
+    registry = meta["choices"] if meta["choices"] is not None else LIBRARY_CHOICES.get(f.name)
+    if registry is not None:
+        kind = choices(f.name.title().replace("_", ""), registry)
     option = typer.Option(*meta["flags"], help=meta["help"] + _shown_default(f), rich_help_panel=meta["panel"],
                           show_default=False)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -217,6 +223,7 @@ def train_cmd(
     tinymath train --data prep --model SmolLM2-135M-Instruct.Q4_1.gguf --out run --max-steps 3 --batch-size 2
     tinymath train --config recipe.toml --lr 1e-4 --dry-run
     tinymath train --resume run
+    tinymath train --method grpo --init-adapter run --data prep --out run-rl --max-steps 100
     accelerate launch --num_processes 2 -m tinymath train --data prep --out run
     ```
     """

@@ -44,7 +44,12 @@ def option(default, help: str, panel: str | None = None, *, choices=None, flags:
                                             "shown": shown})
 
 
-SCHEDULE, LORA, DATA, SPEED, CONTROL = "Schedule", "LoRA", "Data", "Speed", "Run control"
+SCHEDULE, LORA, DATA, SPEED, CONTROL, RL = "Schedule", "LoRA", "Data", "Speed", "Run control", "RL (--method grpo)"
+# what a training method changes in the defaults (a flag or a config file still wins)
+METHOD_DEFAULTS = {"grpo": {"lr": 1e-5, "warmup": 0.0, "batch_size": 16}}
+# what --init-adapter takes from the run it starts from (flags that differ are refused)
+INIT_KEYS = ("model", "quant", "lora_r", "lora_alpha", "target_modules", "format", "system_prompt",
+             "calc_annotations")
 
 
 @dataclass
@@ -65,11 +70,14 @@ class TrainConfig:
                                      flags=("--trust-remote-code",), shown="")
     epochs: float = option(3.0, "Passes over the training data.", SCHEDULE)
     max_steps: int | None = option(None, "Stop after N optimizer steps (overrides --epochs).", SCHEDULE)
-    batch_size: int = option(32, "Examples per optimizer step and GPU = --batch-size x --grad-accum. With "
-                                 "--packing the step is cut into micro-batches by tokens.", SCHEDULE)
+    batch_size: int = option(32, "Examples per optimizer step and GPU = --batch-size x --grad-accum (with "
+                                 "--method grpo: questions, each sampled --samples times). With --packing the "
+                                 "step is cut into micro-batches by tokens.", SCHEDULE,
+                             shown="32; 16 with --method grpo")
     grad_accum: int = option(1, "Gradient accumulation (multiplies the examples per step).", SCHEDULE)
-    lr: float = option(1e-3, "Peak learning rate, cosine decay.", SCHEDULE, shown="1e-3")
-    warmup: float = option(0.03, "Warm-up: a fraction of the steps (< 1) or a step count.", SCHEDULE)
+    lr: float = option(1e-3, "Peak learning rate, cosine decay.", SCHEDULE, shown="1e-3; 1e-5 with --method grpo")
+    warmup: float = option(0.03, "Warm-up: a fraction of the steps (< 1) or a step count.", SCHEDULE,
+                           shown="0.03; 0 with --method grpo")
     weight_decay: float = option(0.0, "AdamW weight decay.", SCHEDULE)
     lora_r: int = option(32, "LoRA rank.", LORA)
     lora_alpha: float = option(64.0, "LoRA alpha (scale = alpha / r).", LORA)
@@ -105,6 +113,16 @@ class TrainConfig:
                                    choices=REPORTERS)
     overwrite: bool = option(False, "Replace an existing run folder (only once the new run is complete).",
                              flags=("--overwrite/--no-overwrite",), shown="")
+    method: str = option("sft", "sft: supervised fine-tuning on the reference solutions. grpo: reinforcement "
+                                "learning from the model's own sampled solutions, rewarded when the final answer "
+                                "is right (start it from an SFT run with --init-adapter).", RL)
+    init_adapter: str | None = option(None, "grpo: start from this run folder's adapter (its base model, LoRA "
+                                            "shape and prompt format are taken too).", RL, shown="the base model")
+    samples: int = option(8, "grpo: solutions sampled per question (the group its rewards are compared in).", RL)
+    temperature: float = option(1.0, "grpo: sampling temperature of the solutions.", RL)
+    max_new_tokens: int = option(256, "grpo: longest sampled solution.", RL)
+    format_reward: float = option(0.0, "grpo: reward for giving a '#### N' final answer at all (the correct answer "
+                                       "earns 1).", RL)
 
     def validate(self) -> None:
         """Every problem at once, each naming the flag to fix; NaN and infinity are never valid."""
@@ -134,6 +152,14 @@ class TrainConfig:
             problems += choice("--format", self.format, FORMATS)
         if self.calc_annotations is not None:
             problems += choice("--calc-annotations", self.calc_annotations, CALC_ANNOTATIONS)
+        problems += _positive(self, ("samples", "max_new_tokens", "temperature"))
+        if self.method == "grpo" and self.samples < 2:
+            problems.append(f"--samples {self.samples}: GRPO compares each solution with the others of its "
+                            "question, so it needs at least 2 (try 8)")
+        if self.format_reward < 0:
+            problems.append(f"--format-reward {self.format_reward} must be >= 0")
+        if self.init_adapter and self.method != "grpo":
+            problems.append("--init-adapter starts reinforcement learning from a run: add --method grpo")
         if self.keep == "best" and not self.eval_every:
             problems.append("--keep best needs --eval-every N (validation accuracy picks the best adapter)")
         if self.eval_every and not self.val_size and not (Path(self.data) / "validation").is_dir():
@@ -233,4 +259,22 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         return TrainConfig(**settings)
     settings = load_config_file(config_file) if config_file else {}
     settings.update(given)
+    settings = {**METHOD_DEFAULTS.get(settings.get("method", "sft"), {}), **settings}
+    if settings.get("init_adapter"):
+        settings.update(_from_init_adapter(settings["init_adapter"], settings))
     return TrainConfig(**settings)
+
+
+def _from_init_adapter(run_dir: str, settings: dict) -> dict:
+    """The settings a run started from ``run_dir``'s adapter must share with it (base model, LoRA
+    shape, prompt format); one given otherwise is refused."""
+    from tinymath.base.runs import load_run
+
+    run = load_run(run_dir).config
+    taken = {key: run.get(key) for key in INIT_KEYS if key in run}
+    clash = [key for key, value in taken.items() if key in settings and settings[key] != value]
+    if clash:
+        names = ", ".join(f"--{k.replace('_', '-')} {settings[k]}" for k in clash)
+        raise TinymathError(f"--init-adapter {run_dir}: {names} differ from that run's "
+                            f"({', '.join(f'{k} {taken[k]}' for k in clash)}); drop them")
+    return taken

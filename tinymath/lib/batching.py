@@ -22,9 +22,12 @@ def pack_examples(examples: list[dict]):
     bounds = [0]
     for n in lengths:
         bounds.append(bounds[-1] + n)
-    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]), "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
-            "max_seq_len": max(lengths)}
+    batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+             "position_ids": torch.tensor([positions]), "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+             "max_seq_len": max(lengths)}
+    if "weights" in examples[0]:  # per-token loss weights (GRPO's advantages), aligned with labels
+        batch["weights"] = torch.tensor([[w for ex in examples for w in ex["weights"]]], dtype=torch.float32)
+    return batch
 
 
 def pad_examples(examples: list[dict], pad_id: int):
@@ -35,12 +38,16 @@ def pad_examples(examples: list[dict], pad_id: int):
     ids = torch.full((len(examples), width), pad_id)
     labels = torch.full((len(examples), width), -100)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    weights = torch.zeros((len(examples), width)) if "weights" in examples[0] else None
     for row, ex in enumerate(examples):
         n = len(ex["input_ids"])
         ids[row, :n] = torch.tensor(ex["input_ids"])
         labels[row, :n] = torch.tensor(ex["labels"])
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if weights is not None:
+            weights[row, :n] = torch.tensor(ex["weights"], dtype=torch.float32)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return batch if weights is None else {**batch, "weights": weights}
 
 
 def count_label_tokens(examples: list[dict]) -> int:
@@ -72,7 +79,9 @@ def to_device(batch: dict, device) -> dict:
 
 
 def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096):
-    """Wrap the PEFT model in a module whose forward returns the summed answer-token loss.
+    """Wrap the PEFT model in a module whose forward returns the summed answer-token loss (each
+    token's cross-entropy times its weight when the batch carries ``weights``: with GRPO's
+    advantages as weights, the policy-gradient loss).
 
     ``fast``: the LM head runs only on labelled positions, in chunks whose fp32 logits are
     recomputed in the backward pass (checkpointed) instead of kept: the full ``tokens x
@@ -86,32 +95,42 @@ def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096):
     def chunk_loss(head, hidden, targets):
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
+    def weighted_chunk_loss(head, hidden, targets, weights):
+        return (F.cross_entropy(head(hidden).float(), targets, reduction="none", ignore_index=-100) * weights).sum()
+
     class CausalLMLoss(torch.nn.Module):
         def __init__(self, peft_model):
             super().__init__()
             self.peft_model = peft_model
 
-        def forward(self, input_ids, labels, all_positions=False, **kwargs):
+        def forward(self, input_ids, labels, all_positions=False, weights=None, **kwargs):
             """``all_positions``: the loss over every position, unlabelled ones ignored, instead of
-            over the selected labelled ones (the same sum; a fixed shape for `tinymath.lib.graphs`)."""
+            over the selected labelled ones (the same sum; a fixed shape for `tinymath.lib.graphs`).
+            ``weights``: one per token, like ``labels``."""
             if not fast:
                 logits = self.peft_model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1]
-                return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                       ignore_index=-100, reduction="sum")
+                flat_logits, targets = logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+                if weights is None:
+                    return F.cross_entropy(flat_logits, targets, ignore_index=-100, reduction="sum")
+                return (F.cross_entropy(flat_logits, targets, ignore_index=-100, reduction="none")
+                        * weights[:, 1:].reshape(-1)).sum()
             causal_lm = self.peft_model.get_base_model()
             hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
             hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+            weights = weights[:, 1:].reshape(-1) if weights is not None else None
             if not all_positions:
                 keep = targets != -100
                 hidden, targets = hidden[keep], targets[keep]
+                weights = weights[keep] if weights is not None else None
             head = causal_lm.get_output_embeddings()
             total = hidden.new_zeros((), dtype=torch.float32)
             for start in range(0, targets.shape[0], chunk_tokens):
-                h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+                part = slice(start, start + chunk_tokens)
+                fn, args = ((chunk_loss, (head, hidden[part], targets[part])) if weights is None
+                            else (weighted_chunk_loss, (head, hidden[part], targets[part], weights[part])))
                 # no random numbers in the loss: nothing to save (and no RNG state read under a CUDA graph)
-                total = total + (checkpoint(chunk_loss, head, h, t, use_reentrant=False, preserve_rng_state=False)
-                                 if torch.is_grad_enabled()
-                                 else chunk_loss(head, h, t))
+                total = total + (checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+                                 if torch.is_grad_enabled() else fn(*args))
             return total
 
     return CausalLMLoss(model)

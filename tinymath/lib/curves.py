@@ -21,6 +21,8 @@ def plot_curves(run: Path) -> Path | None:
     panels = [("loss", "train loss"), ("lr", "learning rate")]
     if any("val_accuracy" in r for r in rows):
         panels.append(("val_accuracy", "validation accuracy"))
+    if any("reward" in r for r in rows):
+        panels.append(("reward", "mean reward of the samples"))
     if any("retention_kl" in r for r in rows):
         panels.append(("retention_kl", "drift from base: KL (nats/token)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))

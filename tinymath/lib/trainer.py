@@ -67,7 +67,13 @@ class LoopState:
 
 class Trainer:
     """One training run in ``live``: ``setup()``, then ``fit()`` (steps and their after-steps),
-    which ends with ``finish()`` and returns the run summary."""
+    which ends with ``finish()`` and returns the run summary.
+
+    This is supervised fine-tuning; another method subclasses it and replaces what a step trains
+    on (`step_batches`), reusing everything else."""
+
+    method = "sft"
+    prefetch = True  # build the next step's batches while the GPU works (they do not depend on the update)
 
     def __init__(self, config: TrainConfig, live: Path, show_progress: bool = False, resume: bool = False):
         self.config, self.out, self.resume = config, Path(live), resume
@@ -75,6 +81,7 @@ class Trainer:
         self.state = LoopState()
         self.graphed = None
         self.retention = None
+        self.step_metrics: dict = {}  # what a method adds to the step's metrics line
 
     # ------------------------------------------------------------ set-up
 
@@ -310,10 +317,11 @@ class Trainer:
     def train_step(self, step: int, batches):
         """One optimizer step on ``batches`` (`step_batches`); returns the next step's batches,
         built while the GPU works on this one."""
-        t0 = time.time()
+        t0 = self.step_started = time.time()
         examples, step_tokens, micro = batches
         loss_total = self.forward_backward(micro, step_tokens)
-        upcoming = self.step_batches(step + 1) if step + 1 < self.plan.total_steps else None
+        more = step + 1 < self.plan.total_steps
+        upcoming = self.step_batches(step + 1) if more and self.prefetch else None
         loss, stop_votes = self._reduce(loss_total, step_tokens)
         if not math.isfinite(loss):  # checked before the update: the weights stay good
             self._fail_non_finite(f"the loss became {loss} at step {step + 1}")
@@ -323,7 +331,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=self.graphed is None)  # graphs keep adding into the same buffers
         real = sum(len(ex["input_ids"]) for ex in examples)
         self.after_step(step + 1, loss, lr, real, real / max(time.time() - t0, 1e-9), stop_votes)
-        return upcoming
+        return self.step_batches(step + 1) if more and upcoming is None else upcoming
 
     def forward_backward(self, batches: list[dict], step_tokens: int):
         """Forward and backward of this process's micro-batches, the gradients scaled so that the
@@ -381,7 +389,7 @@ class Trainer:
         state.real_tokens += real
         state.last_loss = loss
         record = {"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4), "loss": round(loss, 6),
-                  "lr": lr, "tokens_per_s": round(tps, 1), "tokens": real}
+                  "lr": lr, "tokens_per_s": round(tps, 1), "tokens": real, **self.step_metrics}
         evaluating = self._validate(done, record)
         if self.retention and (done % config.retention_every == 0 or done == total):
             numbers = self.retention()

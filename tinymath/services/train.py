@@ -1,8 +1,9 @@
-"""train: QLoRA fine-tuning (NF4 base via bitsandbytes + PEFT LoRA) into a run folder.
+"""train: QLoRA fine-tuning (NF4 base via bitsandbytes + PEFT LoRA) into a run folder, by
+supervised fine-tuning or by reinforcement learning (``--method``, `tinymath.lib.grpo.METHODS`).
 
 The service checks the config and the output folder, claims the folder (`tinymath.base.runs`:
 locked before anything in it is read or deleted; a run that replaces another trains beside it and
-takes its place only when complete) and runs the phased recipe of `tinymath.lib.trainer`.
+takes its place only when complete) and runs the method's phased recipe (`tinymath.lib.trainer`).
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     """
     from tinymath.base.files import check_writable
     from tinymath.base.runs import claimed_train_output, plan_train_output
+    from tinymath.base.errors import choice, raise_if_problems
     from tinymath.lib.distributed import process_state
-    from tinymath.lib.trainer import Trainer
+    from tinymath.lib.grpo import METHODS
 
     config.validate()
+    raise_if_problems(choice("--method", config.method, METHODS))
     _check_reporter(config)
     output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
     check_writable(output.live.absolute().parent)
     if resume and not output.live.is_dir():
         raise TinymathError(f"--resume {output.live}: no such run folder")
-    trainer = Trainer(config, output.live, show_progress, resume)
+    trainer = METHODS[config.method](config, output.live, show_progress, resume)
     state = process_state()
     state.wait_for_everyone()  # every process has checked the folder before the main one changes it
     if not state.is_main_process:  # the main process claims the folder and puts the result in place

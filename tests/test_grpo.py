@@ -1,0 +1,169 @@
+"""GRPO (train --method grpo): the reward and advantages, the weighted loss being the policy
+gradient, an update moving the policy towards rewarded solutions, exact resume, the run folder
+working with eval and merge, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import build_tiny_model, run_cli
+
+SFT = ["--quant", "none", "--batch-size", "2", "--lr", "0.02", "--warmup", "0", "--lora-r", "8"]
+RL = ["--batch-size", "2", "--samples", "3", "--max-new-tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model, gsm8k_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, *SFT, "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def varied_rewards(monkeypatch):
+    """A random model never solves GSM8K: reward a property of the sampled text instead, so that
+    groups differ and every step learns (the reward is a pure function of the sample)."""
+    import tinymath.lib.grpo as grpo
+
+    monkeypatch.setattr(grpo, "reward", lambda text, gold, format_reward=0.0: float(len(text) % 2))
+
+
+def test_reward_and_group_advantages():
+    from tinymath.lib.grpo import group_advantages, reward, solution_ids
+
+    assert reward("so 3 + 4 = 7\n#### 7", "... #### 7") == 1.0
+    assert reward("#### 8", "#### 7") == 0.0
+    assert reward("the answer is 7", "#### 7") == 0.0  # strict: no marker, no reward
+    assert reward("#### 8", "#### 7", format_reward=0.1) == pytest.approx(0.1)
+    assert reward("#### 7", "#### 7", format_reward=0.1) == pytest.approx(1.1)
+    assert group_advantages([1, 0, 0, 0, 1, 1], 3) == pytest.approx([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3])
+    assert group_advantages([1, 1, 0, 0], 2) == [0, 0, 0, 0]  # nothing to learn from a unanimous group
+    assert solution_ids([5, 6, 2, 0, 0], eos=2, pad=0) == [5, 6, 2]
+    assert solution_ids([5, 6, 7], eos=2, pad=0) == [5, 6, 7]
+
+
+def test_weighted_loss_is_the_policy_gradient_loss(tiny_model):
+    """sum over solution tokens of -advantage x log p(token), in both the packed and the padded path."""
+    import torch
+
+    from tinymath.lib.attention import register
+    from tinymath.lib.batching import build_loss_model, pack_examples, pad_examples
+    from tinymath.lib.lora import attach_lora, get_lora_config
+    from tinymath.lib.model import load_base_model
+
+    base = load_base_model(str(tiny_model), "none", dtype=torch.float32, device="cpu")
+    base.set_attn_implementation(register())
+    model = attach_lora(base, get_lora_config(8, 16, 0.0, "all-linear"))
+    examples = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "weights": [0, 0, 0.5, 0.5, 0.5]},
+                {"input_ids": [11, 12, 13, 14], "labels": [-100, 12, 13, 14], "weights": [0, -1.0, -1.0, -1.0]}]
+    expected = 0.0
+    with torch.no_grad():
+        for ex in examples:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, :-1].float(), -1)
+            for pos, (label, weight) in enumerate(zip(ex["labels"][1:], ex["weights"][1:])):
+                if label != -100:
+                    expected += -weight * logp[pos, label].item()
+        packed = build_loss_model(model, fast=True)(**pack_examples(examples)).item()
+        padded = build_loss_model(model, fast=False)(**pad_examples(examples, pad_id=0)).item()
+    assert packed == pytest.approx(expected, rel=1e-4)
+    assert padded == pytest.approx(expected, rel=1e-4)
+
+
+def test_an_update_moves_the_policy_towards_rewarded_solutions(tiny_model, gsm8k_dir, sft_run, tmp_path,
+                                                               monkeypatch):
+    import torch
+
+    import tinymath.lib.grpo as grpo
+    from tinymath import train
+    from tinymath.base.config import resolve_train_config
+    from tinymath.lib.lora import load_adapted_model
+    from tinymath.base.runs import load_run
+
+    good, bad = [40, 41, 42, 2], [50, 51, 52, 2]
+
+    def fixed_rollout(self, questions):  # two solutions per question: one rewarded, one not
+        examples, rewards = [], []
+        for _ in questions:
+            for solution, r in ((good, 1.0), (bad, 0.0)):
+                examples.append({"input_ids": [1, 30, 31] + solution, "labels": [-100] * 3 + solution,
+                                 "weights": [0.0] * 3 + [r - 0.5] * len(solution)})
+                rewards.append(r)
+        return examples, rewards
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "rollout", fixed_rollout)
+    config = resolve_train_config({"method": "grpo", "init_adapter": str(sft_run), "data": str(gsm8k_dir),
+                                   "out": str(tmp_path / "rl"), "samples": 2, "batch_size": 2, "lr": 0.02,
+                                   "max_steps": 3})
+    train(config)
+
+    def margin(run_dir):
+        model = load_adapted_model(load_run(run_dir), dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            logp = [torch.log_softmax(model(input_ids=torch.tensor([[1, 30, 31] + s])).logits[0, 2:-1], -1)
+                    .gather(1, torch.tensor(s[:-1])[:, None]).sum().item() for s in (good, bad)]
+        return logp[0] - logp[1]
+
+    assert margin(tmp_path / "rl") > margin(sft_run) + 0.5
+
+
+def test_grpo_run_folder_resume_eval_and_merge(tiny_model, gsm8k_dir, sft_run, tmp_path, varied_rewards):
+    out = tmp_path / "rl"
+    args = ("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, *RL, "--lr", "0.01",
+            "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "3", "--json")
+    result = run_cli(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"] == "grpo" and run["samples"] == 3 and run["init_adapter"] == str(sft_run)
+    assert run["model"] == str(tiny_model) and run["lora_r"] == 8  # taken from the SFT run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all({"reward", "groups_solved", "generated_tokens", "generation_s", "update_s"} <= r.keys() for r in rows)
+    assert any(r["loss"] != 0 for r in rows)  # mixed rewards: the policy was updated
+
+    again = tmp_path / "again"  # resumed from step 2: the same samples, rewards and losses as straight through
+    shutil.copytree(out, again)
+    (again / "run.json").unlink()
+    assert [p.name for p in (again / "checkpoints").iterdir()] == ["step-000002"]
+    assert run_cli("train", "--resume", again, "--json").exit_code == 0
+    resumed = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
+    keys = ("loss", "reward", "generated_tokens")
+    assert [r[k] for r in resumed for k in keys] == pytest.approx([r[k] for r in rows for k in keys], rel=1e-5)
+
+    ev = run_cli("eval", "--adapter", out, "--data", gsm8k_dir, "--limit", "2", "--max-new-tokens", "4", "--json")
+    assert ev.exit_code == 0, ev.output
+    assert run_cli("merge-adapters", out, "--out", tmp_path / "merged", "--json").exit_code == 0
+
+
+def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
+    def refused(*extra):
+        out = tmp_path / "rl"
+        result = run_cli("train", "--method", "grpo", "--data", gsm8k_dir, "--out", out, *RL, "--max-steps", "1",
+                         *extra)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert not out.exists()
+        return result.stderr
+
+    assert "at least 2" in refused("--init-adapter", sft_run, "--samples", "1")
+    assert "not a tinymath training run" in refused("--init-adapter", tmp_path)
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    assert "differ from that run's" in refused("--init-adapter", sft_run, "--model", other)
+    assert "--method grpo" in run_cli("train", "--init-adapter", sft_run, "--data", gsm8k_dir, "--out",
+                                      tmp_path / "x", "--dry-run").stderr
+
+
+def test_grpo_refuses_a_model_with_another_tokenizer(gsm8k_dir, sft_run, tmp_path):
+    """The run's base was replaced by a model with another tokenizer: one message, nothing written."""
+    from transformers import AutoTokenizer
+
+    copy = shutil.copytree(sft_run, tmp_path / "sft")
+    tokenizer = AutoTokenizer.from_pretrained(copy)
+    tokenizer.add_tokens(["<extra_a>", "<extra_b>"])
+    tokenizer.save_pretrained(copy)
+    out = tmp_path / "rl"
+    result = run_cli("train", "--method", "grpo", "--init-adapter", copy, "--data", gsm8k_dir, "--out", out, *RL,
+                     "--max-steps", "1")
+    assert result.exit_code == 1 and "another tokenizer" in result.stderr, result.output
+    assert not out.exists()

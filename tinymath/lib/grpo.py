@@ -1,0 +1,155 @@
+"""GRPO: reinforcement learning from the model's own solutions with a verifiable reward
+(``tinymath train --method grpo``), on the same training recipe as SFT (`tinymath.lib.trainer`).
+
+Each step takes ``--batch-size`` questions, samples ``--samples`` solutions to each with the
+current policy (tinymath's batched generation), rewards a solution 1 when its ``#### N`` answer is
+right (the strict GSM8K check; plus ``--format-reward`` for giving a ``#### N`` at all), and
+trains on the solutions with their group-relative advantages. The choices, and where they come
+from:
+
+- advantage = reward - mean reward of the question's group, not divided by the group's standard
+  deviation (Dr. GRPO, Liu et al. 2025: the division over-weights questions that are almost always
+  or almost never solved); groups whose solutions all earn the same reward teach nothing and are
+  not run through the model (DAPO's dynamic sampling, Yu et al. 2025, without re-sampling);
+- token-level normalisation: the step's loss is the sum over every sampled solution token of
+  -advantage x log-probability, divided by the number of those tokens (DAPO; TRL's ``dapo`` loss),
+  so long solutions are not down-weighted per token;
+- on-policy: one update per batch of samples, so the probability ratio of PPO/GRPO is 1 and its
+  clipping never acts (DeepSeekMath's GRPO with one inner iteration; nanochat's ``chat_rl.py``);
+- no KL penalty to the reference model (TRL's default ``beta=0``; DAPO and Dr. GRPO drop it):
+  the LoRA adapter and a small learning rate keep the policy near its start.
+
+A solution is the token ids the policy sampled, up to and including its EOS.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tinymath.base.errors import TinymathError
+from tinymath.base.prompts import extract_answer, is_correct
+from tinymath.lib.batching import count_label_tokens, micro_batches
+from tinymath.lib.trainer import Trainer
+
+
+def reward(completion: str, gold: str, format_reward: float = 0.0) -> float:
+    """1 for the right final answer after ``####`` (strict), plus ``format_reward`` for any ``#### N``."""
+    answered = extract_answer(completion, strict=True) is not None
+    return float(is_correct(completion, gold, strict=True)) + (format_reward if answered else 0.0)
+
+
+def group_advantages(rewards: list[float], group: int) -> list[float]:
+    """Each reward minus the mean reward of its group (consecutive runs of ``group`` samples)."""
+    out = []
+    for start in range(0, len(rewards), group):
+        chunk = rewards[start:start + group]
+        mean = sum(chunk) / len(chunk)
+        out += [r - mean for r in chunk]
+    return out
+
+
+def solution_ids(ids: list[int], eos: int, pad: int) -> list[int]:
+    """The sampled tokens of one generated row: up to and including EOS, padding dropped."""
+    if eos in ids:
+        return ids[:ids.index(eos) + 1]
+    while ids and ids[-1] == pad and pad != eos:
+        ids = ids[:-1]
+    return ids
+
+
+class GRPOTrainer(Trainer):
+    """Trains on the policy's own sampled solutions; setup, checkpoints, logging, validation and the
+    packed forward/backward are the SFT trainer's."""
+
+    method = "grpo"
+    prefetch = False  # a step's samples come from the policy after the previous update
+
+    def _load_data(self) -> None:
+        super()._load_data()
+        if self.config.init_adapter:
+            self._check_init_tokenizer()
+
+    def _check_init_tokenizer(self) -> None:
+        from tinymath.lib.model import load_tokenizer
+
+        theirs = load_tokenizer(self.config.init_adapter)
+        if len(theirs) != len(self.tokenizer) or theirs.eos_token != self.tokenizer.eos_token:
+            raise TinymathError(f"--init-adapter {self.config.init_adapter} was trained with another tokenizer "
+                                f"({len(theirs)} tokens, EOS {theirs.eos_token!r}) than --model {self.config.model} "
+                                f"has ({len(self.tokenizer)}, {self.tokenizer.eos_token!r})")
+
+    def _load_model(self) -> None:
+        super()._load_model()
+        if self.config.init_adapter:
+            from peft import set_peft_model_state_dict
+
+            from tinymath.base.files import load_safetensors
+            from tinymath.base.runs import ADAPTER_WEIGHTS, load_run
+
+            run = load_run(self.config.init_adapter)
+            set_peft_model_state_dict(self.model, load_safetensors(run.path / ADAPTER_WEIGHTS))
+
+    def _setup_graphs(self) -> None:
+        self.graphed = None  # the token weights vary per step; graphs replay fixed inputs only
+
+    def step_batches(self, step: int) -> tuple[list[dict], int, list[dict]]:
+        """Sample solutions to this step's questions, reward them and turn them into weighted
+        training examples. The normaliser is every sampled solution token of the step."""
+        questions = self.step_examples(step)
+        local = questions[self.accelerator.process_index::self.plan.world]
+        started = time.time()
+        examples, rewards = self.rollout(local)
+        generation_s = time.time() - started
+        step_tokens = count_label_tokens(examples)
+        counts = [step_tokens, sum(rewards), len(rewards), self._groups_solved(rewards)]
+        step_tokens, reward_sum, n, solved = self._sum_over_processes(counts)
+        self.step_metrics = {"reward": round(reward_sum / max(n, 1), 4),
+                             "groups_solved": round(solved / max(len(questions), 1), 4),
+                             "generated_tokens": int(step_tokens), "generation_s": round(generation_s, 2)}
+        learning = [ex for ex in examples if ex["weights"][-1] != 0]
+        return examples, max(int(step_tokens), 1), list(micro_batches(learning, self.config, self.pad_id,
+                                                                       self.plan.micro_batch_tokens))
+
+    def rollout(self, questions: list[dict]) -> tuple[list[dict], list[float]]:
+        """``--samples`` solutions per question from the current policy, as training examples whose
+        ``weights`` are the solution's advantage on its tokens; and the rewards."""
+        from tinymath.base.prompts import build_prompt, encode_prompt
+        from tinymath.lib.generate import GenerationSettings, InferenceModel, _decode_new, generate_ids
+        from tinymath.lib.speed import inference_mode
+
+        config, tokenizer, k = self.config, self.tokenizer, self.config.samples
+        fmt, system = self.data_settings["format"], self.data_settings["system_prompt"]
+        prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, q["question"], fmt, system)) for q in questions]
+        flat = [p for p in prompts for _ in range(k)]
+        settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                      static_cache=False)
+        with inference_mode(self.model):
+            generated = generate_ids(InferenceModel(self.model, tokenizer, fmt, system, {}), flat, settings)
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        solutions = [solution_ids(ids.tolist(), eos, pad) for ids in generated]
+        texts = [_decode_new(tokenizer, ids)[0] for ids in generated]
+        rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
+        examples = [{"input_ids": prompt + sol, "labels": [-100] * len(prompt) + sol,
+                     "weights": [0.0] * len(prompt) + [advantage] * len(sol)}
+                    for prompt, sol, advantage in zip(flat, solutions, group_advantages(rewards, k)) if sol]
+        return examples, rewards
+
+    def _groups_solved(self, rewards: list[float]) -> int:
+        k = self.config.samples
+        return sum(any(r >= 1 for r in rewards[i:i + k]) for i in range(0, len(rewards), k))
+
+    def _sum_over_processes(self, values: list[float]) -> list[float]:
+        if self.plan.world == 1:
+            return values
+        import torch
+
+        totals = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(totals, reduction="sum").tolist()
+
+    def after_step(self, done: int, loss: float, lr: float, real: int, tps: float, stop_votes: float) -> None:
+        self.step_metrics["update_s"] = round(time.time() - self.step_started, 2)
+        super().after_step(done, loss, lr, real, tps, stop_votes)
+
+
+# the training methods: ``--method`` name -> the trainer that runs it
+METHODS = {"sft": Trainer, "grpo": GRPOTrainer}
