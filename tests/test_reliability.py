@@ -2,7 +2,6 @@
 --dry-run, accuracy while training and the curves."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
