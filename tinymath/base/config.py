@@ -46,7 +46,7 @@ def option(default, help: str, panel: str | None = None, *, choices=None, flags:
 
 SCHEDULE, LORA, DATA, SPEED, CONTROL, RL = "Schedule", "LoRA", "Data", "Speed", "Run control", "RL (--method grpo)"
 # what a training method changes in the defaults (a flag or a config file still wins)
-METHOD_DEFAULTS = {"grpo": {"lr": 1e-5, "warmup": 0.0, "batch_size": 16}}
+METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 16}}
 # what --init-adapter takes from the run it starts from (flags that differ are refused)
 INIT_KEYS = ("model", "quant", "lora_r", "lora_alpha", "target_modules", "format", "system_prompt",
              "calc_annotations")
@@ -75,7 +75,7 @@ class TrainConfig:
                                  "step is cut into micro-batches by tokens.", SCHEDULE,
                              shown="32; 16 with --method grpo")
     grad_accum: int = option(1, "Gradient accumulation (multiplies the examples per step).", SCHEDULE)
-    lr: float = option(1e-3, "Peak learning rate, cosine decay.", SCHEDULE, shown="1e-3; 1e-5 with --method grpo")
+    lr: float = option(1e-3, "Peak learning rate, cosine decay.", SCHEDULE, shown="1e-3; 1e-4 with --method grpo")
     warmup: float = option(0.03, "Warm-up: a fraction of the steps (< 1) or a step count.", SCHEDULE,
                            shown="0.03; 0 with --method grpo")
     weight_decay: float = option(0.0, "AdamW weight decay.", SCHEDULE)

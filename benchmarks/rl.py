@@ -1,0 +1,86 @@
+"""GRPO after SFT on the real SmolLM2-135M-Instruct, through the installed CLI as a user runs it.
+
+Phases (each skipped when its output exists, so a long run can continue in a later process):
+prepare-data with 200 problems held out of the TRAIN split (validation) -> SFT with the defaults ->
+GRPO from the SFT run (validation accuracy on the held-out problems picks the kept adapter) ->
+the full test set, greedy, for both -> the paired comparison (`tinymath eval --compare`). Prints
+each phase's wall time and the figures, and appends them to $OUT/results.jsonl.
+
+    OUT=/tmp/out python benchmarks/rl.py --model SmolLM2-135M-Instruct.Q4_1.gguf --data gsm8k --work /tmp/rl \
+        --rl-args "--max-steps 60 --eval-every 20"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import log  # noqa: E402
+
+
+def tinymath(*args: str, timeout: float | None = None) -> dict:
+    """One `tinymath ... --json` command in a fresh process: its JSON result and wall seconds."""
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "tinymath", *args, "--json"], capture_output=True, text=True,
+                          timeout=timeout)
+    seconds = round(time.time() - started, 1)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"tinymath {' '.join(args)} failed ({proc.returncode})")
+    return {"result": json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True, help="SmolLM2-135M-Instruct GGUF (or any model)")
+    parser.add_argument("--data", required=True, help="GSM8K folder with train.jsonl and test.jsonl")
+    parser.add_argument("--work", default="/tmp/rl")
+    parser.add_argument("--rl-args", default="", help="extra `tinymath train --method grpo` flags")
+    parser.add_argument("--only", default="prepare,sft,rl,eval", help="phases to run")
+    args = parser.parse_args()
+    work, which = Path(args.work), set(args.only.split(","))
+    work.mkdir(parents=True, exist_ok=True)
+    prep, sft, rl = work / "prep", work / "sft", work / "rl"
+
+    if "prepare" in which and not prep.exists():
+        r = tinymath("prepare-data", "--data", args.data, "--model", args.model, "--out", str(prep),
+                     "--val-size", "200")
+        log(event="rl_bench", phase="prepare", wall_s=r["wall_s"])
+    if "sft" in which and not (sft / "run.json").exists():
+        r = tinymath("train", "--data", str(prep), "--model", args.model, "--out", str(sft))
+        log(event="rl_bench", phase="sft", wall_s=r["wall_s"], steps=r["result"]["steps"],
+            final_loss=r["result"]["final_loss"])
+    if "rl" in which and not (rl / "run.json").exists():
+        resume = ["--resume", str(rl)] if (rl / "checkpoints").is_dir() else []
+        flags = resume or ["--method", "grpo", "--init-adapter", str(sft), "--data", str(prep), "--out", str(rl),
+                           *shlex.split(args.rl_args)]
+        r = tinymath("train", *flags)
+        rows = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
+        log(event="rl_bench", phase="grpo", wall_s=r["wall_s"], steps=r["result"]["steps"],
+            best_val_accuracy=r["result"]["best_val_accuracy"], best_step=r["result"]["best_step"],
+            generation_s=round(sum(x.get("generation_s", 0) for x in rows), 1),
+            update_s=round(sum(x.get("update_s", 0) for x in rows), 1),
+            reward_first=[x["reward"] for x in rows[:5]], reward_last=[x["reward"] for x in rows[-5:]],
+            val_accuracy=[(x["step"], x["val_accuracy"]) for x in rows if "val_accuracy" in x])
+    if "eval" in which:
+        for name, run in (("sft", sft), ("rl", rl)):
+            out = work / f"test_{name}"
+            if not out.exists() and (run / "run.json").exists():
+                r = tinymath("eval", "--adapter", str(run), "--data", args.data, "--split", "test", "--out", str(out))
+                log(event="rl_bench", phase=f"eval_{name}", wall_s=r["wall_s"], accuracy=r["result"]["accuracy"],
+                    accuracy_strict=r["result"]["accuracy_strict"], n=r["result"]["n"])
+        if (work / "test_sft").exists() and (work / "test_rl").exists():
+            c = tinymath("eval", "--compare", str(work / "test_sft"), str(work / "test_rl"))["result"]
+            log(event="rl_bench", phase="compare", sft=c["accuracy_a"], grpo=c["accuracy_b"],
+                difference=c["difference"], ci95=c["difference_ci95"], mcnemar_p=c["mcnemar_p"],
+                ratio=round(c["accuracy_b"] / c["accuracy_a"], 3) if c["accuracy_a"] else None)
+
+
+if __name__ == "__main__":
+    main()
