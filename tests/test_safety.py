@@ -300,3 +300,19 @@ def test_piped_chat_survives_bad_bytes_and_huge_lines(tiny_model):
     err = proc.stderr.decode()
     assert "line 2: not UTF-8" in err and "line 3:" in err and "characters" in err and "Traceback" not in err
     assert proc.returncode == 1
+
+
+def test_outputs_are_readable_by_others_as_the_umask_allows(run_copy, tmp_path):
+    """Outputs are written through private temporary files and folders; what lands is not private."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        result = run_cli("merge-adapters", run_copy, "--out", tmp_path / "merged")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    for path in (tmp_path / "merged", tmp_path / "merged" / "tinymath.json", run_copy / "run.json"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, (path, oct(mode))

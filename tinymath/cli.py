@@ -114,7 +114,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local Hugg
 DataOpt = Annotated[str, typer.Option(help="Hub id, a folder with train.jsonl/test.jsonl, or one .jsonl/.json/.parquet file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, nothing else.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
-TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code from the hub (off unless you ask).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code from the hub (off unless you ask).")]
 
 
 @app.command("prepare-data")

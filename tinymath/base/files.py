@@ -137,6 +137,18 @@ def _finite(value, where: str = "value") -> None:
             _finite(item, where)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: str | Path, folder: bool = False) -> None:
+    """Temporary files and folders are created private (0600/0700); outputs get the permissions
+    any file the user creates gets (so a shared run folder can be read by others)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def write_json(path: str | Path, data) -> None:
     """Write JSON atomically (temp file + rename). NaN and infinity are a bug here, never written."""
     path = Path(path)
@@ -146,6 +158,7 @@ def write_json(path: str | Path, data) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, default=str)
             f.write("\n")
+        _as_umask_allows(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -159,6 +172,7 @@ def write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _as_umask_allows(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -231,6 +245,7 @@ def atomic_output_dir(out: str | Path):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+        _as_umask_allows(tmp, folder=True)
     except OSError as exc:
         raise TinymathError(f"--out {out}: cannot write there ({exc.strerror})") from None
     try:

@@ -171,7 +171,8 @@ def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOu
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return TrainOutput(live=out, final=out)
     if not overwrite:
-        hint = f", or --resume {out} to continue it" if (out / CONFIG_FILE).exists() else ""
+        resumable = (out / CHECKPOINTS).is_dir() and not (out / RUN_FILE).exists()
+        hint = f", or --resume {out} to continue it" if resumable else ""
         raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it{hint}")
     if not is_tinymath_run(out):
         raise TinymathError(f"--out {out} holds files that tinymath did not write (no {RUN_FILE} of a run); "

@@ -58,9 +58,12 @@ def gguf_to_folder(gguf: Path) -> Path:
 
     from tinymath.base.files import atomic_output_dir
 
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{_quick_digest(gguf)}"
-    if (target / "config.json").exists():
-        return target
+    digest = _quick_digest(gguf)
+    # the same file under another name is the same model: converted once
+    done = [p for p in (cache_dir() / "gguf").glob(f"*-{digest}") if (p / "config.json").exists()]
+    if done:
+        return done[0]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
     kwargs = dict(gguf_file=gguf.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
