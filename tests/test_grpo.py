@@ -167,3 +167,33 @@ def test_grpo_refuses_a_model_with_another_tokenizer(gsm8k_dir, sft_run, tmp_pat
                      "--max-steps", "1")
     assert result.exit_code == 1 and "another tokenizer" in result.stderr, result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_the_sampling_copy_computes_what_the_policy_computes(tiny_model, quant):
+    """Solutions are sampled from a plain merged copy of the policy: it must give the policy's
+    logits (NF4 base dequantized, adapter merged), also after an update changed the adapter."""
+    import torch
+
+    from tinymath.lib.grpo import PolicyCopy
+    from tinymath.lib.lora import attach_lora, get_lora_config
+    from tinymath.lib.model import load_base_model
+
+    torch.manual_seed(0)
+    base = load_base_model(str(tiny_model), quant, dtype=torch.float32, device="cpu")
+    policy = attach_lora(base, get_lora_config(8, 16, 0.0, "all-linear")).eval()
+    copy = PolicyCopy(policy, str(tiny_model), torch.float32, "cpu")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+
+    def gap():
+        with torch.no_grad():
+            return (policy(input_ids=ids).logits - copy.model(input_ids=ids).logits).abs().max().item()
+
+    assert gap() < 1e-4
+    with torch.no_grad():  # an update: the adapter moves
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    assert gap() > 1e-2  # the copy is stale until synced
+    copy.sync()
+    assert gap() < 1e-4

@@ -19,7 +19,10 @@ from:
 - no KL penalty to the reference model (TRL's default ``beta=0``; DAPO and Dr. GRPO drop it):
   the LoRA adapter and a small learning rate keep the policy near its start.
 
-A solution is the token ids the policy sampled, up to and including its EOS.
+A solution is the token ids the policy sampled, up to and including its EOS. Sampling runs on
+`PolicyCopy`: a plain 16-bit copy of the policy (the quantized base dequantized, the adapter
+merged in again after every update), so generation runs at ``eval``'s speed rather than through
+the training model's 4-bit weights and separate LoRA matmuls.
 """
 
 from __future__ import annotations
@@ -57,6 +60,44 @@ def solution_ids(ids: list[int], eos: int, pad: int) -> list[int]:
     return ids
 
 
+class PolicyCopy:
+    """The policy as a plain model for sampling: the training model's base weights (NF4
+    dequantized: the weights the adapter trains against) plus the adapter's current update,
+    merged. `sync` merges the adapter again after an optimizer step (a matmul per layer)."""
+
+    def __init__(self, peft_model, source: str, dtype, device: str, trust_remote_code: bool = False):
+        import torch
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.integrations import dequantize_module_weight
+
+        from tinymath.lib.attention import use_decode_attention
+        from tinymath.lib.model import load_base_model
+
+        self.model = load_base_model(source, quant="none", dtype=dtype, device=device,
+                                     trust_remote_code=trust_remote_code).eval()
+        use_decode_attention(self.model)
+        plain = dict(self.model.named_modules())
+        self.merged = []  # (linear of the copy, LoRA layer of the policy, base weight)
+        with torch.no_grad():
+            for name, module in peft_model.get_base_model().named_modules():
+                target = plain.get(name)
+                if target is None or not isinstance(getattr(target, "weight", None), torch.Tensor):
+                    continue
+                if isinstance(module, LoraLayer):
+                    weight = dequantize_module_weight(module.get_base_layer())  # plain weights pass through
+                    self.merged.append((target, module, weight.to(dtype).clone()))
+                elif type(module).__name__ == "Linear4bit":  # quantized, no adapter: its dequantized weights
+                    target.weight.copy_(dequantize_module_weight(module).to(dtype))
+        self.sync()
+
+    def sync(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for target, lora, base in self.merged:
+                target.weight.copy_(base + lora.get_delta_weight("default").to(base.dtype))
+
+
 class GRPOTrainer(Trainer):
     """Trains on the policy's own sampled solutions; setup, checkpoints, logging, validation and the
     packed forward/backward are the SFT trainer's."""
@@ -91,6 +132,7 @@ class GRPOTrainer(Trainer):
 
     def _setup_graphs(self) -> None:
         self.graphed = None  # the token weights vary per step; graphs replay fixed inputs only
+        self.policy = PolicyCopy(self.model, self.config.model, self.dtype, self.device, self.config.trust_remote_code)
 
     def step_batches(self, step: int) -> tuple[list[dict], int, list[dict]]:
         """Sample solutions to this step's questions, reward them and turn them into weighted
@@ -115,16 +157,15 @@ class GRPOTrainer(Trainer):
         ``weights`` are the solution's advantage on its tokens; and the rewards."""
         from tinymath.base.prompts import build_prompt, encode_prompt
         from tinymath.lib.generate import GenerationSettings, InferenceModel, _decode_new, generate_ids
-        from tinymath.lib.speed import inference_mode
 
         config, tokenizer, k = self.config, self.tokenizer, self.config.samples
         fmt, system = self.data_settings["format"], self.data_settings["system_prompt"]
         prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, q["question"], fmt, system)) for q in questions]
         flat = [p for p in prompts for _ in range(k)]
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      static_cache=False)
-        with inference_mode(self.model):
-            generated = generate_ids(InferenceModel(self.model, tokenizer, fmt, system, {}), flat, settings)
+                                      static_cache=False)  # every step brings new prompt lengths: no compiling
+        self.policy.sync()
+        generated = generate_ids(InferenceModel(self.policy.model, tokenizer, fmt, system, {}), flat, settings)
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         solutions = [solution_ids(ids.tolist(), eos, pad) for ids in generated]
         texts = [_decode_new(tokenizer, ids)[0] for ids in generated]
