@@ -188,7 +188,10 @@ class GRPOTrainer(Trainer):
         return self.accelerator.reduce(totals, reduction="sum").tolist()
 
     def after_step(self, done: int, loss: float, lr: float, real: int, tps: float, stop_votes: float) -> None:
-        self.step_metrics["update_s"] = round(time.time() - self.step_started, 2)
+        """Adds the update's seconds; tokens/s counts sampling and update together."""
+        update_s = time.time() - self.step_started
+        self.step_metrics["update_s"] = round(update_s, 2)
+        tps = real / max(update_s + self.step_metrics.get("generation_s", 0.0), 1e-9)
         super().after_step(done, loss, lr, real, tps, stop_votes)
 
 
