@@ -167,7 +167,7 @@ def main():
         inference.model.to(torch.float32)
         tk = inference.tokenizer
         sample = [encode_prompt(tk, build_prompt(tk, r["question"], "chat")) for r in rows[:args.equal_sample]]
-        fast = [text for text, _ in generate_batch(inference, sample, GenerationSettings(max_new_tokens=NEW_TOKENS))]
+        fast = [text for text, _ in generate_batch(inference, sample, GenerationSettings(max_new_tokens=NEW_TOKENS, static_cache=True))]
         inference.model.set_attn_implementation("sdpa")  # the reference: transformers' own attention
         plain = []
         for ids in sample:

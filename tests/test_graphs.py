@@ -89,3 +89,22 @@ def test_graphs_by_default_only_where_they_are_safe():
     assert not use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=False, room=1.5)  # memory-bound
     assert not use_cuda_graphs(TrainConfig(gradient_checkpointing=True), "cuda:0", 1, False, 5)
     assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", 1, False, 1.5)  # asked for: honoured
+
+
+def test_compiling_and_graphs_only_where_they_pay():
+    """A 3-step run, a chat answer or a 4-problem check never waits for compiling; asked for, it happens."""
+    from tinymath.lib.generate import GenerationSettings, use_static_cache
+    from tinymath.lib.graphs import use_cuda_graphs
+    from tinymath.lib.speed import compile_by_default
+
+    config = TrainConfig()
+    assert not compile_by_default("cuda:0", config, total_steps=3)
+    assert not compile_by_default("cpu", config, total_steps=1000)
+    assert not use_cuda_graphs(config, "cuda:0", 1, False, 5, total_steps=3)
+    assert use_cuda_graphs(config, "cuda:0", 1, False, 5, total_steps=699)
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", 1, False, 5, total_steps=3)
+    assert not use_static_cache(GenerationSettings(), "cuda", prompts=4)
+    assert use_static_cache(GenerationSettings(), "cuda", prompts=1319)
+    assert not use_static_cache(GenerationSettings(), "cpu", prompts=1319)
+    assert use_static_cache(GenerationSettings(static_cache=True), "cuda", prompts=1)
+    assert not use_static_cache(GenerationSettings(static_cache=False), "cuda", prompts=1319)

@@ -20,7 +20,7 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     batch_size: int | None = None  # None: as large as memory allows (`auto_batch_size`)
-    static_cache: bool | None = None  # None: on CUDA (a static KV cache lets transformers compile decoding)
+    static_cache: bool | None = None  # None: on CUDA for MIN_STATIC_PROMPTS or more prompts (see generate_ids)
     stop: tuple[str, ...] = ()  # stop strings (cut from the text)
     calculator: bool = False  # complete <<expr= annotations with tinymath.calculator
 
@@ -183,7 +183,7 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
-    if settings.static_cache or (settings.static_cache is None and device.type == "cuda"):
+    if use_static_cache(settings, device.type, len(prompts)):
         kwargs["cache_implementation"] = "static"
     if settings.stop:
         kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
@@ -204,6 +204,17 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
             results[i] = out[row, width:].cpu()
         update(len(chunk))
     return results
+
+
+MIN_STATIC_PROMPTS = 64  # below this, compiling the decoder costs more than it saves
+
+
+def use_static_cache(settings: GenerationSettings, device_type: str, prompts: int) -> bool:
+    """A static KV cache lets transformers compile decoding: on a GPU, when there is enough work to
+    pay for compiling (an evaluation, not a chat answer or a 4-problem check)."""
+    if settings.static_cache is not None:
+        return settings.static_cache
+    return device_type == "cuda" and prompts >= MIN_STATIC_PROMPTS
 
 
 def _calculator_stop(tokenizer):

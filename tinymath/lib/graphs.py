@@ -109,8 +109,11 @@ class GraphedMicroBatches:
         return loss
 
 
+MIN_GRAPHED_STEPS = 20  # each new padded length costs about two steps to capture
+
+
 def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float,
-                    gradient_checkpointing: bool | None = None) -> bool:
+                    gradient_checkpointing: bool | None = None, total_steps: int | None = None) -> bool:
     """Whether to train with graphs: ``--cuda-graphs``/``--no-cuda-graphs`` if given (an error where
     graphs cannot run), else the default. They can run on a GPU, with packed rows, one process
     (DDP's gradient hooks are not captured), no gradient checkpointing and no fp16 loss scaling
@@ -127,4 +130,5 @@ def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: f
                             "drop --cuda-graphs")
     if config.cuda_graphs is not None:
         return config.cuda_graphs
-    return possible and room >= 2
+    long_enough = total_steps is None or total_steps >= MIN_GRAPHED_STEPS  # short runs: captures would not pay
+    return possible and room >= 2 and long_enough

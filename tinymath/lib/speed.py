@@ -82,10 +82,16 @@ def compile_layers(peft_model) -> None:
         layer.compile(dynamic=True)
 
 
-def compile_by_default(device: str, config: TrainConfig) -> bool:
+MIN_COMPILED_STEPS = 50  # compiling costs about a minute the first time: fewer steps cannot win it back
+
+
+def compile_by_default(device: str, config: TrainConfig, total_steps: int | None = None) -> bool:
     """Compile the packed path on GPUs that torch.compile's Triton kernels support (compute
-    capability 7.0 and newer); never the plain reference path, never on CPU."""
+    capability 7.0 and newer), for runs long enough to pay for it (`MIN_COMPILED_STEPS`); never the
+    plain reference path, never on CPU. ``--compile`` / ``--no-compile`` decide otherwise."""
     if not (device.startswith("cuda") and config.packing):
+        return False
+    if total_steps is not None and total_steps < MIN_COMPILED_STEPS:
         return False
     import torch
     from torch.utils._triton import has_triton

@@ -82,10 +82,12 @@ class Trainer:
         self.graphed = None
         self.retention = None
         self.step_metrics: dict = {}  # what a method adds to the step's metrics line
+        self.first_step_seconds: float | None = None
 
     # ------------------------------------------------------------ set-up
 
     def setup(self) -> Trainer:
+        self.setup_started = time.time()
         self._setup_accelerator()
         self._load_data()
         self._load_model()
@@ -97,6 +99,7 @@ class Trainer:
         self._setup_graphs()
         self._setup_run_folder()
         self._setup_retention()
+        self.setup_seconds = time.time() - self.setup_started
         return self
 
     def _setup_accelerator(self) -> None:
@@ -193,7 +196,7 @@ class Trainer:
         elif config.packing and plan.micro_batch_tokens is None:  # no planner off the GPU: a size that fits in RAM
             plan.micro_batch_tokens = CPU_MICRO_BATCH_TOKENS
         # decided for this machine, not saved in the config: a run resumed elsewhere decides again
-        plan.compiled = config.compile if config.compile is not None else compile_by_default(device, config)
+        plan.compiled = config.compile if config.compile is not None else compile_by_default(device, config, total)
         if plan.compiled:  # after planning: the planner's eager measurement is the larger (safe) one
             compile_layers(self.model)
         self.plan = plan
@@ -230,7 +233,7 @@ class Trainer:
         local_examples = math.ceil(plan.per_step / plan.world)
         room = (plan.micro_batch_tokens or 0) / (sum(lengths) / len(lengths) * local_examples)  # in average steps
         if use_cuda_graphs(self.config, self.device, plan.world, self.accelerator.scaler is not None, room,
-                           plan.gradient_checkpointing):
+                           plan.gradient_checkpointing, plan.total_steps):
             self.graphed = GraphedMicroBatches(self.loss_model, self.trainable, self.pad_id or 0,
                                                max_examples=local_examples, max_seq_len=max(lengths),
                                                device=self.accelerator.device)
@@ -306,6 +309,8 @@ class Trainer:
                     progress_bar("training", plan.total_steps, self.show_progress, fields_fmt, loss=float("nan"),
                                  lr=0.0, tps=0.0) as self.update:
                 self.update(advance=state.start_step)
+                if plan.compiled or self.graphed is not None:  # the first step compiles: say so, not look stuck
+                    self.update(advance=0, description="compiling (a minute the first time on this machine)")
                 upcoming = self.step_batches(state.start_step)
                 for step in range(state.start_step, plan.total_steps):
                     upcoming = self.train_step(step, upcoming)
@@ -330,6 +335,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=self.graphed is None)  # graphs keep adding into the same buffers
         real = sum(len(ex["input_ids"]) for ex in examples)
+        if self.first_step_seconds is None:  # compiling and graph capture included
+            self.first_step_seconds = round(time.time() - t0, 2)
+            self.update(advance=0, description="training")
         self.after_step(step + 1, loss, lr, real, real / max(time.time() - t0, 1e-9), stop_votes)
         return self.step_batches(step + 1) if more and upcoming is None else upcoming
 
@@ -475,6 +483,7 @@ class Trainer:
         state, plan = self.state, self.plan
         seconds = time.time() - state.started
         summary = {"steps": plan.total_steps, "final_loss": state.last_loss, "train_seconds": round(seconds, 2),
+                   "setup_seconds": round(self.setup_seconds, 2), "first_step_seconds": self.first_step_seconds,
                    "real_tokens_per_s": round(state.real_tokens / seconds, 1), "out": str(self.out),
                    "micro_batch_tokens": plan.micro_batch_tokens, "gradient_checkpointing": plan.gradient_checkpointing,
                    "compiled": plan.compiled, "cuda_graphs": self.graphed is not None,

@@ -34,11 +34,12 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
              system_prompt: str | None = None, merge_base: str = "dequantized", overwrite: bool = False,
              trust_remote_code: bool = False, show_progress: bool = False, calculator: bool = False,
              samples: int = 1, temperature: float | None = None, seed: int = 0,
-             protocol: str = "default") -> dict:
+             protocol: str = "default", compile: bool | None = None) -> dict:
     """Evaluate on ``split`` of ``data``; returns the summary (also written to ``OUT/summary.json``).
 
     ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
     strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
+    ``compile``: decode with a static, compiled KV cache (None: on a GPU when there is enough work).
     """
     import torch
 
@@ -52,14 +53,16 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     _check_options(limit, protocol, samples, temperature)
     chosen = PROTOCOLS[protocol]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature or 0.0,
-                                  calculator=calculator, stop=chosen.stop)
+                                  calculator=calculator, stop=chosen.stop, static_cache=compile)
     settings.validate()
     if out is not None:
         check_output_dir(out, overwrite, marker=SUMMARY)
     if adapter is not None:  # a wrong run folder is reported before any data is fetched
         load_run(adapter)
     rows = read_gsm8k(data, split, limit)
+    loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
+    load_seconds = time.time() - loading
     prompts = chosen.prompts(inference.tokenizer, rows, inference.format, inference.system_prompt,
                              lambda: read_gsm8k(data, "train"))
 
@@ -74,12 +77,12 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     tokens = sum(n for _, n in generated)
     summary = dict(scored["summary"])
     summary.update(
-        tokens_generated=tokens, generation_seconds=round(seconds, 3),
+        tokens_generated=tokens, load_seconds=round(load_seconds, 3), generation_seconds=round(seconds, 3),
         tokens_per_s=round(tokens / seconds, 1) if seconds else None,
         settings={"data": data, "split": split, "limit": limit, "format": inference.format,
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": calculator,
-                  "samples": samples, "temperature": temperature, "seed": seed,
+                  "samples": samples, "temperature": temperature, "seed": seed, "compile": compile,
                   "processes": state.num_processes, **inference.source},
     )
     if out is not None and state.is_main_process:
