@@ -36,6 +36,25 @@ def test_full_pipeline_on_real_weights(smollm2_gguf, real_gsm8k, tmp_path):
         summary = json.loads(result.stdout)
         assert summary["n"] == 2 and summary["tokens_generated"] > 0
 
+    # GGUF out: the exported file, loaded back, answers exactly as the merged model (same f16 weights)
+    result = run_cli("merge-adapters", run, "--out", tmp_path / "merged16", "--dtype", "fp16", "--gguf", "f16",
+                     "--json")
+    assert result.exit_code == 0, result.output
+    modelfile = (tmp_path / "merged16" / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "<|im_start|>assistant" in modelfile and "{{ .Prompt }}" in modelfile
+    exported = tmp_path / "exported" / "model-f16.gguf"
+    exported.parent.mkdir()
+    (tmp_path / "merged16" / "model-f16.gguf").rename(exported)
+    answers = []
+    for source in (tmp_path / "merged16", exported):
+        result = run_cli("eval", "--model", source, "--data", real_gsm8k, "--split", "test", "--limit", 4,
+                         "--max-new-tokens", 64, "--out", tmp_path / f"ev-{source.name}", "--json")
+        assert result.exit_code == 0, result.output
+        lines = (tmp_path / f"ev-{source.name}" / "predictions.jsonl").read_text().splitlines()
+        answers.append([json.loads(line)["completion"] for line in lines])
+    assert answers[0] == answers[1] and all(answers[0])
+
     # a shell pipe, as a script would use it
     chat = subprocess.run([sys.executable, "-m", "tinymath", "chat", "--model", str(merged), "--max-new-tokens", "48"],
                           input="Tom has 3 apples and buys 4 more. How many apples does he have?\n",

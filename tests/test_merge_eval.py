@@ -204,3 +204,53 @@ def test_decode_attention_matches_sdpa(tiny_model):
         cache = fast.model(x[:, :-1], use_cache=True).past_key_values
         b = fast.model(x[:, -1:], past_key_values=cache).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_gguf_export_round_trip(tiny_model, gsm8k_dir, tmp_path, gguf_type):
+    """The .gguf written for llama.cpp reads back (transformers' own GGUF reader) as the merged model:
+    same tokenizer, same stop token; f16 gives exactly the merged weights rounded to f16 (so the
+    query/key layout round-trips), q8_0 nearly the same predictions."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", run, "--quant", "none",
+                   "--max-steps", 2, "--batch-size", 2).exit_code == 0
+    result = run_cli("merge-adapters", run, "--out", tmp_path / "merged", "--dtype", "fp32", "--gguf", gguf_type,
+                     "--json")
+    assert result.exit_code == 0, result.output
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "merged" / f"model-{gguf_type}.gguf", alone)
+    back = AutoModelForCausalLM.from_pretrained(alone, gguf_file=f"model-{gguf_type}.gguf", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=f"model-{gguf_type}.gguf")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    reference = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    text = "Tom has 12 apples and buys 30 more. How many? #### 42"
+    assert tokenizer(text).input_ids == reference(text).input_ids
+    assert tokenizer.eos_token == reference.eos_token == "<|im_end|>"
+    ids = torch.tensor([reference(text).input_ids])
+    with torch.no_grad():
+        if gguf_type == "f16":  # the same rounding as the file's (weights only: the rotary buffers stay fp32)
+            for p in merged.parameters():
+                p.copy_(p.half().float())
+        expected, got = merged(input_ids=ids).logits, back(input_ids=ids).logits
+    if gguf_type == "f16":
+        assert (got - expected).abs().max().item() < 1e-4
+    else:
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+
+
+def test_gguf_export_refuses_other_architectures(tiny_model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tinymath.base.errors import TinymathError
+    from tinymath.lib.gguf_export import check_exportable
+    from tinymath.lib.model import load_tokenizer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(TinymathError, match="Llama-architecture"):
+        check_exportable(model, load_tokenizer(str(tiny_model)))

@@ -26,6 +26,7 @@ from tinymath.base.errors import TinymathError
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import PREDICTIONS
+from tinymath.lib.gguf_export import GGUF_TYPES
 from tinymath.lib.grpo import METHODS
 from tinymath.lib.lora import MERGE_BASES
 from tinymath.lib.scoring import PROTOCOLS
@@ -53,6 +54,7 @@ Calc = choices("Calc", CALC_ANNOTATIONS)
 DType = choices("DType", DTYPES)
 Protocol = choices("Protocol", PROTOCOLS)
 MergeBase = choices("MergeBase", MERGE_BASES)
+GgufType = choices("GgufType", GGUF_TYPES)
 
 
 def _quiet_libraries() -> None:
@@ -253,6 +255,7 @@ def merge_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the merged model.")] = Path("merged"),
     dtype: Annotated[DType, typer.Option(help="Weight dtype of the merged model.")] = DType.bf16,
     merge_base: Annotated[MergeBase, typer.Option(help="Merge into the NF4-dequantized base (what the adapter was trained against) or the original weights.")] = MergeBase.dequantized,
+    gguf: Annotated[Optional[GgufType], typer.Option(help="Also write a .gguf for llama.cpp / Ollama (f16, or q8_0: half the size) and an Ollama Modelfile.", show_default=False)] = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
@@ -264,13 +267,14 @@ def merge_cmd(
     ```
     tinymath merge-adapters run --out merged
     tinymath merge-adapters run --out merged-fp32 --dtype fp32 --merge-base original
+    tinymath merge-adapters run --out merged --gguf q8_0 && cd merged && ollama create mathtiny -f Modelfile
     ```
     """
     from tinymath.services.merge import merge_adapters
 
     with err_console.status("merging...", spinner="dots") if not json_out else _nothing():
         report = merge_adapters(run, out, dtype=dtype.value, merge_base=merge_base.value, overwrite=overwrite,
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code, gguf=gguf.value if gguf else None)
     if json_out:
         return _print_json(report)
     out_console.print(f"[bold green]merged[/bold green] -> {out}  (largest logit difference vs base+adapter: "

@@ -34,23 +34,51 @@ def _logits(model, tokenizer, prompts):
 
 
 def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", merge_base: str = "dequantized",
-                   overwrite: bool = False, trust_remote_code: bool = False) -> dict:
-    """Merge ``run_dir``'s adapter into its base and save to ``out``; returns the check's figures."""
-    import math
+                   overwrite: bool = False, trust_remote_code: bool = False, gguf: str | None = None) -> dict:
+    """Merge ``run_dir``'s adapter into its base and save to ``out``; returns the check's figures.
 
+    ``gguf`` (a `GGUF_TYPES` name): also write ``OUT/model-<type>.gguf`` for llama.cpp and an Ollama
+    ``OUT/Modelfile``, from the merged fp32 weights.
+    """
     import torch
 
     from tinymath.base.files import atomic_output_dir, check_output_dir, write_json
-    from tinymath.base.prompts import build_prompt, encode_prompt
     from tinymath.base.runs import load_run
+    from tinymath.lib.gguf_export import GGUF_TYPES
     from tinymath.lib.lora import load_adapted_model
     from tinymath.lib.model import load_tokenizer
 
-    raise_if_problems(choice("--dtype", dtype, DTYPES) + choice("--merge-base", merge_base, MERGE_BASES))
+    problems = choice("--dtype", dtype, DTYPES) + choice("--merge-base", merge_base, MERGE_BASES)
+    raise_if_problems(problems + (choice("--gguf", gguf, GGUF_TYPES) if gguf is not None else []))
     run = load_run(run_dir)
     check_output_dir(out, overwrite, marker=MERGE_MARKER)
     tokenizer = load_tokenizer(str(run.path), trust_remote_code)
     adapted = load_adapted_model(run, merge_base=merge_base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if gguf is not None:  # before any work: an architecture or tokenizer llama.cpp cannot take
+        from tinymath.lib.gguf_export import check_exportable
+
+        check_exportable(adapted.get_base_model(), tokenizer)
+    merged, figures = _merge_checked(adapted, tokenizer, run)
+    report = {"run": str(run.path), "base_model": run.base_model, "merge_base": merge_base, "dtype": dtype,
+              **figures, "format": run.prompt_format, "system_prompt": run.system_prompt}
+    with atomic_output_dir(out) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+        if gguf is not None:
+            report["gguf"] = _write_gguf(merged, tokenizer, Path(tmp), gguf, run)
+        merged = merged.to(getattr(torch, DTYPES[dtype]))
+        merged.generation_config.eos_token_id = tokenizer.eos_token_id
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
+        merged.save_pretrained(str(tmp))
+        write_json(Path(tmp) / MERGE_MARKER, report)
+    return report
+
+
+def _merge_checked(adapted, tokenizer, run) -> tuple[object, dict]:
+    """Merge, and check that the merged model computes what base+adapter computed (fp32 logits)."""
+    import math
+
+    from tinymath.base.prompts import build_prompt, encode_prompt
+
     prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, q, run.prompt_format, run.system_prompt))
                for q in CHECK_QUESTIONS]
     reference = _logits(adapted, tokenizer, prompts)
@@ -69,16 +97,15 @@ def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", me
     if max_diff > tolerance:
         raise TinymathError(f"merge check failed: merged logits differ from base+adapter by {max_diff:.3g} "
                             f"(tolerance {tolerance:.3g}); the adapter does not fit this base model")
+    return merged, {"max_logit_diff": max_diff, "tolerance": tolerance, "adapter_effect": adapter_effect}
 
-    merged = merged.to(getattr(torch, DTYPES[dtype]))
-    generation = merged.generation_config
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    report = {"run": str(run.path), "base_model": run.base_model, "merge_base": merge_base, "dtype": dtype,
-              "max_logit_diff": max_diff, "tolerance": tolerance, "adapter_effect": adapter_effect,
-              "format": run.prompt_format, "system_prompt": run.system_prompt}
-    with atomic_output_dir(out) as tmp:
-        merged.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        write_json(Path(tmp) / MERGE_MARKER, report)
-    return report
+
+def _write_gguf(merged, tokenizer, folder: Path, gguf_type: str, run) -> dict:
+    """``model-<type>.gguf`` and the Ollama ``Modelfile`` in ``folder`` (which holds the tokenizer)."""
+    from tinymath.lib.gguf_export import modelfile, write_gguf
+
+    name = f"model-{gguf_type}.gguf"
+    write_gguf(merged, tokenizer, folder, folder / name, gguf_type, title=f"tinymath {run.path.name}")
+    (folder / "Modelfile").write_text(modelfile(name, tokenizer, run.prompt_format, run.system_prompt),
+                                      encoding="utf-8")
+    return {"file": name, "type": gguf_type, "modelfile": "Modelfile"}
