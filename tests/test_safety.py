@@ -313,6 +313,6 @@ def test_outputs_are_readable_by_others_as_the_umask_allows(run_copy, tmp_path):
     finally:
         os.umask(old)
     assert result.exit_code == 0, result.output
-    for path in (tmp_path / "merged", tmp_path / "merged" / "tinymath.json", run_copy / "run.json"):
+    for path in [tmp_path / "merged", *(tmp_path / "merged").iterdir(), *run_copy.iterdir()]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o044 == 0o044, (path, oct(mode))

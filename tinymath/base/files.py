@@ -149,6 +149,16 @@ def _as_umask_allows(path: str | Path, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def permissions_as_umask_allows(folder: str | Path) -> None:
+    """Every file and folder below ``folder`` readable as the user's umask allows (libraries that
+    save through private temporary files leave their outputs 0600)."""
+    folder = Path(folder)
+    _as_umask_allows(folder, folder=True)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            _as_umask_allows(path, folder=path.is_dir())
+
+
 def write_json(path: str | Path, data) -> None:
     """Write JSON atomically (temp file + rename). NaN and infinity are a bug here, never written."""
     path = Path(path)
@@ -253,4 +263,5 @@ def atomic_output_dir(out: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    permissions_as_umask_allows(tmp)
     replace_dir(tmp, out)

@@ -498,7 +498,7 @@ class Trainer:
         marks a complete run). Returns the run summary."""
         import shutil
 
-        from tinymath.base.files import write_json
+        from tinymath.base.files import permissions_as_umask_allows, write_json
         from tinymath.base.runs import ADAPTER_WEIGHTS
         from tinymath.lib.curves import plot_curves
 
@@ -516,6 +516,7 @@ class Trainer:
             self.tokenizer.save_pretrained(str(self.out))
             plot_curves(self.out)
             write_json(self.out / RUN_FILE, run)
+            permissions_as_umask_allows(self.out)
         self.accelerator.wait_for_everyone()
         return summary
 
