@@ -254,3 +254,24 @@ def test_gguf_export_refuses_other_architectures(tiny_model):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(TinymathError, match="Llama-architecture"):
         check_exportable(model, load_tokenizer(str(tiny_model)))
+
+
+def test_lm_eval_backend_runs_the_harness_task(tiny_model, gsm8k_dir, tmp_path):
+    """eval --backend lm-eval: the harness's own gsm8k task on local files; its numbers and samples
+    are written, and --compare pairs it with tinymath's own protocol."""
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "harness"
+    result = run_cli("eval", "--backend", "lm-eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2,
+                     "--max-new-tokens", 8, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 2 and summary["settings"]["backend"] == "lm-eval" and 0 <= summary["accuracy"] <= 1
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["filter"] for s in samples} == {"strict-match", "flexible-extract"}
+    assert samples[0]["arguments"][0][0].count("Question:") == 6  # the harness's own 5-shot prompt
+    ours = tmp_path / "ours"
+    assert run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,
+                   "--protocol", "lm-eval-gsm8k", "--out", ours).exit_code == 0
+    paired = run_cli("eval", "--compare", ours, out, "--json")
+    assert paired.exit_code == 0, paired.output
+    assert json.loads(paired.stdout)["n"] == 2

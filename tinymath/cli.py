@@ -67,7 +67,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # without importing datasets (0.4 s)
     warnings.filterwarnings("ignore")
-    for name in ("bitsandbytes", "transformers", "peft", "accelerate", "datasets"):
+    for name in ("bitsandbytes", "transformers", "peft", "accelerate", "datasets", "lm-eval", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -288,6 +288,11 @@ def _nothing():
 
 
 def _gsm8k(o: dict) -> None:
+    """``eval --task gsm8k``: accuracy by the chosen backend."""
+    return EVAL_BACKENDS[o["backend"].value](o)
+
+
+def _tinymath_gsm8k(o: dict) -> None:
     """``eval --task gsm8k``: accuracy, as a table or JSON."""
     from tinymath.lib.distributed import end_processes, process_state
     from tinymath.services.evaluate import evaluate
@@ -356,6 +361,26 @@ def _retention(o: dict) -> None:
         out_console.print(f"side by side -> {Path(out) / 'retention.md'}")
 
 
+def _lm_eval(o: dict) -> None:
+    """``eval --backend lm-eval``: lm-evaluation-harness's own gsm8k task."""
+    from tinymath.services.harness import evaluate_with_lm_eval
+
+    status = err_console.status("lm-evaluation-harness: gsm8k...") if not o["json_out"] else _nothing()
+    with status:
+        summary = evaluate_with_lm_eval(model=o["model"], adapter=str(o["adapter"]) if o["adapter"] else None,
+                                        data=o["data"], limit=o["limit"], out=o["out"], batch_size=o["batch_size"],
+                                        max_new_tokens=o["max_new_tokens"], merge_base=o["merge_base"].value,
+                                        overwrite=o["overwrite"], trust_remote_code=o["trust_remote_code"])
+    if o["json_out"]:
+        return _print_json(summary)
+    out_console.print(f"lm-evaluation-harness gsm8k on {summary['n']} problems: strict-match "
+                      f"{summary['accuracy_strict']:.2%}, flexible-extract {summary['accuracy']:.2%}")
+
+
+# eval --backend name -> what generates and scores GSM8K (the CLI's --backend choices)
+EVAL_BACKENDS = {"tinymath": _tinymath_gsm8k, "lm-eval": _lm_eval}
+Backend = choices("Backend", EVAL_BACKENDS)
+
 # eval --task name -> what runs it (the CLI's --task choices)
 EVAL_TASKS = {"gsm8k": _gsm8k, "retention": _retention}
 Task = choices("Task", EVAL_TASKS)
@@ -377,6 +402,7 @@ def eval_cmd(
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
     merge_base: Annotated[MergeBase, typer.Option(help="For --adapter: merge into dequantized NF4 or original weights.")] = MergeBase.dequantized,
     task: Annotated[Task, typer.Option(help="gsm8k accuracy, or retention: drift from the base model on general prompts.")] = Task.gsm8k,
+    backend: Annotated[Backend, typer.Option(help="tinymath: its own fast generation. lm-eval: lm-evaluation-harness's gsm8k task itself (pip install 'tinymath[lm-eval]').")] = Backend.tinymath,
     calculator: Annotated[bool, typer.Option(help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep).", rich_help_panel="Decoding")] = False,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile decoding with a static KV cache (faster once compiled). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False)] = None,
     samples: Annotated[int, typer.Option(help="Samples per problem; > 1 scores the majority answer (maj@K), also pass@K.", rich_help_panel="Decoding")] = 1,

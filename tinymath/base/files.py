@@ -79,11 +79,8 @@ def read_jsonl(path: str | Path, skip_torn_last: bool = False, where: str | None
 
 
 def read_toml(path: str | Path) -> dict:
-    """A TOML file's table (``tomllib`` on Python 3.11+, ``tomli`` before)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    """A TOML file's table."""
+    import tomllib
     try:
         return tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as exc:
