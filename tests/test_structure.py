@@ -77,3 +77,4 @@ def test_every_public_function_can_be_called_twice(tmp_path):
     for _ in range(2):
         assert tinymath.extract_answer("so 3 + 4 = 7\n#### 7") == "7"
         assert tinymath.is_correct("#### 7.0", "#### 7")
+

@@ -98,3 +98,13 @@ def test_existing_out_is_not_destroyed(tiny_model, gsm8k_dir, tmp_path):
                      "--overwrite")
     assert result.exit_code == 1 and "did not write" in result.stderr
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_gpu_check_counts_this_machines_processes_only():
+    """Two machines of 2 GPUs each run 4 processes in all, 2 here: accepted; 3 here: refused."""
+    from tinymath import TinymathError
+    from tinymath.lib.distributed import check_gpus
+
+    check_gpus(local_processes=2, gpus=2)
+    with pytest.raises(TinymathError, match="3 processes on this machine"):
+        check_gpus(local_processes=3, gpus=2)

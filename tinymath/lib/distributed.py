@@ -10,15 +10,24 @@ from tinymath.base.errors import TinymathError
 
 def process_state():
     """accelerate's view of this process (rank, world size), after checking that ``accelerate launch``
-    did not start more processes than there are GPUs (each process needs a GPU of its own)."""
+    did not start more processes on this machine than it has GPUs (each process needs a GPU of its
+    own; with several machines, only this machine's processes count)."""
+    import os
+
     import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
-    if torch.cuda.is_available() and state.num_processes > torch.cuda.device_count():
-        raise TinymathError(f"accelerate launched {state.num_processes} processes but this machine has "
-                            f"{torch.cuda.device_count()} GPU(s); use --num_processes {torch.cuda.device_count()}")
+    if torch.cuda.is_available():
+        check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)), torch.cuda.device_count())
     return state
+
+
+def check_gpus(local_processes: int, gpus: int) -> None:
+    """One GPU per process of this machine."""
+    if local_processes > gpus:
+        raise TinymathError(f"accelerate launched {local_processes} processes on this machine but it has {gpus} "
+                            f"GPU(s); use --num_processes {gpus} per machine")
 
 
 def end_processes(state) -> None:
