@@ -108,3 +108,25 @@ def test_gpu_check_counts_this_machines_processes_only():
     check_gpus(local_processes=2, gpus=2)
     with pytest.raises(TinymathError, match="3 processes on this machine"):
         check_gpus(local_processes=3, gpus=2)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model, gsm8k_dir, tmp_path):
+    """Data parallel under torch.distributed (two CPU processes, gloo): the same losses step for step
+    as one process taking both shares, one run folder, one report."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--quant", "none", "--lr", "0.02",
+              "--warmup", "0", "--lora-r", "8", "--max-steps", "3", "--json"]
+    one = run_cli(*common, "--batch-size", "4", "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "tinymath", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count('"steps"') == 1  # one report, from rank 0
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").open()] for d in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2

@@ -239,9 +239,14 @@ def train_cmd(
             return _print_json(report)
         out_console.print_json(data=report)
         return
+    from tinymath.lib.distributed import end_processes, process_state
     from tinymath.services.train import train
 
     summary = train(resolved, show_progress=not json_out, resume=resume is not None)
+    state = process_state()
+    end_processes(state)
+    if not state.is_main_process:  # under accelerate launch: one report, rank 0's
+        return
     if json_out:
         return _print_json(summary)
     out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
