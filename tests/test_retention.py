@@ -1,6 +1,7 @@
 """Retention: drift is zero for a model against itself and grows for a perturbed copy; the CLI
 task, its outputs and its refusals; drift recorded while training."""
 
+import importlib.util
 import json
 import shutil
 
@@ -55,8 +56,12 @@ def test_refusals(tiny_model, tmp_path):
     assert result.exit_code == 1 and "is not the model that" in result.stderr
     result = run_cli("eval", "--task", "nonsense", "--model", tiny_model)
     assert result.exit_code == 2 and "gsm8k" in result.output and "retention" in result.output
-    result = run_cli("eval", "--task", "retention", "--model", tiny_model, "--base", tiny_model, "--lm-eval", "hellaswag")
-    assert result.exit_code == 1 and "pip install lm-eval" in result.stderr
+    result = run_cli("eval", "--task", "retention", "--model", tiny_model, "--base", tiny_model, "--lm-eval", "hellaswag",
+                     "--limit", "2")
+    installed = importlib.util.find_spec("lm_eval") is not None
+    # without the harness: how to install it; with it but offline: why it could not run
+    assert result.exit_code == 1 and ("could not run" if installed else "pip install lm-eval") in result.stderr
+    assert "Traceback" not in result.output
     result = run_cli("evaluate", "--task", "retention", "--model", tiny_model)
     assert result.exit_code == 1 and "needs --base" in result.stderr
 

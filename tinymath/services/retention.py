@@ -99,8 +99,9 @@ def _weights_stamp(source: str) -> list:
         if path.is_dir() else []
 
 
-def _run_lm_eval(base: str, tuned, tasks: str) -> dict:  # pragma: no cover - needs lm-eval and the internet
-    """lm-evaluation-harness's own Python API on the base and the tuned model, side by side."""
+def _run_lm_eval(base: str, tuned, tasks: str) -> dict:
+    """lm-evaluation-harness's own Python API on the base and the tuned model, side by side (its
+    datasets come from the hub)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -109,6 +110,11 @@ def _run_lm_eval(base: str, tuned, tasks: str) -> dict:  # pragma: no cover - ne
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     results = {}
     for label, model in (("base", load_base_model(base, quant="none")), ("tuned", tuned.model)):
-        out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tuned.tokenizer), tasks=names)
+        try:
+            out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tuned.tokenizer), tasks=names)
+        except (OSError, ConnectionError, ValueError, KeyError) as exc:  # an unknown task, no hub, no dataset
+            raise TinymathError(f"--lm-eval {tasks}: lm-evaluation-harness could not run "
+                                f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); its tasks need "
+                                "their datasets from the Hugging Face hub") from None
         results[label] = {task: out["results"][task] for task in names}
     return results
