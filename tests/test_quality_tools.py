@@ -101,6 +101,15 @@ def test_lm_eval_prompt_is_five_shot(tiny_model, gsm8k_dir):
     rows = read_gsm8k(str(gsm8k_dir), "test")
     text = tok.decode(lm_eval_prompts(tok, rows[:1], read_gsm8k(str(gsm8k_dir), "train"))[0])
     assert text.count("Question:") == 6 and text.endswith(f"Question: {rows[0]['question']}\nAnswer:")
+    # the harness's sampler: one Random(1234), 5 train examples drawn per problem, in problem order
+    import random
+
+    train = read_gsm8k(str(gsm8k_dir), "train")
+    rng = random.Random(1234)
+    for prompt, row in zip(lm_eval_prompts(tok, rows, train), rows):
+        shots = rng.sample(train, 5)
+        expected = "\n\n".join(f"Question: {s['question']}\nAnswer: {s['answer']}" for s in shots)
+        assert tok.decode(prompt) == f"{expected}\n\nQuestion: {row['question']}\nAnswer:"
 
 
 def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, monkeypatch):

@@ -83,16 +83,23 @@ def lm_eval_score(completions: list[str], golds: list[str]) -> dict:
     return summarize(rows, ACCURACY_STRICT_AND_INVALID)
 
 
-def lm_eval_prompts(tokenizer, rows: list[dict], shots_from: list[dict]) -> list[list[int]]:
+def lm_eval_prompts(tokenizer, rows: list[dict], shots_from: list[dict], same_split: bool = False) -> list[list[int]]:
     """lm-eval's gsm8k prompt: 5 random train examples as ``Question: ...\nAnswer: ...`` blocks, then
-    the question, plain text (no chat template, no BOS: lm-eval's default for causal HF models)."""
+    the question, plain text (no chat template, no BOS: lm-eval's default for causal HF models).
+
+    The shots are the harness's own: one ``Random(1234)`` draws 5 train examples per problem, in
+    problem order (its sampler; only when ``rows`` come from the shots' own split, ``same_split``,
+    does it draw one more and drop the evaluated problem)."""
     import random
 
     rng = random.Random(LM_EVAL_SEED)
     prompts = []
     for row in rows:
-        pool = [s for s in rng.sample(shots_from, min(len(shots_from), LM_EVAL_SHOTS + 1))
-                if s["question"] != row["question"]][:LM_EVAL_SHOTS]
+        if same_split:  # the harness's eval_doc path: one more draw, the problem itself removed
+            pool = [s for s in rng.sample(shots_from, min(len(shots_from), LM_EVAL_SHOTS + 1))
+                    if s["question"] != row["question"]][:LM_EVAL_SHOTS]
+        else:
+            pool = rng.sample(shots_from, min(len(shots_from), LM_EVAL_SHOTS))
         context = "\n\n".join(f"Question: {s['question']}\nAnswer: {s['answer']}" for s in pool)
         text = (context + "\n\n" if context else "") + f"Question: {row['question']}\nAnswer:"
         prompts.append(tokenizer(text, add_special_tokens=False).input_ids)
@@ -119,20 +126,23 @@ def self_consistency(samples: list[list[str]], golds: list[str]) -> dict:
 
 
 
-def default_prompts(tokenizer, rows: list[dict], fmt: str, system_prompt: str | None, shots_from=None):
+def default_prompts(tokenizer, rows: list[dict], fmt: str, system_prompt: str | None, shots_from=None,
+                    split: str = "test"):
     """Zero-shot, in the run's own prompt format: what the model was trained on."""
     return [encode_prompt(tokenizer, build_prompt(tokenizer, r["question"], fmt, system_prompt)) for r in rows]
 
 
-def lm_eval_protocol_prompts(tokenizer, rows: list[dict], fmt: str, system_prompt: str | None, shots_from=None):
-    """lm-eval's gsm8k prompt (its own format: the run's format and system prompt do not apply)."""
-    return lm_eval_prompts(tokenizer, rows, shots_from())
+def lm_eval_protocol_prompts(tokenizer, rows: list[dict], fmt: str, system_prompt: str | None, shots_from=None,
+                             split: str = "test"):
+    """lm-eval's gsm8k prompt (its own format: the run's format and system prompt do not apply);
+    its shots come from the train split."""
+    return lm_eval_prompts(tokenizer, rows, shots_from(), same_split=split == "train")
 
 
 @dataclass(frozen=True)
 class Protocol:
     """How one evaluation protocol asks and scores: ``prompts(tokenizer, rows, fmt, system_prompt,
-    shots_from)`` (``shots_from``: a function giving the train rows, called only if needed),
+    shots_from, split)`` (``shots_from``: a function giving the train rows, called only if needed),
     ``score(completions, golds)`` and the stop strings that end a completion."""
 
     prompts: object

@@ -64,7 +64,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
     prompts = chosen.prompts(inference.tokenizer, rows, inference.format, inference.system_prompt,
-                             lambda: read_gsm8k(data, "train"))
+                             lambda: read_gsm8k(data, "train"), split)
 
     state = process_state()
     flat = [p for p in prompts for _ in range(samples)]
