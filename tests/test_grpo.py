@@ -197,3 +197,9 @@ def test_the_sampling_copy_computes_what_the_policy_computes(tiny_model, quant):
     assert gap() > 1e-2  # the copy is stale until synced
     copy.sync()
     assert gap() < 1e-4
+
+
+def test_unanimous_groups_get_exactly_zero_advantage():
+    from tinymath.lib.grpo import group_advantages
+
+    assert group_advantages([0.1] * 8, 8) == [0.0] * 8  # no float noise left to train on

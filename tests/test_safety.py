@@ -316,3 +316,22 @@ def test_outputs_are_readable_by_others_as_the_umask_allows(run_copy, tmp_path):
     for path in [tmp_path / "merged", *(tmp_path / "merged").iterdir(), *run_copy.iterdir()]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o044 == 0o044, (path, oct(mode))
+
+
+def test_a_replacement_resumes_into_its_own_sibling_only(tiny_model, gsm8k_dir, run_copy, tmp_path, monkeypatch):
+    """A stopped --overwrite run lives in .run.partial: resumed from anywhere, it replaces the run
+    beside it, never a folder of the same name elsewhere; a partial left by a killed start is reused."""
+    from tinymath.base.runs import partial_folder, plan_train_output
+
+    partial = partial_folder(run_copy)
+    partial.mkdir()
+    (partial / ".replaces").write_text("/somewhere/else")  # what the file says is not trusted
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "run").mkdir(parents=True)
+    (elsewhere / "run" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(elsewhere)
+    assert plan_train_output(partial, overwrite=False, resume=True).final == run_copy
+    # the killed start left only its marker: the next --overwrite starts afresh instead of failing
+    result = _train(tiny_model, gsm8k_dir, run_copy, "--max-steps", "1", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "run" / "notes.txt").read_text() == "mine" and not partial.exists()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import check_not_working_dir, load_safetensors, read_json_object, read_jsonl, read_text
+from tinymath.base.files import check_not_working_dir, load_safetensors, read_json_object, read_jsonl
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.json"
@@ -164,9 +164,9 @@ def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOu
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TinymathError(f"--out {out} is a file, not a folder")
-    if resume:
-        replaces = out / REPLACES
-        final = Path(read_text(replaces).strip()) if replaces.is_file() else out
+    if resume:  # a partial run (``.NAME.partial``, marked by ``.replaces``) still replaces its sibling NAME
+        partial = (out / REPLACES).is_file() and out.name.startswith(".") and out.name.endswith(".partial")
+        final = out.with_name(out.name[1:-len(".partial")]) if partial else out
         return TrainOutput(live=out, final=final)
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return TrainOutput(live=out, final=out)
@@ -192,10 +192,13 @@ def claimed_train_output(output: TrainOutput, resume: bool):
     created = not output.live.exists()
     with run_lock(output.final):
         if output.live != output.final and not resume:
-            if output.live.exists() and (not any(output.live.iterdir()) or is_tinymath_run(output.live)):
-                shutil.rmtree(output.live)
+            if output.live.exists() and (not any(output.live.iterdir()) or (output.live / REPLACES).exists()
+                                         or is_tinymath_run(output.live)):
+                shutil.rmtree(output.live)  # an earlier attempt at this replacement
             output.live.mkdir(parents=True)
-            (output.live / REPLACES).write_text(str(output.final), encoding="utf-8")
+            (output.live / REPLACES).write_text(output.final.name, encoding="utf-8")
+        elif not resume and any(p.name != LOCK for p in output.live.iterdir()):
+            raise TinymathError(f"--out {output.live} was written to by another run meanwhile; use another --out")
         try:
             yield
         except BaseException:
@@ -246,6 +249,5 @@ def run_lock(folder: Path):
     os.write(fd, str(os.getpid()).encode())
     try:
         yield
-    finally:
-        path.unlink(missing_ok=True)
+    finally:  # the file stays: unlinking a flock'ed file lets a late opener lock a stale inode
         os.close(fd)

@@ -91,11 +91,13 @@ def _add_vocab(writer, tokenizer, folder: Path) -> None:
         from gguf.vocab import LlamaHfVocab
 
         vocab = LlamaHfVocab(folder)
-        texts, scores, types = zip(*vocab.all_tokens())
+        texts, _, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(list(texts))
-        writer.add_token_scores(list(scores))
+        # llama.cpp merges by score; tokenizer.json has no scores (gguf gives every token -1000), and
+        # a SentencePiece BPE model's pieces score in id order: -id keeps the merge priority
+        writer.add_token_scores([-float(i) if t == TokenType.NORMAL else 0.0 for i, t in enumerate(types)])
         writer.add_token_types(list(types))
     else:
         raise TinymathError(f"--gguf: tokenizers of type {model.get('type')!r} are not written; use llama.cpp's "

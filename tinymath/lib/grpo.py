@@ -47,7 +47,8 @@ def group_advantages(rewards: list[float], group: int) -> list[float]:
     for start in range(0, len(rewards), group):
         chunk = rewards[start:start + group]
         mean = sum(chunk) / len(chunk)
-        out += [r - mean for r in chunk]
+        unanimous = max(chunk) - min(chunk) < 1e-9  # exactly 0, not float noise: nothing to learn
+        out += [0.0 if unanimous else r - mean for r in chunk]
     return out
 
 
@@ -129,10 +130,11 @@ class GRPOTrainer(Trainer):
 
             run = load_run(self.config.init_adapter)
             set_peft_model_state_dict(self.model, load_safetensors(run.path / ADAPTER_WEIGHTS))
+        # the sampling copy, before memory is planned: the micro-batch size leaves room for it
+        self.policy = PolicyCopy(self.model, self.config.model, self.dtype, self.device, self.config.trust_remote_code)
 
     def _setup_graphs(self) -> None:
         self.graphed = None  # the token weights vary per step; graphs replay fixed inputs only
-        self.policy = PolicyCopy(self.model, self.config.model, self.dtype, self.device, self.config.trust_remote_code)
 
     def step_batches(self, step: int) -> tuple[list[dict], int, list[dict]]:
         """Sample solutions to this step's questions, reward them and turn them into weighted
@@ -148,7 +150,9 @@ class GRPOTrainer(Trainer):
         self.step_metrics = {"reward": round(reward_sum / max(n, 1), 4),
                              "groups_solved": round(solved / max(len(questions), 1), 4),
                              "generated_tokens": int(step_tokens), "generation_s": round(generation_s, 2)}
-        learning = [ex for ex in examples if ex["weights"][-1] != 0]
+        # unanimous groups teach nothing: skipped, except under several processes, where every rank
+        # must run the same number of backward passes (DDP reduces gradients in each)
+        learning = [ex for ex in examples if ex["weights"][-1] != 0] if self.plan.world == 1 else examples
         return examples, max(int(step_tokens), 1), list(micro_batches(learning, self.config, self.pad_id,
                                                                        self.plan.micro_batch_tokens))
 
@@ -177,7 +181,8 @@ class GRPOTrainer(Trainer):
 
     def _groups_solved(self, rewards: list[float]) -> int:
         k = self.config.samples
-        return sum(any(r >= 1 for r in rewards[i:i + k]) for i in range(0, len(rewards), k))
+        right = 1 + self.config.format_reward - 1e-9  # a right answer also earns the format reward
+        return sum(any(r >= right for r in rewards[i:i + k]) for i in range(0, len(rewards), k))
 
     def _sum_over_processes(self, values: list[float]) -> list[float]:
         if self.plan.world == 1:
