@@ -130,3 +130,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model, gsm
     losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").open()] for d in ("one", "two")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2
+
+
+def test_reported_tokens_per_second_is_the_steps_rate(tiny_model, gsm8k_dir, tmp_path):
+    """The summary's tokens/s is the rate the progress bar and metrics show over the steps, not
+    diluted by the end-of-run validation pass."""
+    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "run", "--quant", "none",
+                     "--batch-size", "2", "--max-steps", "3", "--val-size", "2", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    rate = sum(r["tokens"] for r in rows) / sum(r["tokens"] / r["tokens_per_s"] for r in rows)
+    assert json.loads(result.stdout)["real_tokens_per_s"] == pytest.approx(rate, rel=0.01)

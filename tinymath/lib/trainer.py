@@ -60,6 +60,7 @@ class LoopState:
     best: dict = field(default_factory=lambda: {"accuracy": None, "step": None})
     last_loss: float = float("nan")
     real_tokens: int = 0
+    step_seconds: float = 0.0  # the steps themselves (validation, retention and saving not counted)
     started: float = 0.0
     checkpoint: Path | None = None
     saved_state: dict = field(default_factory=dict)
@@ -395,6 +396,7 @@ class Trainer:
         """Log the step; validate, measure drift, plot, save and stop when it is time."""
         config, state, total = self.config, self.state, self.plan.total_steps
         state.real_tokens += real
+        state.step_seconds += real / max(tps, 1e-9)
         state.last_loss = loss
         record = {"step": done, "epoch": round(done / self.plan.steps_per_epoch, 4), "loss": round(loss, 6),
                   "lr": lr, "tokens_per_s": round(tps, 1), "tokens": real, **self.step_metrics}
@@ -484,7 +486,8 @@ class Trainer:
         seconds = time.time() - state.started
         summary = {"steps": plan.total_steps, "final_loss": state.last_loss, "train_seconds": round(seconds, 2),
                    "setup_seconds": round(self.setup_seconds, 2), "first_step_seconds": self.first_step_seconds,
-                   "real_tokens_per_s": round(state.real_tokens / seconds, 1), "out": str(self.out),
+                   "real_tokens_per_s": round(state.real_tokens / max(state.step_seconds, 1e-9), 1),
+                   "out": str(self.out),
                    "micro_batch_tokens": plan.micro_batch_tokens, "gradient_checkpointing": plan.gradient_checkpointing,
                    "compiled": plan.compiled, "cuda_graphs": self.graphed is not None,
                    "resumed_from_step": state.start_step or None, "best_val_accuracy": state.best["accuracy"],
