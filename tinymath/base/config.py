@@ -46,7 +46,7 @@ def option(default, help: str, panel: str | None = None, *, choices=None, flags:
 
 SCHEDULE, LORA, DATA, SPEED, CONTROL, RL = "Schedule", "LoRA", "Data", "Speed", "Run control", "RL (--method grpo)"
 # what a training method changes in the defaults (a flag or a config file still wins)
-METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 16}}
+METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 16, "max_steps": 100}}
 # what --init-adapter takes from the run it starts from (flags that differ are refused)
 INIT_KEYS = ("model", "quant", "lora_r", "lora_alpha", "target_modules", "format", "system_prompt",
              "calc_annotations")
@@ -69,7 +69,8 @@ class TrainConfig:
     trust_remote_code: bool = option(False, "Allow the model's own Python code from the hub.",
                                      flags=("--trust-remote-code",), shown="")
     epochs: float = option(3.0, "Passes over the training data.", SCHEDULE)
-    max_steps: int | None = option(None, "Stop after N optimizer steps (overrides --epochs).", SCHEDULE)
+    max_steps: int | None = option(None, "Stop after N optimizer steps (overrides --epochs).", SCHEDULE,
+                                   shown="by --epochs; 100 with --method grpo")
     batch_size: int = option(32, "Examples per optimizer step and GPU = --batch-size x --grad-accum (with "
                                  "--method grpo: questions, each sampled --samples times). With --packing the "
                                  "step is cut into micro-batches by tokens.", SCHEDULE,
@@ -259,7 +260,10 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         return TrainConfig(**settings)
     settings = load_config_file(config_file) if config_file else {}
     settings.update(given)
-    settings = {**METHOD_DEFAULTS.get(settings.get("method", "sft"), {}), **settings}
+    defaults = dict(METHOD_DEFAULTS.get(settings.get("method", "sft"), {}))
+    if "epochs" in settings:  # a length asked for in epochs is not cut by the method's default step count
+        defaults.pop("max_steps", None)
+    settings = {**defaults, **settings}
     if settings.get("init_adapter"):
         settings.update(_from_init_adapter(settings["init_adapter"], settings))
     return TrainConfig(**settings)
