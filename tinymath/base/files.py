@@ -101,6 +101,21 @@ def load_safetensors(path: str | Path) -> dict:
         raise TinymathError(f"{path} is damaged or not a safetensors file ({exc})") from None
 
 
+def check_safetensors(path: str | Path) -> None:
+    """That a ``.safetensors`` file is whole, from its header alone (a truncated or foreign file
+    fails here), without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except FileNotFoundError:
+        raise TinymathError(f"{path} does not exist") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise TinymathError(f"{path} is damaged or not a safetensors file ({exc})") from None
+
+
 def torch_load(path: str | Path):
     """A torch checkpoint file, as data only (``weights_only=True``: no pickled code runs)."""
     import pickle

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import check_not_working_dir, load_safetensors, read_json_object, read_jsonl
+from tinymath.base.files import check_not_working_dir, check_safetensors, read_json_object, read_jsonl
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.json"
@@ -104,7 +104,7 @@ def load_run(path: str | Path) -> RunInfo:
         problems.append(f"dtype {config['dtype']!r} is unknown")
     if problems:
         raise TinymathError(f"{path / RUN_FILE} is not a tinymath run record ({'; '.join(problems)})")
-    load_safetensors(path / ADAPTER_WEIGHTS)  # a damaged adapter is reported before any model is loaded
+    check_safetensors(path / ADAPTER_WEIGHTS)  # a damaged adapter is reported before any model is loaded
     return RunInfo(path=path, config=config)
 
 
@@ -118,14 +118,10 @@ def keep_metrics_until(run: str | Path, step: int) -> None:
     """Forget what was logged after ``step`` (a resumed run logs those steps again)."""
     from tinymath.base.files import write_text
 
-    kept = [row for row in read_metrics(run) if isinstance(row.get("step"), int) and row["step"] <= step]
-    write_text(Path(run) / METRICS, "".join(_json_line(row) for row in kept))
-
-
-def _json_line(row: dict) -> str:
     import json
 
-    return json.dumps(row) + "\n"
+    kept = [row for row in read_metrics(run) if isinstance(row.get("step"), int) and row["step"] <= step]
+    write_text(Path(run) / METRICS, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 # ---------------------------------------------------------------- train's output folder

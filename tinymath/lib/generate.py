@@ -103,22 +103,21 @@ def _merged_prompt_settings(model: str) -> dict:
     return read_json_object(marker, "a merged model's settings") if marker.is_file() else {}
 
 
+def generated_ids(ids: list[int], eos: int, pad: int) -> list[int]:
+    """The tokens a row of ``generate`` really generated: up to and including EOS; a row that
+    stopped early is padded, and padding is not generated."""
+    if eos in ids:
+        return ids[:ids.index(eos) + 1]
+    while ids and ids[-1] == pad and pad != eos:
+        ids = ids[:-1]
+    return ids
+
+
 def _decode_new(tokenizer, new_ids) -> tuple[str, int]:
     """Text of generated ids up to (not including) EOS, and how many tokens were generated."""
-    ids = new_ids.tolist()
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id
-    n = len(ids)
-    for i, t in enumerate(ids):
-        if t == eos:
-            n = i + 1
-            ids = ids[:i]
-            break
-    else:  # rows that stopped early are padded: padding is not generated text
-        while ids and ids[-1] == pad and pad != eos:
-            ids.pop()
-        n = len(ids)
-    return tokenizer.decode(ids, skip_special_tokens=True), n
+    ids = generated_ids(new_ids.tolist(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
+    return tokenizer.decode(text_ids, skip_special_tokens=True), len(ids)
 
 
 def auto_batch_size(model, prompts: list[list[int]], max_new_tokens: int) -> int:

@@ -32,6 +32,7 @@ import time
 from tinymath.base.errors import TinymathError
 from tinymath.base.prompts import extract_answer, is_correct
 from tinymath.lib.batching import count_label_tokens, micro_batches
+from tinymath.lib.generate import generated_ids as solution_ids  # a solution: what the policy generated
 from tinymath.lib.trainer import Trainer
 
 
@@ -50,15 +51,6 @@ def group_advantages(rewards: list[float], group: int) -> list[float]:
         unanimous = max(chunk) - min(chunk) < 1e-9  # exactly 0, not float noise: nothing to learn
         out += [0.0 if unanimous else r - mean for r in chunk]
     return out
-
-
-def solution_ids(ids: list[int], eos: int, pad: int) -> list[int]:
-    """The sampled tokens of one generated row: up to and including EOS, padding dropped."""
-    if eos in ids:
-        return ids[:ids.index(eos) + 1]
-    while ids and ids[-1] == pad and pad != eos:
-        ids = ids[:-1]
-    return ids
 
 
 class PolicyCopy:
@@ -159,12 +151,12 @@ class GRPOTrainer(Trainer):
     def rollout(self, questions: list[dict]) -> tuple[list[dict], list[float]]:
         """``--samples`` solutions per question from the current policy, as training examples whose
         ``weights`` are the solution's advantage on its tokens; and the rewards."""
-        from tinymath.base.prompts import build_prompt, encode_prompt
         from tinymath.lib.generate import GenerationSettings, InferenceModel, _decode_new, generate_ids
+        from tinymath.lib.scoring import default_prompts
 
         config, tokenizer, k = self.config, self.tokenizer, self.config.samples
         fmt, system = self.data_settings["format"], self.data_settings["system_prompt"]
-        prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, q["question"], fmt, system)) for q in questions]
+        prompts = default_prompts(tokenizer, questions, fmt, system)
         flat = [p for p in prompts for _ in range(k)]
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                       static_cache=False)  # every step brings new prompt lengths: no compiling

@@ -39,8 +39,6 @@ from tinymath.lib.speed import eager, inference_mode
 class RunPlan:
     """What a run decides for itself on this machine (recorded in ``run.json``'s result)."""
 
-    device: str
-    dtype: object
     world: int
     per_step: int
     steps_per_epoch: int
@@ -183,8 +181,8 @@ class Trainer:
         steps_per_epoch = max(1, len(self.train_examples) // per_step)
         total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
-        plan = RunPlan(device, self.dtype, world, per_step, steps_per_epoch, total, warmup,
-                       config.micro_batch_tokens, config.gradient_checkpointing)
+        plan = RunPlan(world, per_step, steps_per_epoch, total, warmup, config.micro_batch_tokens,
+                       config.gradient_checkpointing)
         if config.packing and plan.micro_batch_tokens is None and device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(device)
             budget = (parse_memory(config.max_memory) if config.max_memory
@@ -553,13 +551,12 @@ def _epoch_order(count: int, seed: int) -> list[int]:
 
 def validation_accuracy(peft_model, tokenizer, rows: list[dict], fmt: str, system_prompt: str | None) -> float:
     """GSM8K accuracy of the model being trained on held-out train-split rows (greedy, batched)."""
-    from tinymath.base.prompts import build_prompt, encode_prompt
     from tinymath.lib.generate import GenerationSettings, InferenceModel, generate_batch
-    from tinymath.lib.scoring import score
+    from tinymath.lib.scoring import default_prompts, score
 
     with inference_mode(peft_model):
         inference = InferenceModel(peft_model, tokenizer, fmt, system_prompt, {})
-        prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, r["question"], fmt, system_prompt)) for r in rows]
+        prompts = default_prompts(tokenizer, rows, fmt, system_prompt)
         completions = [text for text, _ in generate_batch(inference, prompts, GenerationSettings(max_new_tokens=256))]
     return score(completions, [r["answer"] for r in rows])["summary"]["accuracy"]
 
