@@ -102,3 +102,30 @@ def test_static_cache_decoding_matches_plain_generate(gpu_model):
     static = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=True))
     plain = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=False))
     assert static == plain
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
+    """Under `accelerate launch` on two GPUs, CUDA-graph replays with the gradients averaged after
+    them take the same steps as DDP's own (eager) averaging."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = Path(__file__).parent / "fixtures"
+    common = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tinymath", "train",
+              "--data", str(data / "gsm8k"), "--model", str(gpu_model), "--quant", "none",
+              "--lr", "0.02", "--warmup", "0", "--batch-size", "4", "--max-steps", "4", "--no-compile", "--json"]
+    losses, graphs = {}, {}
+    for flag in ("--cuda-graphs", "--no-cuda-graphs"):
+        out = tmp_path / flag.strip("-")
+        done = subprocess.run([sys.executable, *common, flag, "--out", str(out)], capture_output=True, text=True,
+                              env=os.environ, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[flag] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+        graphs[flag] = json.loads((out / "run.json").read_text())["result"]["cuda_graphs"]
+    assert graphs == {"--cuda-graphs": True, "--no-cuda-graphs": False}
+    assert losses["--cuda-graphs"] == pytest.approx(losses["--no-cuda-graphs"], rel=2e-2)
+    assert losses["--cuda-graphs"][-1] < losses["--cuda-graphs"][0]  # it learns

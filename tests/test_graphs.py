@@ -82,13 +82,12 @@ def test_graphs_by_default_only_where_they_are_safe():
     from tinymath.lib.graphs import use_cuda_graphs
 
     config = TrainConfig()
-    assert use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=False, room=5)
-    assert not use_cuda_graphs(config, "cpu", world=1, loss_scaling=False, room=5)
-    assert not use_cuda_graphs(config, "cuda:0", world=2, loss_scaling=False, room=5)  # DDP
-    assert not use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=True, room=5)  # fp16 GPUs
-    assert not use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=False, room=1.5)  # memory-bound
-    assert not use_cuda_graphs(TrainConfig(gradient_checkpointing=True), "cuda:0", 1, False, 5)
-    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", 1, False, 1.5)  # asked for: honoured
+    assert use_cuda_graphs(config, "cuda:0", loss_scaling=False, room=5)
+    assert not use_cuda_graphs(config, "cpu", loss_scaling=False, room=5)
+    assert not use_cuda_graphs(config, "cuda:0", loss_scaling=True, room=5)  # fp16 GPUs
+    assert not use_cuda_graphs(config, "cuda:0", loss_scaling=False, room=1.5)  # memory-bound
+    assert not use_cuda_graphs(TrainConfig(gradient_checkpointing=True), "cuda:0", False, 5)
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", False, 1.5)  # asked for: honoured
 
 
 def test_compiling_and_graphs_only_where_they_pay():
@@ -100,11 +99,57 @@ def test_compiling_and_graphs_only_where_they_pay():
     config = TrainConfig()
     assert not compile_by_default("cuda:0", config, total_steps=3)
     assert not compile_by_default("cpu", config, total_steps=1000)
-    assert not use_cuda_graphs(config, "cuda:0", 1, False, 5, total_steps=3)
-    assert use_cuda_graphs(config, "cuda:0", 1, False, 5, total_steps=699)
-    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", 1, False, 5, total_steps=3)
+    assert not use_cuda_graphs(config, "cuda:0", False, 5, total_steps=3)
+    assert use_cuda_graphs(config, "cuda:0", False, 5, total_steps=699)
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", False, 5, total_steps=3)
     assert not use_static_cache(GenerationSettings(), "cuda", prompts=4)
     assert use_static_cache(GenerationSettings(), "cuda", prompts=1319)
     assert not use_static_cache(GenerationSettings(), "cpu", prompts=1319)
     assert use_static_cache(GenerationSettings(static_cache=True), "cuda", prompts=1)
     assert not use_static_cache(GenerationSettings(static_cache=False), "cuda", prompts=1319)
+
+
+def test_compiled_decoding_pads_to_few_shapes_with_the_same_answers(tiny_model):
+    """Compiled decoding pads every batch to bucketed widths and row counts (so one compiled decoder
+    serves an evaluation's last, smaller batch, the next GRPO step and the next process); the
+    filler changes no answer and comes back for no prompt."""
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.generate import (
+        ROW_BUCKET,
+        WIDTH_BUCKET,
+        GenerationSettings,
+        _batch_shape,
+        generate_batch,
+        load_for_inference,
+    )
+
+    inference = load_for_inference(model=str(tiny_model))
+    tok = inference.tokenizer
+    questions = ["What is 3 + 4?", "Leo had 30 stickers and gave away 12. How many are left?", "Halve 18.",
+                 "A box holds 6 eggs. How many eggs are in 7 boxes?", "What is 10 - 3?"]
+    prompts = [encode_prompt(tok, build_prompt(tok, q, "chat")) for q in questions]
+    plain = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=12, batch_size=2, static_cache=False))
+    padded = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=12, batch_size=2, static_cache=True))
+    assert padded == plain and len(padded) == len(prompts)
+    assert all(len(p) < WIDTH_BUCKET for p in prompts)  # so the padded batches really were wider
+    # every batch of a multi-batch run has the batch size's rows; a single batch a bucketed count
+    assert _batch_shape([4], prompts, 2, static=True) == [4, 4]
+    assert _batch_shape([0, 1, 2], prompts, 8, static=True) == [0, 1, 2] + [2] * (ROW_BUCKET - 3)
+    assert _batch_shape([0, 1, 2], prompts, 8, static=False) == [0, 1, 2]
+
+
+def test_compiled_code_is_kept_in_tinymaths_cache_per_torch_version(monkeypatch, tmp_path):
+    """Compiled artefacts go to tinymath's cache folder (a second process on the machine reuses them),
+    one folder per torch build; a folder the user chose is kept."""
+    import torch
+
+    from tinymath.lib.speed import use_compile_cache
+
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    folder = use_compile_cache()
+    assert folder.startswith(str(tmp_path / "cache" / "compile"))
+    assert torch.__version__.split("+")[0] in folder
+    assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == str(tmp_path / "mine")

@@ -183,26 +183,51 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     results: list = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
     if use_static_cache(settings, device.type, len(prompts)):
+        from tinymath.lib.speed import use_compile_cache
+
+        use_compile_cache()
         kwargs["cache_implementation"] = "static"
     if settings.stop:
         kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
     batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
+    static = "cache_implementation" in kwargs
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
+        rows = _batch_shape(chunk, prompts, batch_size, static)
         width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: every row's answer starts at the same column
+        if static:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
+            width = _bucket(width, WIDTH_BUCKET)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, i in enumerate(rows):  # left padding: every row's answer starts at the same column
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        for row, i in enumerate(chunk):
+        for row, i in enumerate(chunk):  # rows beyond the chunk were filler
             results[i] = out[row, width:].cpu()
         update(len(chunk))
     return results
+
+
+WIDTH_BUCKET = 64  # compiled decoding: prompt widths are padded to a multiple of this
+ROW_BUCKET = 64  # ... and a batch's rows to a multiple of this (or to the batch size)
+
+
+def _bucket(n: int, size: int) -> int:
+    return -(-n // size) * size
+
+
+def _batch_shape(chunk: list[int], prompts: list[list[int]], batch_size: int, static: bool) -> list[int]:
+    """The prompt index of each row of a batch: the chunk's own, then, for compiled decoding, copies
+    of its shortest prompt up to a bucketed row count (every full batch's size, so the last batch of
+    an evaluation reuses the others' compiled decoder). Filler rows' outputs are dropped."""
+    if not static:
+        return chunk
+    target = batch_size if len(prompts) > batch_size else _bucket(len(chunk), ROW_BUCKET)
+    return chunk + [chunk[-1]] * (target - len(chunk))
 
 
 MIN_STATIC_PROMPTS = 64  # below this, compiling the decoder costs more than it saves

@@ -14,8 +14,10 @@ time it is seen (two warm-up passes and a capture: about two steps' time). All g
 memory pool, and gradients accumulate into ``.grad`` buffers allocated once, outside the graphs,
 so gradient accumulation over several micro-batches works as without graphs.
 
-Used by default for one process (no DDP), bf16, without gradient checkpointing and with memory to
-spare; see `use_cuda_graphs`. With LoRA dropout, warm-up passes draw random numbers, so a resumed
+Used by default with bf16, without gradient checkpointing and with memory to spare; see
+`use_cuda_graphs`. Under several processes (`accelerate launch`) the graphs run the plain module,
+since DDP's gradient hooks cannot be captured, and the trainer averages the gradients across the
+processes after the replays, as DDP would have. With LoRA dropout, warm-up passes draw random numbers, so a resumed
 run's dropout masks differ from an uninterrupted run's (the default dropout is 0).
 """
 
@@ -112,20 +114,20 @@ class GraphedMicroBatches:
 MIN_GRAPHED_STEPS = 20  # each new padded length costs about two steps to capture
 
 
-def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float,
+def use_cuda_graphs(config, device: str, loss_scaling: bool, room: float,
                     gradient_checkpointing: bool | None = None, total_steps: int | None = None) -> bool:
     """Whether to train with graphs: ``--cuda-graphs``/``--no-cuda-graphs`` if given (an error where
-    graphs cannot run), else the default. They can run on a GPU, with packed rows, one process
-    (DDP's gradient hooks are not captured), no gradient checkpointing and no fp16 loss scaling
-    (bf16 GPUs); ``gradient_checkpointing``: whether the run uses it (asked for, or planned; default: as asked). By default they also need micro-batches with ``room`` for at least two average
+    graphs cannot run), else the default. They can run on a GPU, with packed rows, no gradient
+    checkpointing and no fp16 loss scaling (bf16 GPUs), in one process or several;
+    ``gradient_checkpointing``: whether the run uses it (asked for, or planned; default: as asked).
+    By default they also need micro-batches with ``room`` for at least two average
     steps: that keeps them to where memory is plentiful (a new length's eager warm-up runs beside
     the pool holding the earlier graphs), and a memory-bound run's large micro-batches gain little."""
     if gradient_checkpointing is None:
         gradient_checkpointing = config.gradient_checkpointing
-    possible = (device.startswith("cuda") and config.packing and world == 1 and not gradient_checkpointing
-                and not loss_scaling)
+    possible = device.startswith("cuda") and config.packing and not gradient_checkpointing and not loss_scaling
     if config.cuda_graphs and not possible:
-        raise TinymathError("--cuda-graphs needs a GPU with bf16 (no fp16 loss scaling), --packing, one process "
+        raise TinymathError("--cuda-graphs needs a GPU with bf16 (no fp16 loss scaling), --packing "
                             "and no gradient checkpointing (with --max-memory the planner may have chosen it); "
                             "drop --cuda-graphs")
     if config.cuda_graphs is not None:

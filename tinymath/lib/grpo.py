@@ -11,9 +11,11 @@ from:
   deviation (Dr. GRPO, Liu et al. 2025: the division over-weights questions that are almost always
   or almost never solved); groups whose solutions all earn the same reward teach nothing and are
   not run through the model (DAPO's dynamic sampling, Yu et al. 2025, without re-sampling);
-- token-level normalisation: the step's loss is the sum over every sampled solution token of
-  -advantage x log-probability, divided by the number of those tokens (DAPO; TRL's ``dapo`` loss),
-  so long solutions are not down-weighted per token;
+- token-level normalisation: the step's loss is the sum over the solution tokens of the groups
+  that teach something of -advantage x log-probability, divided by the number of those tokens
+  (DAPO's loss after its dynamic-sampling filter; TRL's ``dapo`` loss), so long solutions are not
+  down-weighted per token, and a step whose groups are mostly unanimous takes as large an update
+  as any other;
 - on-policy: one update per batch of samples, so the probability ratio of PPO/GRPO is 1 and its
   clipping never acts (DeepSeekMath's GRPO with one inner iteration; nanochat's ``chat_rl.py``);
 - no KL penalty to the reference model (TRL's default ``beta=0``; DAPO and Dr. GRPO drop it):
@@ -22,7 +24,10 @@ from:
 A solution is the token ids the policy sampled, up to and including its EOS. Sampling runs on
 `PolicyCopy`: a plain 16-bit copy of the policy (the quantized base dequantized, the adapter
 merged in again after every update), so generation runs at ``eval``'s speed rather than through
-the training model's 4-bit weights and separate LoRA matmuls.
+the training model's 4-bit weights and separate LoRA matmuls: on a GPU with a static KV cache and
+compiled decoding, every step's prompts padded to bucketed shapes so that the graphs compiled at the
+first step serve every later one (the copy's weights are updated in place). Validation answers
+come from the same copy.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from tinymath.base.errors import TinymathError
 from tinymath.base.prompts import extract_answer, is_correct
 from tinymath.lib.batching import count_label_tokens, micro_batches
 from tinymath.lib.generate import generated_ids as solution_ids  # a solution: what the policy generated
-from tinymath.lib.trainer import Trainer
+from tinymath.lib.trainer import Trainer, validation_accuracy
 
 
 def reward(completion: str, gold: str, format_reward: float = 0.0) -> float:
@@ -136,15 +141,17 @@ class GRPOTrainer(Trainer):
         started = time.time()
         examples, rewards = self.rollout(local)
         generation_s = time.time() - started
-        step_tokens = count_label_tokens(examples)
-        counts = [step_tokens, sum(rewards), len(rewards), self._groups_solved(rewards)]
-        step_tokens, reward_sum, n, solved = self._sum_over_processes(counts)
+        teaching = [ex for ex in examples if ex["weights"][-1] != 0]
+        counts = [count_label_tokens(examples), count_label_tokens(teaching), sum(rewards), len(rewards),
+                  self._groups_solved(rewards)]
+        generated, step_tokens, reward_sum, n, solved = self._sum_over_processes(counts)
         self.step_metrics = {"reward": round(reward_sum / max(n, 1), 4),
                              "groups_solved": round(solved / max(len(questions), 1), 4),
-                             "generated_tokens": int(step_tokens), "generation_s": round(generation_s, 2)}
+                             "generated_tokens": int(generated), "learning_tokens": int(step_tokens),
+                             "generation_s": round(generation_s, 2)}
         # unanimous groups teach nothing: skipped, except under several processes, where every rank
         # must run the same number of backward passes (DDP reduces gradients in each)
-        learning = [ex for ex in examples if ex["weights"][-1] != 0] if self.plan.world == 1 else examples
+        learning = teaching if self.plan.world == 1 else examples
         return examples, max(int(step_tokens), 1), list(micro_batches(learning, self.config, self.pad_id,
                                                                        self.plan.micro_batch_tokens))
 
@@ -159,7 +166,7 @@ class GRPOTrainer(Trainer):
         prompts = default_prompts(tokenizer, questions, fmt, system)
         flat = [p for p in prompts for _ in range(k)]
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      static_cache=False)  # every step brings new prompt lengths: no compiling
+                                      static_cache=False if config.compile is False else None)
         self.policy.sync()
         generated = generate_ids(InferenceModel(self.policy.model, tokenizer, fmt, system, {}), flat, settings)
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -170,6 +177,12 @@ class GRPOTrainer(Trainer):
                      "weights": [0.0] * len(prompt) + [advantage] * len(sol)}
                     for prompt, sol, advantage in zip(flat, solutions, group_advantages(rewards, k)) if sol]
         return examples, rewards
+
+    def validation_accuracy(self) -> float:
+        """Greedy accuracy on the held-out rows, answered by the sampling copy (the same weights)."""
+        self.policy.sync()
+        return validation_accuracy(self.policy.model, self.tokenizer, self.val_rows, self.data_settings["format"],
+                                   self.data_settings["system_prompt"])
 
     def _groups_solved(self, rewards: list[float]) -> int:
         k = self.config.samples

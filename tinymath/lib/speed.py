@@ -1,7 +1,7 @@
 """Speed and memory policy of training: how many tokens one packed micro-batch holds (measured
 against the GPU memory budget, with gradient checkpointing when that buys much larger
 micro-batches), whether decoder layers are compiled, and running them eagerly where compiled
-code does not fit (generation, validation).
+code does not fit (generation, validation), and where compiled code is kept between processes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,32 @@ from contextlib import contextmanager
 from tinymath.base.config import TrainConfig
 from tinymath.base.errors import TinymathError
 from tinymath.lib.batching import pack_examples, to_device
+
+
+def use_compile_cache() -> str:
+    """Keep torch.compile's artefacts (Inductor's FX-graph and AOTAutograd caches, Triton kernels)
+    under tinymath's cache folder, ``compile/torch-VERSION``, so that compiling is paid once per
+    machine rather than once per process. Inductor keys each artefact by the graph, the GPU, the
+    Triton and torch builds and its own settings, so another model or GPU never reuses a wrong one;
+    it writes each entry to a temporary file and renames it, so two processes may start at once.
+    ``$TORCHINDUCTOR_CACHE_DIR``, when set, is left as it is. Returns the folder."""
+    import os
+
+    import torch
+
+    from tinymath.lib.model import cache_dir
+
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder is None:
+        folder = str(cache_dir() / "compile" / f"torch-{torch.__version__.replace('+', '-')}")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return folder
+
 
 CPU_MICRO_BATCH_TOKENS = 4096  # fp32 activations of SmolLM2-135M for 4k tokens: about 6 GB
 

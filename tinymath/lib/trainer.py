@@ -173,7 +173,13 @@ class Trainer:
     def _plan_speed(self) -> None:
         import torch
 
-        from tinymath.lib.speed import CPU_MICRO_BATCH_TOKENS, compile_by_default, compile_layers, plan_micro_batch
+        from tinymath.lib.speed import (
+            CPU_MICRO_BATCH_TOKENS,
+            compile_by_default,
+            compile_layers,
+            plan_micro_batch,
+            use_compile_cache,
+        )
 
         config, device = self.config, self.device
         world = self.accelerator.num_processes
@@ -197,6 +203,7 @@ class Trainer:
         # decided for this machine, not saved in the config: a run resumed elsewhere decides again
         plan.compiled = config.compile if config.compile is not None else compile_by_default(device, config, total)
         if plan.compiled:  # after planning: the planner's eager measurement is the larger (safe) one
+            use_compile_cache()
             compile_layers(self.model)
         self.plan = plan
 
@@ -231,9 +238,12 @@ class Trainer:
         lengths = [len(ex["input_ids"]) for ex in self.train_examples]
         local_examples = math.ceil(plan.per_step / plan.world)
         room = (plan.micro_batch_tokens or 0) / (sum(lengths) / len(lengths) * local_examples)  # in average steps
-        if use_cuda_graphs(self.config, self.device, plan.world, self.accelerator.scaler is not None, room,
+        if use_cuda_graphs(self.config, self.device, self.accelerator.scaler is not None, room,
                            plan.gradient_checkpointing, plan.total_steps):
-            self.graphed = GraphedMicroBatches(self.loss_model, self.trainable, self.pad_id or 0,
+            # under several processes the graphs run the plain module (DDP's gradient hooks cannot be
+            # captured) and `forward_backward` averages the gradients across processes itself
+            self.graphed = GraphedMicroBatches(self.accelerator.unwrap_model(self.loss_model), self.trainable,
+                                               self.pad_id or 0,
                                                max_examples=local_examples, max_seq_len=max(lengths),
                                                device=self.accelerator.device)
 
@@ -350,10 +360,12 @@ class Trainer:
 
         world = self.plan.world
         loss_total = torch.zeros((), device=self.accelerator.device)
+        graphed = False
         for i, batch in enumerate(batches):
             if self.graphed is not None:
                 try:
                     loss_total += self.graphed.step(batch, world / step_tokens)
+                    graphed = True
                     continue
                 except GraphCaptureError as exc:  # a model or library that graphs cannot hold
                     if self.config.lora_dropout:  # a failed capture can leave the CUDA RNG unusable
@@ -366,7 +378,19 @@ class Trainer:
                 micro_loss = self.loss_model(**to_device(batch, self.accelerator.device))
                 self.accelerator.backward(micro_loss * world / step_tokens)
             loss_total += micro_loss.detach()
+        if world > 1 and graphed and self.graphed is not None:
+            self._average_gradients()
         return loss_total
+
+    def _average_gradients(self) -> None:
+        """What DDP does in its backward hooks, done once after graph replays: every trainable
+        gradient averaged over the processes, in one collective on one flat buffer."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.trainable]
+        flat = self.accelerator.reduce(_flatten_dense_tensors(grads), reduction="mean")
+        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
 
     def _reduce(self, loss_total, step_tokens: int) -> tuple[float, float]:
         """One collective per step: the loss, and whether any rank was asked to stop (all ranks must
@@ -427,14 +451,18 @@ class Trainer:
             record["val_loss"] = round(self.validation_loss(self.splits["validation"]), 6)
         evaluating = bool(config.eval_every and (done % config.eval_every == 0 or done == total))
         if evaluating and self.is_main:
-            record["val_accuracy"] = validation_accuracy(self.model, self.tokenizer, self.val_rows,
-                                                         self.data_settings["format"],
-                                                         self.data_settings["system_prompt"])
+            record["val_accuracy"] = self.validation_accuracy()
             if state.best["accuracy"] is None or record["val_accuracy"] > state.best["accuracy"]:
                 state.best = {"accuracy": record["val_accuracy"], "step": done}
                 if config.keep == "best":
                     self.model.save_pretrained(str(self.out / BEST))
         return evaluating
+
+    def validation_accuracy(self) -> float:
+        """Greedy GSM8K accuracy of the model being trained on the held-out rows."""
+        with inference_mode(self.model):
+            return validation_accuracy(self.model, self.tokenizer, self.val_rows, self.data_settings["format"],
+                                       self.data_settings["system_prompt"])
 
     def validation_loss(self, examples: list[dict]) -> float:
         """Mean answer-token loss on held-out examples (same batching as training, no gradients)."""
@@ -549,15 +577,14 @@ def _epoch_order(count: int, seed: int) -> list[int]:
     return order
 
 
-def validation_accuracy(peft_model, tokenizer, rows: list[dict], fmt: str, system_prompt: str | None) -> float:
-    """GSM8K accuracy of the model being trained on held-out train-split rows (greedy, batched)."""
+def validation_accuracy(model, tokenizer, rows: list[dict], fmt: str, system_prompt: str | None) -> float:
+    """GSM8K accuracy of ``model`` on held-out train-split rows (greedy, batched)."""
     from tinymath.lib.generate import GenerationSettings, InferenceModel, generate_batch
     from tinymath.lib.scoring import default_prompts, score
 
-    with inference_mode(peft_model):
-        inference = InferenceModel(peft_model, tokenizer, fmt, system_prompt, {})
-        prompts = default_prompts(tokenizer, rows, fmt, system_prompt)
-        completions = [text for text, _ in generate_batch(inference, prompts, GenerationSettings(max_new_tokens=256))]
+    inference = InferenceModel(model, tokenizer, fmt, system_prompt, {})
+    prompts = default_prompts(tokenizer, rows, fmt, system_prompt)
+    completions = [text for text, _ in generate_batch(inference, prompts, GenerationSettings(max_new_tokens=256))]
     return score(completions, [r["answer"] for r in rows])["summary"]["accuracy"]
 
 
