@@ -46,7 +46,7 @@ def option(default, help: str, panel: str | None = None, *, choices=None, flags:
 
 SCHEDULE, LORA, DATA, SPEED, CONTROL, RL = "Schedule", "LoRA", "Data", "Speed", "Run control", "RL (--method grpo)"
 # what a training method changes in the defaults (a flag or a config file still wins)
-METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 16, "max_steps": 100}}
+METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 32, "max_steps": 80}}
 # what --init-adapter takes from the run it starts from (flags that differ are refused)
 INIT_KEYS = ("model", "quant", "lora_r", "lora_alpha", "target_modules", "format", "system_prompt",
              "calc_annotations")
@@ -70,11 +70,11 @@ class TrainConfig:
                                      flags=("--trust-remote-code",), shown="")
     epochs: float = option(3.0, "Passes over the training data.", SCHEDULE)
     max_steps: int | None = option(None, "Stop after N optimizer steps (overrides --epochs).", SCHEDULE,
-                                   shown="by --epochs; 100 with --method grpo")
+                                   shown="by --epochs; 80 with --method grpo")
     batch_size: int = option(32, "Examples per optimizer step and GPU = --batch-size x --grad-accum (with "
                                  "--method grpo: questions, each sampled --samples times). With --packing the "
                                  "step is cut into micro-batches by tokens.", SCHEDULE,
-                             shown="32; 16 with --method grpo")
+                             shown="32 (questions with --method grpo)")
     grad_accum: int = option(1, "Gradient accumulation (multiplies the examples per step).", SCHEDULE)
     lr: float = option(1e-3, "Peak learning rate, cosine decay.", SCHEDULE, shown="1e-3; 1e-4 with --method grpo")
     warmup: float = option(0.03, "Warm-up: a fraction of the steps (< 1) or a step count.", SCHEDULE,
