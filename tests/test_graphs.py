@@ -82,12 +82,14 @@ def test_graphs_by_default_only_where_they_are_safe():
     from tinymath.lib.graphs import use_cuda_graphs
 
     config = TrainConfig()
-    assert use_cuda_graphs(config, "cuda:0", loss_scaling=False, room=5)
-    assert not use_cuda_graphs(config, "cpu", loss_scaling=False, room=5)
-    assert not use_cuda_graphs(config, "cuda:0", loss_scaling=True, room=5)  # fp16 GPUs
-    assert not use_cuda_graphs(config, "cuda:0", loss_scaling=False, room=1.5)  # memory-bound
-    assert not use_cuda_graphs(TrainConfig(gradient_checkpointing=True), "cuda:0", False, 5)
-    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", False, 1.5)  # asked for: honoured
+    assert use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=False, room=5)
+    assert not use_cuda_graphs(config, "cuda:0", world=2, loss_scaling=False, room=5)  # several: when asked
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", world=2, loss_scaling=False, room=5)
+    assert not use_cuda_graphs(config, "cpu", world=1, loss_scaling=False, room=5)
+    assert not use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=True, room=5)  # fp16 GPUs
+    assert not use_cuda_graphs(config, "cuda:0", world=1, loss_scaling=False, room=1.5)  # memory-bound
+    assert not use_cuda_graphs(TrainConfig(gradient_checkpointing=True), "cuda:0", 1, False, 5)
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", 1, False, 1.5)  # asked for: honoured
 
 
 def test_compiling_and_graphs_only_where_they_pay():
@@ -99,9 +101,9 @@ def test_compiling_and_graphs_only_where_they_pay():
     config = TrainConfig()
     assert not compile_by_default("cuda:0", config, total_steps=3)
     assert not compile_by_default("cpu", config, total_steps=1000)
-    assert not use_cuda_graphs(config, "cuda:0", False, 5, total_steps=3)
-    assert use_cuda_graphs(config, "cuda:0", False, 5, total_steps=699)
-    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", False, 5, total_steps=3)
+    assert not use_cuda_graphs(config, "cuda:0", 1, False, 5, total_steps=3)
+    assert use_cuda_graphs(config, "cuda:0", 1, False, 5, total_steps=699)
+    assert use_cuda_graphs(TrainConfig(cuda_graphs=True), "cuda:0", 1, False, 5, total_steps=3)
     assert not use_static_cache(GenerationSettings(), "cuda", prompts=4)
     assert use_static_cache(GenerationSettings(), "cuda", prompts=1319)
     assert not use_static_cache(GenerationSettings(), "cpu", prompts=1319)

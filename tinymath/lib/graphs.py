@@ -85,7 +85,9 @@ class GraphedMicroBatches:
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.empty_cache()  # the warm-ups' cached blocks, free for the graphs' own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread-local: only this thread's calls can break the capture, not another thread's (such
+        # as the NCCL watchdog polling its events under several processes)
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             loss = self._forward_backward(inputs)
         self.pool = self.pool or graph.pool()
         self.graphs[size] = (graph, inputs, loss)
@@ -114,11 +116,12 @@ class GraphedMicroBatches:
 MIN_GRAPHED_STEPS = 20  # each new padded length costs about two steps to capture
 
 
-def use_cuda_graphs(config, device: str, loss_scaling: bool, room: float,
+def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float,
                     gradient_checkpointing: bool | None = None, total_steps: int | None = None) -> bool:
     """Whether to train with graphs: ``--cuda-graphs``/``--no-cuda-graphs`` if given (an error where
     graphs cannot run), else the default. They can run on a GPU, with packed rows, no gradient
-    checkpointing and no fp16 loss scaling (bf16 GPUs), in one process or several;
+    checkpointing and no fp16 loss scaling (bf16 GPUs), in one process or, when asked for, several
+    (by default not under several processes: not yet measured to capture there);
     ``gradient_checkpointing``: whether the run uses it (asked for, or planned; default: as asked).
     By default they also need micro-batches with ``room`` for at least two average
     steps: that keeps them to where memory is plentiful (a new length's eager warm-up runs beside
@@ -133,4 +136,4 @@ def use_cuda_graphs(config, device: str, loss_scaling: bool, room: float,
     if config.cuda_graphs is not None:
         return config.cuda_graphs
     long_enough = total_steps is None or total_steps >= MIN_GRAPHED_STEPS  # short runs: captures would not pay
-    return possible and room >= 2 and long_enough
+    return possible and world == 1 and room >= 2 and long_enough

@@ -238,7 +238,7 @@ class Trainer:
         lengths = [len(ex["input_ids"]) for ex in self.train_examples]
         local_examples = math.ceil(plan.per_step / plan.world)
         room = (plan.micro_batch_tokens or 0) / (sum(lengths) / len(lengths) * local_examples)  # in average steps
-        if use_cuda_graphs(self.config, self.device, self.accelerator.scaler is not None, room,
+        if use_cuda_graphs(self.config, self.device, plan.world, self.accelerator.scaler is not None, room,
                            plan.gradient_checkpointing, plan.total_steps):
             # under several processes the graphs run the plain module (DDP's gradient hooks cannot be
             # captured) and `forward_backward` averages the gradients across processes itself
