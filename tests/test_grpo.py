@@ -137,6 +137,25 @@ def test_grpo_run_folder_resume_eval_and_merge(tiny_model, gsm8k_dir, sft_run, t
     assert run_cli("merge-adapters", out, "--out", tmp_path / "merged", "--json").exit_code == 0
 
 
+def test_keep_best_never_keeps_worse_than_the_starting_adapter(gsm8k_dir, sft_run, tmp_path, varied_rewards):
+    """With --eval-every, the starting adapter is validated first (step 0): when no later step beats
+    it on the held-out problems (a random model solves none), --keep best keeps the adapter the run
+    started from, not the last update."""
+    from tinymath.base.files import load_safetensors
+    from tinymath.base.runs import ADAPTER_WEIGHTS
+
+    out = tmp_path / "rl"
+    result = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, *RL, "--lr", "0.05",
+                     "--max-steps", "2", "--val-size", "2", "--eval-every", "1", "--keep", "best", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "val_accuracy" in r) for r in rows] == [(0, True), (1, True), (2, True)]
+    assert json.loads((out / "run.json").read_text())["result"]["best_step"] == 0
+    start, kept = load_safetensors(sft_run / ADAPTER_WEIGHTS), load_safetensors(out / ADAPTER_WEIGHTS)
+    assert any(r.get("loss") for r in rows)  # the policy did move...
+    assert start.keys() == kept.keys() and all((start[k] == kept[k]).all() for k in start)  # ...and was not kept
+
+
 def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
     def refused(*extra):
         out = tmp_path / "rl"

@@ -178,6 +178,23 @@ class GRPOTrainer(Trainer):
                     for prompt, sol, advantage in zip(flat, solutions, group_advantages(rewards, k)) if sol]
         return examples, rewards
 
+    def fit(self) -> dict:
+        """As SFT's, after validating the starting adapter (step 0) when ``--eval-every`` is given:
+        ``--keep best`` then never keeps an adapter that does worse on the held-out problems than
+        the one the run started from."""
+        if self.val_rows and not self.state.start_step and self.is_main:
+            import json
+
+            from tinymath.base.runs import BEST, METRICS
+
+            accuracy = self.validation_accuracy()
+            self.state.best = {"accuracy": accuracy, "step": 0}
+            if self.config.keep == "best":
+                self.model.save_pretrained(str(self.out / BEST))
+            with open(self.out / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": 0, "epoch": 0.0, "val_accuracy": accuracy}) + "\n")
+        return super().fit()
+
     def validation_accuracy(self) -> float:
         """Greedy accuracy on the held-out rows, answered by the sampling copy (the same weights)."""
         self.policy.sync()
