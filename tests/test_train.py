@@ -132,6 +132,72 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model, gsm
     assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2
 
 
+def _launch(node: int, nodes: int, port: int, *args):
+    """``torch.distributed.run`` for one "machine" of a run on localhost (one CPU process, gloo)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node),
+           "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "tinymath", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_train_like_one_process(tiny_model, gsm8k_dir, tmp_path):
+    """A launch over two machines (two launcher invocations, --nnodes 2, each with one process) is
+    not refused, writes one run folder and one report, and takes the same steps as one process."""
+    common = ["train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--quant", "none", "--lr", "0.02",
+              "--warmup", "0", "--lora-r", "8", "--max-steps", "3", "--json"]
+    one = run_cli(*common, "--batch-size", "4", "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    port = _free_port()
+    nodes = [_launch(n, 2, port, *common, "--batch-size", "2", "--out", str(tmp_path / "two")) for n in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert [out.count('"steps"') for out, _ in outputs] == [1, 0]  # one report, from the first machine
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").open()] for d in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2
+
+
+def test_a_process_that_dies_ends_the_others_promptly_with_one_message(tiny_model, gsm8k_dir, tmp_path):
+    """Killing the process of one machine mid-run: the other machine's process exits within seconds
+    with one tinymath message (not a traceback), instead of waiting on a collective."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--quant", "none", "--max-steps", "100000",
+            "--batch-size", "2", "--log-every", "1", "--out", str(out)]
+    port = _free_port()
+    nodes = [_launch(n, 2, port, *args) for n in (0, 1)]
+    started = time.time()
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):  # training has begun
+        assert time.time() - started < 240 and nodes[0].poll() is None, "the run did not start"
+        time.sleep(0.2)
+    worker = int(subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True,
+                                check=True).stdout.split()[0])
+    os.kill(worker, signal.SIGKILL)
+    killed = time.time()
+    _, err = nodes[0].communicate(timeout=120)
+    nodes[1].communicate(timeout=120)
+    assert nodes[0].returncode != 0 and time.time() - killed < 30
+    tinymath_lines = [line for line in err.splitlines() if "rank0" in line or line.startswith("error:")]
+    assert any(line.startswith("error: another process of this run stopped") for line in tinymath_lines), err[-3000:]
+    assert not any("Traceback" in line for line in tinymath_lines)  # the launcher's own report may follow
+
+
 def test_reported_tokens_per_second_is_the_steps_rate(tiny_model, gsm8k_dir, tmp_path):
     """The summary's tokens/s is the rate the progress bar and metrics show over the steps, not
     diluted by the end-of-run validation pass."""

@@ -5,6 +5,8 @@ and every function here is then trivial.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from tinymath.base.errors import TinymathError
 
 
@@ -66,3 +68,28 @@ def gather_in_order(mine: range, results: list, count: int) -> list:
     for i, result in gather_object(list(zip(mine, results))):
         merged[i] = result
     return merged
+
+
+# what a collective raises when another process of the run is gone (gloo: the peer's connection;
+# NCCL: a communicator error or timeout)
+LOST_PEER_SIGNS = ("connection reset", "connection closed", "broken pipe", "nccl", "gloo", "timed out")
+
+
+@contextmanager
+def peers_lost_as_error(processes: int, next_step=lambda: ""):
+    """Under several processes: a collective that fails because another process of the run died
+    (out of memory, bad data, killed) ends this one with one message, not a traceback per rank;
+    ``next_step()`` adds what the user can do next."""
+    import torch
+
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        lost = isinstance(exc, getattr(torch.distributed, "DistError", ())) or any(
+            sign in text.lower() for sign in LOST_PEER_SIGNS)
+        if processes == 1 or not lost or isinstance(exc, TinymathError):
+            raise
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        raise TinymathError(f"another process of this run stopped, so this one stops too ({detail[:200]}); "
+                            f"its own output says why. {next_step()}".strip()) from exc

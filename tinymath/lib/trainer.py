@@ -32,6 +32,7 @@ from tinymath.base.config import TrainConfig, parse_memory
 from tinymath.base.errors import TinymathError
 from tinymath.base.runs import BEST, CONFIG_FILE, METRICS, RUN_FILE
 from tinymath.lib.batching import count_label_tokens, micro_batches, to_device
+from tinymath.lib.distributed import peers_lost_as_error
 from tinymath.lib.speed import eager, inference_mode
 
 
@@ -314,7 +315,8 @@ class Trainer:
         fields_fmt = "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
         metrics = open(self.out / METRICS, "a", encoding="utf-8") if self.is_main else nullcontext()
         try:
-            with clear_library_errors(), stop_on_signals() as self.stop, metrics as self.metrics_file, \
+            with peers_lost_as_error(plan.world, self._resume_hint), clear_library_errors(), \
+                    stop_on_signals() as self.stop, metrics as self.metrics_file, \
                     progress_bar("training", plan.total_steps, self.show_progress, fields_fmt, loss=float("nan"),
                                  lr=0.0, tps=0.0) as self.update:
                 self.update(advance=state.start_step)
@@ -403,6 +405,12 @@ class Trainer:
             totals = self.accelerator.reduce(totals, reduction="sum")
         loss_sum, stop_votes = totals.tolist()
         return loss_sum / step_tokens, stop_votes
+
+    def _resume_hint(self) -> str:
+        from tinymath.lib.checkpoint import latest_checkpoint
+
+        return f"Continue from its last checkpoint with: tinymath train --resume {self.out}" \
+            if latest_checkpoint(self.out) else ""
 
     def _fail_non_finite(self, what: str) -> None:
         from tinymath.lib.checkpoint import latest_checkpoint
