@@ -156,6 +156,42 @@ def test_keep_best_never_keeps_worse_than_the_starting_adapter(gsm8k_dir, sft_ru
     assert start.keys() == kept.keys() and all((start[k] == kept[k]).all() for k in start)  # ...and was not kept
 
 
+def test_calculator_rollouts_learn_the_text_with_the_calculators_results(tiny_model, monkeypatch):
+    """With --calculator a solution is sampled through the calculator's rounds, and what is trained
+    on is its whole text (the spliced-in results too), then EOS only where the policy stopped."""
+    from types import SimpleNamespace
+
+    import tinymath.lib.generate as generate
+    from tinymath.lib.generate import GenerationSettings
+    from tinymath.lib.grpo import GRPOTrainer
+    from tinymath.lib.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    asked = []
+
+    def answers(inference, prompts, settings, update=None):
+        asked.append(settings.calculator)
+        return [("3 + 4 = <<3+4=7>>7\n#### 7", 9), ("and so on and so on", 16)][:len(prompts)]
+
+    monkeypatch.setattr(generate, "generate_batch", answers)
+    trainer = SimpleNamespace(tokenizer=tok, policy=SimpleNamespace(model=None), config=SimpleNamespace(calculator=True),
+                              data_settings={"format": "chat", "system_prompt": None})
+    ids, texts = GRPOTrainer.sample(trainer, [[1, 2], [1, 2]], GenerationSettings(max_new_tokens=16))
+    assert asked == [True] and texts == ["3 + 4 = <<3+4=7>>7\n#### 7", "and so on and so on"]
+    assert ids[0] == tok("3 + 4 = <<3+4=7>>7\n#### 7", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert ids[1] == tok("and so on and so on", add_special_tokens=False).input_ids  # cut at 16 tokens: no EOS
+
+
+def test_grpo_with_the_calculator_runs_and_records_it(gsm8k_dir, sft_run, tmp_path):
+    out = tmp_path / "rl"
+    result = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, *RL, "--max-steps", "1",
+                     "--calculator", "--val-size", "2", "--eval-every", "1", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["calculator"] is True
+    refused = run_cli("train", "--data", gsm8k_dir, "--calculator", "--out", tmp_path / "sft")
+    assert refused.exit_code != 0 and "--method grpo" in refused.output and not (tmp_path / "sft").exists()
+
+
 def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
     def refused(*extra):
         out = tmp_path / "rl"

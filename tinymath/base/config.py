@@ -124,6 +124,10 @@ class TrainConfig:
     max_new_tokens: int = option(256, "grpo: longest sampled solution.", RL)
     format_reward: float = option(0.0, "grpo: reward for giving a '#### N' final answer at all (the correct answer "
                                        "earns 1).", RL)
+    calculator: bool = option(False, "grpo: sample and validate with the calculator ('<<expr=' completed by "
+                                     "tinymath's calculator, as `eval --calculator` answers); its results are "
+                                     "trained on like the sampled tokens, as SFT trains on annotated solutions.", RL,
+                              flags=("--calculator/--no-calculator",), shown="off")
 
     def validate(self) -> None:
         """Every problem at once, each naming the flag to fix; NaN and infinity are never valid."""
@@ -159,6 +163,9 @@ class TrainConfig:
                             "question, so it needs at least 2 (try 8)")
         if self.format_reward < 0:
             problems.append(f"--format-reward {self.format_reward} must be >= 0")
+        if self.calculator and self.method != "grpo":
+            problems.append("--calculator samples solutions with the calculator in reinforcement learning: add "
+                            "--method grpo (SFT trains on the reference solutions)")
         if self.init_adapter and self.method != "grpo":
             problems.append("--init-adapter starts reinforcement learning from a run: add --method grpo")
         if self.keep == "best" and not self.eval_every:

@@ -158,25 +158,43 @@ class GRPOTrainer(Trainer):
     def rollout(self, questions: list[dict]) -> tuple[list[dict], list[float]]:
         """``--samples`` solutions per question from the current policy, as training examples whose
         ``weights`` are the solution's advantage on its tokens; and the rewards."""
-        from tinymath.lib.generate import GenerationSettings, InferenceModel, _decode_new, generate_ids
+        from tinymath.lib.generate import GenerationSettings
         from tinymath.lib.scoring import default_prompts
 
-        config, tokenizer, k = self.config, self.tokenizer, self.config.samples
-        fmt, system = self.data_settings["format"], self.data_settings["system_prompt"]
-        prompts = default_prompts(tokenizer, questions, fmt, system)
+        config, k = self.config, self.config.samples
+        prompts = default_prompts(self.tokenizer, questions, self.data_settings["format"],
+                                  self.data_settings["system_prompt"])
         flat = [p for p in prompts for _ in range(k)]
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                       static_cache=False if config.compile is False else None)
         self.policy.sync()
-        generated = generate_ids(InferenceModel(self.policy.model, tokenizer, fmt, system, {}), flat, settings)
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        solutions = [solution_ids(ids.tolist(), eos, pad) for ids in generated]
-        texts = [_decode_new(tokenizer, ids)[0] for ids in generated]
+        solutions, texts = self.sample(flat, settings)
         rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
         examples = [{"input_ids": prompt + sol, "labels": [-100] * len(prompt) + sol,
                      "weights": [0.0] * len(prompt) + [advantage] * len(sol)}
                     for prompt, sol, advantage in zip(flat, solutions, group_advantages(rewards, k)) if sol]
         return examples, rewards
+
+    def sample(self, prompts: list[list[int]], settings) -> tuple[list[list[int]], list[str]]:
+        """Each prompt's solution: its token ids and its text. With ``--calculator`` a solution is
+        sampled in rounds with the calculator's results spliced in (as ``eval --calculator``
+        answers), and its ids are its text's tokens, then EOS where the policy stopped by itself."""
+        from dataclasses import replace
+
+        from tinymath.lib.generate import InferenceModel, _decode_new, generate_batch, generate_ids
+
+        tokenizer = self.tokenizer
+        inference = InferenceModel(self.policy.model, tokenizer, self.data_settings["format"],
+                                   self.data_settings["system_prompt"], {})
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if self.config.calculator:
+            answers = generate_batch(inference, prompts, replace(settings, calculator=True))
+            ids = [tokenizer(text, add_special_tokens=False).input_ids + ([eos] if n < settings.max_new_tokens else [])
+                   for text, n in answers]
+            return ids, [text for text, _ in answers]
+        generated = generate_ids(inference, prompts, settings)
+        return ([solution_ids(row.tolist(), eos, pad) for row in generated],
+                [_decode_new(tokenizer, row)[0] for row in generated])
 
     def fit(self) -> dict:
         """As SFT's, after validating the starting adapter (step 0) when ``--eval-every`` is given:
@@ -196,10 +214,11 @@ class GRPOTrainer(Trainer):
         return super().fit()
 
     def validation_accuracy(self) -> float:
-        """Greedy accuracy on the held-out rows, answered by the sampling copy (the same weights)."""
+        """Greedy accuracy on the held-out rows, answered by the sampling copy (the same weights), with
+        the calculator when the solutions are sampled with it."""
         self.policy.sync()
         return validation_accuracy(self.policy.model, self.tokenizer, self.val_rows, self.data_settings["format"],
-                                   self.data_settings["system_prompt"])
+                                   self.data_settings["system_prompt"], calculator=self.config.calculator)
 
     def _groups_solved(self, rewards: list[float]) -> int:
         k = self.config.samples

@@ -585,14 +585,17 @@ def _epoch_order(count: int, seed: int) -> list[int]:
     return order
 
 
-def validation_accuracy(model, tokenizer, rows: list[dict], fmt: str, system_prompt: str | None) -> float:
-    """GSM8K accuracy of ``model`` on held-out train-split rows (greedy, batched)."""
+def validation_accuracy(model, tokenizer, rows: list[dict], fmt: str, system_prompt: str | None,
+                        calculator: bool = False) -> float:
+    """GSM8K accuracy of ``model`` on held-out train-split rows (greedy, batched; ``calculator``:
+    ``<<expr=`` completed by the calculator)."""
     from tinymath.lib.generate import GenerationSettings, InferenceModel, generate_batch
     from tinymath.lib.scoring import default_prompts, score
 
     inference = InferenceModel(model, tokenizer, fmt, system_prompt, {})
     prompts = default_prompts(tokenizer, rows, fmt, system_prompt)
-    completions = [text for text, _ in generate_batch(inference, prompts, GenerationSettings(max_new_tokens=256))]
+    settings = GenerationSettings(max_new_tokens=256, calculator=calculator)
+    completions = [text for text, _ in generate_batch(inference, prompts, settings)]
     return score(completions, [r["answer"] for r in rows])["summary"]["accuracy"]
 
 
