@@ -32,22 +32,23 @@ def main():
     parser.add_argument("--label", required=True)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--cold", action="store_true", help="the first run starts from an empty tinymath cache")
-    parser.add_argument("--cache", help="the tinymath cache to use (default: a new folder under /tmp)")
+    parser.add_argument("--cache", help="the tinymath cache to use (default: a new folder under /tmp); with "
+                                        "--cold it must not exist yet")
     parser.add_argument("--clean", action="append", default=[], help="a path to delete before each run")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the tinymath command and its flags")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.cold and args.cache and Path(args.cache).exists():
+        raise SystemExit(f"--cold: {args.cache} exists; name a new folder (nothing is deleted)")
     cache = Path(args.cache or tempfile.mkdtemp(prefix="tinymath_cache_"))
-    if args.cold and cache.exists():
-        shutil.rmtree(cache)
     env = {**os.environ, "TINYMATH_CACHE": str(cache)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    tinymath = shutil.which("tinymath") or sys.executable + " -m tinymath"
+    tinymath = [shutil.which("tinymath")] if shutil.which("tinymath") else [sys.executable, "-m", "tinymath"]
     for run in range(args.runs):
         for path in args.clean:
             shutil.rmtree(path, ignore_errors=True)
         started = time.time()
-        proc = subprocess.run([*tinymath.split(), *command, "--json"], capture_output=True, text=True, env=env,
+        proc = subprocess.run([*tinymath, *command, "--json"], capture_output=True, text=True, env=env,
                               check=False)
         wall = round(time.time() - started, 2)
         if proc.returncode != 0:

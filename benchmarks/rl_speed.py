@@ -25,11 +25,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import log  # noqa: E402
 
 
-def tinymath_figures(run: Path, skip: int = 1) -> dict:
-    """Questions/s and the generation/update split of a tinymath GRPO run, from its metrics."""
+def tinymath_figures(run: Path, expected: dict, skip: int = 1) -> dict:
+    """Questions/s and the generation/update split of a tinymath GRPO run, from its metrics (the
+    first ``skip`` steps, which compile, and validation steps left out); its settings must be
+    ``expected``."""
     config = json.loads((run / "run.json").read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()][skip:]
-    rows = [r for r in rows if "generation_s" in r and "val_accuracy" not in r]  # validation steps excluded
+    differ = {k: (config[k], v) for k, v in expected.items() if config[k] != v}
+    if differ:
+        raise SystemExit(f"{run} ran with other settings than TRL's (run, TRL): {differ}")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    rows = [r for r in rows if "generation_s" in r and "val_accuracy" not in r][skip:]
     generation, update = sum(r["generation_s"] for r in rows), sum(r["update_s"] for r in rows)
     return {"steps": len(rows), "questions_per_s": round(len(rows) * config["batch_size"] / (generation + update), 3),
             "generation_s_per_step": round(generation / len(rows), 2), "update_s_per_step": round(update / len(rows), 2)}
@@ -111,7 +116,9 @@ def main():
     record = {"event": "rl_speed", "questions": args.questions, "samples": args.samples,
               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "trl": trl}
     if args.tinymath_run:
-        record["tinymath"] = tinymath_figures(Path(args.tinymath_run))
+        record["tinymath"] = tinymath_figures(Path(args.tinymath_run), {
+            "batch_size": args.questions, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature})
         record["ratio"] = round(record["tinymath"]["questions_per_s"] / trl["questions_per_s"], 2)
     log(**record)
 

@@ -136,22 +136,26 @@ def test_compiled_decoding_pads_to_few_shapes_with_the_same_answers(tiny_model):
     assert all(len(p) < WIDTH_BUCKET for p in prompts)  # so the padded batches really were wider
     # every batch of a multi-batch run has the batch size's rows; a single batch a bucketed count
     assert _batch_shape([4], prompts, 2, static=True) == [4, 4]
-    assert _batch_shape([0, 1, 2], prompts, 8, static=True) == [0, 1, 2] + [2] * (ROW_BUCKET - 3)
+    assert _batch_shape([0, 1, 2], prompts, 128, static=True) == [0, 1, 2] + [2] * (ROW_BUCKET - 3)
+    assert _batch_shape([0, 1, 2], prompts, 8, static=True) == [0, 1, 2] + [2] * 5  # never above the batch size
     assert _batch_shape([0, 1, 2], prompts, 8, static=False) == [0, 1, 2]
 
 
 def test_compiled_code_is_kept_in_tinymaths_cache_per_torch_version(monkeypatch, tmp_path):
     """Compiled artefacts go to tinymath's cache folder (a second process on the machine reuses them),
-    one folder per torch build; a folder the user chose is kept."""
+    one folder per torch build, even once Inductor has written its own default into the
+    environment; a folder the user chose is kept."""
     import torch
 
-    from tinymath.lib.speed import use_compile_cache
+    import tinymath.lib.speed as speed
 
     monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    folder = use_compile_cache()
-    assert folder.startswith(str(tmp_path / "cache" / "compile"))
-    assert torch.__version__.split("+")[0] in folder
-    assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert use_compile_cache() == str(tmp_path / "mine")
+    monkeypatch.setattr(speed, "_USER_INDUCTOR_CACHE", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_default")  # Inductor's, once used
+    folder = speed.use_compile_cache()
+    assert folder.startswith(str(tmp_path / "cache" / "compile")) and torch.__version__.split("+")[0] in folder
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
+    monkeypatch.setattr(speed, "_USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
+    assert speed.use_compile_cache() == str(tmp_path / "mine")

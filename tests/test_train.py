@@ -207,3 +207,19 @@ def test_reported_tokens_per_second_is_the_steps_rate(tiny_model, gsm8k_dir, tmp
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     rate = sum(r["tokens"] for r in rows) / sum(r["tokens"] / r["tokens_per_s"] for r in rows)
     assert json.loads(result.stdout)["real_tokens_per_s"] == pytest.approx(rate, rel=0.01)
+
+
+def test_only_a_lost_process_is_reported_as_one():
+    """A collective that failed because a peer's connection closed becomes the one message; any
+    other error (a local bug, a mismatch every process hits) keeps its own type and traceback."""
+    from tinymath import TinymathError
+    from tinymath.lib.distributed import peers_lost_as_error
+
+    with pytest.raises(TinymathError, match="another process of this run stopped.*resume"):
+        with peers_lost_as_error(2, lambda: "resume with ..."):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    for processes, message in ((2, "ProcessGroupGloo: size mismatch in allreduce"), (2, "Triton kernel timed out"),
+                               (1, "Connection reset by peer")):
+        with pytest.raises(RuntimeError, match=message.split()[0]):
+            with peers_lost_as_error(processes):
+                raise RuntimeError(message)

@@ -70,26 +70,27 @@ def gather_in_order(mine: range, results: list, count: int) -> list:
     return merged
 
 
-# what a collective raises when another process of the run is gone (gloo: the peer's connection;
-# NCCL: a communicator error or timeout)
-LOST_PEER_SIGNS = ("connection reset", "connection closed", "broken pipe", "nccl", "gloo", "timed out")
+# what a collective raises when another process of the run is gone: its connection closed (gloo),
+# or NCCL's remote-peer error
+LOST_PEER_SIGNS = ("connection reset by peer", "connection closed by peer", "broken pipe",
+                   "remote process exited", "ncclremoteerror")
 
 
 @contextmanager
 def peers_lost_as_error(processes: int, next_step=lambda: ""):
     """Under several processes: a collective that fails because another process of the run died
     (out of memory, bad data, killed) ends this one with one message, not a traceback per rank;
-    ``next_step()`` adds what the user can do next."""
+    ``next_step()`` adds what the user can do next. Other errors pass through unchanged."""
     import torch
 
     try:
         yield
     except RuntimeError as exc:
         text = str(exc)
-        lost = isinstance(exc, getattr(torch.distributed, "DistError", ())) or any(
+        lost = isinstance(exc, getattr(torch.distributed, "DistNetworkError", ())) or any(
             sign in text.lower() for sign in LOST_PEER_SIGNS)
-        if processes == 1 or not lost or isinstance(exc, TinymathError):
+        if processes == 1 or not lost:
             raise
-        detail = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-        raise TinymathError(f"another process of this run stopped, so this one stops too ({detail[:200]}); "
-                            f"its own output says why. {next_step()}".strip()) from exc
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        raise TinymathError(f"another process of this run stopped, so this one stops too ({type(exc).__name__}: "
+                            f"{detail[:200]}); its own output says why. {next_step()}".strip()) from exc

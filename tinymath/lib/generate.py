@@ -121,8 +121,9 @@ def _decode_new(tokenizer, new_ids) -> tuple[str, int]:
 
 
 def auto_batch_size(model, prompts: list[list[int]], max_new_tokens: int) -> int:
-    """How many prompts to generate together: 16 on CPU; on a GPU as many as half the free memory
-    holds in KV cache (every row padded to the longest prompt plus the answer)."""
+    """How many rows to generate together: 16 on CPU; on a GPU as many as half the free memory
+    holds in KV cache (every row padded to the longest prompt plus the answer), at most the
+    prompts' count rounded up to `ROW_BUCKET` (the rows compiled decoding pads a batch to)."""
     import torch
 
     device = next(model.parameters()).device
@@ -135,7 +136,7 @@ def auto_batch_size(model, prompts: list[list[int]], max_new_tokens: int) -> int
     # the logits of one step ([rows, vocab] in fp32) come on top of the cache
     per_row = per_token * (max(len(p) for p in prompts) + max_new_tokens) + 8 * cfg.vocab_size
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(len(prompts), int(free * 0.5 / per_row)))
+    return max(1, min(_bucket(len(prompts), ROW_BUCKET), int(free * 0.5 / per_row)))
 
 
 def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
@@ -191,8 +192,10 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
-    batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
     static = "cache_implementation" in kwargs
+    batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
+    if static and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies from
+        batch_size -= batch_size % ROW_BUCKET  # call to call: a multiple of the bucket keeps the shapes few
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         rows = _batch_shape(chunk, prompts, batch_size, static)
@@ -222,11 +225,12 @@ def _bucket(n: int, size: int) -> int:
 
 def _batch_shape(chunk: list[int], prompts: list[list[int]], batch_size: int, static: bool) -> list[int]:
     """The prompt index of each row of a batch: the chunk's own, then, for compiled decoding, copies
-    of its shortest prompt up to a bucketed row count (every full batch's size, so the last batch of
-    an evaluation reuses the others' compiled decoder). Filler rows' outputs are dropped."""
+    of its shortest prompt up to a bucketed row count, never more than ``batch_size`` (every full
+    batch's size, so the last batch of an evaluation reuses the others' compiled decoder). Filler
+    rows' outputs are dropped."""
     if not static:
         return chunk
-    target = batch_size if len(prompts) > batch_size else _bucket(len(chunk), ROW_BUCKET)
+    target = batch_size if len(prompts) > batch_size else min(_bucket(len(chunk), ROW_BUCKET), batch_size)
     return chunk + [chunk[-1]] * (target - len(chunk))
 
 

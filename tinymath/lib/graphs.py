@@ -14,10 +14,11 @@ time it is seen (two warm-up passes and a capture: about two steps' time). All g
 memory pool, and gradients accumulate into ``.grad`` buffers allocated once, outside the graphs,
 so gradient accumulation over several micro-batches works as without graphs.
 
-Used by default with bf16, without gradient checkpointing and with memory to spare; see
-`use_cuda_graphs`. Under several processes (`accelerate launch`) the graphs run the plain module,
-since DDP's gradient hooks cannot be captured, and the trainer averages the gradients across the
-processes after the replays, as DDP would have. With LoRA dropout, warm-up passes draw random numbers, so a resumed
+Used by default with one process, bf16, without gradient checkpointing and with memory to spare;
+see `use_cuda_graphs`. Under several processes (`accelerate launch`) only with ``--cuda-graphs``
+(not yet seen to capture there): the graphs run the plain module, since DDP's gradient hooks cannot
+be captured, and the trainer averages the gradients across the processes after the replays, as DDP
+would have. With LoRA dropout, warm-up passes draw random numbers, so a resumed
 run's dropout masks differ from an uninterrupted run's (the default dropout is 0).
 """
 

@@ -135,7 +135,7 @@ class GRPOTrainer(Trainer):
 
     def step_batches(self, step: int) -> tuple[list[dict], int, list[dict]]:
         """Sample solutions to this step's questions, reward them and turn them into weighted
-        training examples. The normaliser is every sampled solution token of the step."""
+        training examples. The normaliser is the solution tokens of the groups that teach."""
         questions = self.step_examples(step)
         local = questions[self.accelerator.process_index::self.plan.world]
         started = time.time()
@@ -178,7 +178,8 @@ class GRPOTrainer(Trainer):
     def sample(self, prompts: list[list[int]], settings) -> tuple[list[list[int]], list[str]]:
         """Each prompt's solution: its token ids and its text. With ``--calculator`` a solution is
         sampled in rounds with the calculator's results spliced in (as ``eval --calculator``
-        answers), and its ids are its text's tokens, then EOS where the policy stopped by itself."""
+        answers), and its ids are its text's tokens, then EOS where the policy stopped by itself
+        (before the token limit, and not inside an unfinished ``<<expr=``)."""
         from dataclasses import replace
 
         from tinymath.lib.generate import InferenceModel, _decode_new, generate_batch, generate_ids
@@ -188,37 +189,40 @@ class GRPOTrainer(Trainer):
                                    self.data_settings["system_prompt"], {})
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         if self.config.calculator:
+            from tinymath.base.calculator import pending_call
+
             answers = generate_batch(inference, prompts, replace(settings, calculator=True))
-            ids = [tokenizer(text, add_special_tokens=False).input_ids + ([eos] if n < settings.max_new_tokens else [])
-                   for text, n in answers]
+            # stopped short of the limit, and not inside "<<expr=" (a row out of calculator calls): EOS
+            stopped = [n < settings.max_new_tokens and pending_call(text) is None for text, n in answers]
+            ids = [tokenizer(text, add_special_tokens=False).input_ids + [eos] * done
+                   for (text, _), done in zip(answers, stopped)]
             return ids, [text for text, _ in answers]
         generated = generate_ids(inference, prompts, settings)
         return ([solution_ids(row.tolist(), eos, pad) for row in generated],
                 [_decode_new(tokenizer, row)[0] for row in generated])
 
-    def fit(self) -> dict:
-        """As SFT's, after validating the starting adapter (step 0) when ``--eval-every`` is given:
-        ``--keep best`` then never keeps an adapter that does worse on the held-out problems than
-        the one the run started from."""
-        if self.val_rows and not self.state.start_step and self.is_main:
-            import json
+    def before_steps(self) -> None:
+        """With ``--eval-every``, validate the starting adapter first (step 0): ``--keep best`` then
+        never keeps an adapter that does worse on the held-out problems than the one the run
+        started from."""
+        if not self.val_rows or self.state.start_step or not self.is_main:
+            return
+        from tinymath.base.runs import BEST
 
-            from tinymath.base.runs import BEST, METRICS
-
-            accuracy = self.validation_accuracy()
-            self.state.best = {"accuracy": accuracy, "step": 0}
-            if self.config.keep == "best":
-                self.model.save_pretrained(str(self.out / BEST))
-            with open(self.out / METRICS, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": 0, "epoch": 0.0, "val_accuracy": accuracy}) + "\n")
-        return super().fit()
+        self.update(advance=0, description="validating the starting adapter")
+        record = {"step": 0, "epoch": 0.0, "val_accuracy": self.validation_accuracy()}
+        self.state.best = {"accuracy": record["val_accuracy"], "step": 0}
+        if self.config.keep == "best":
+            self.model.save_pretrained(str(self.out / BEST))
+        self.log_record(record)
 
     def validation_accuracy(self) -> float:
         """Greedy accuracy on the held-out rows, answered by the sampling copy (the same weights), with
         the calculator when the solutions are sampled with it."""
         self.policy.sync()
         return validation_accuracy(self.policy.model, self.tokenizer, self.val_rows, self.data_settings["format"],
-                                   self.data_settings["system_prompt"], calculator=self.config.calculator)
+                                   self.data_settings["system_prompt"], calculator=self.config.calculator,
+                                   static_cache=False if self.config.compile is False else None)
 
     def _groups_solved(self, rewards: list[float]) -> int:
         k = self.config.samples

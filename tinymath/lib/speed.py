@@ -6,27 +6,29 @@ code does not fit (generation, validation), and where compiled code is kept betw
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 from tinymath.base.config import TrainConfig
 from tinymath.base.errors import TinymathError
 from tinymath.lib.batching import pack_examples, to_device
 
+_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # as the user started the process
+
 
 def use_compile_cache() -> str:
     """Keep torch.compile's artefacts (Inductor's FX-graph and AOTAutograd caches, Triton kernels)
-    under tinymath's cache folder, ``compile/torch-VERSION``, so that compiling is paid once per
-    machine rather than once per process. Inductor keys each artefact by the graph, the GPU, the
-    Triton and torch builds and its own settings, so another model or GPU never reuses a wrong one;
-    it writes each entry to a temporary file and renames it, so two processes may start at once.
-    ``$TORCHINDUCTOR_CACHE_DIR``, when set, is left as it is. Returns the folder."""
-    import os
-
+    under tinymath's cache folder, ``compile/torch-VERSION``, beside the converted models, rather
+    than in a temporary folder that a reboot or a /tmp clean-up empties. Inductor keys each artefact
+    by the graph, the GPU, the Triton and torch builds and its own settings, so another model or GPU
+    never reuses a wrong one; it writes each entry to a temporary file and renames it, so two
+    processes may start at once. A ``$TORCHINDUCTOR_CACHE_DIR`` the user set is left as it is.
+    Returns the folder."""
     import torch
 
     from tinymath.lib.model import cache_dir
 
-    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    folder = _USER_INDUCTOR_CACHE  # not os.environ: Inductor writes its own default there once used
     if folder is None:
         folder = str(cache_dir() / "compile" / f"torch-{torch.__version__.replace('+', '-')}")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder

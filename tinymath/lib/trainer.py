@@ -320,6 +320,7 @@ class Trainer:
                     progress_bar("training", plan.total_steps, self.show_progress, fields_fmt, loss=float("nan"),
                                  lr=0.0, tps=0.0) as self.update:
                 self.update(advance=state.start_step)
+                self.before_steps()
                 if plan.compiled or self.graphed is not None:  # the first step compiles: say so, not look stuck
                     self.update(advance=0, description="compiling (a minute the first time on this machine)")
                 upcoming = self.step_batches(state.start_step)
@@ -329,6 +330,9 @@ class Trainer:
             if self.log_with:
                 self.accelerator.end_training()
         return self.finish()
+
+    def before_steps(self) -> None:
+        """Anything a method does before its first step (nothing for SFT)."""
 
     def train_step(self, step: int, batches):
         """One optimizer step on ``batches`` (`step_batches`); returns the next step's batches,
@@ -370,7 +374,9 @@ class Trainer:
                     graphed = True
                     continue
                 except GraphCaptureError as exc:  # a model or library that graphs cannot hold
-                    if self.config.lora_dropout:  # a failed capture can leave the CUDA RNG unusable
+                    # a failed capture can leave the CUDA RNG unusable; and under several processes
+                    # the others would go on averaging after their replays: collectives that differ
+                    if self.config.lora_dropout or world > 1:
                         raise TinymathError(f"CUDA graphs could not capture this model ({exc}); "
                                             "train with --no-cuda-graphs") from exc
                     self.say(f"tinymath: training without CUDA graphs ({exc})")
@@ -435,12 +441,9 @@ class Trainer:
             numbers = self.retention()
             record.update(retention_kl=numbers["kl"], retention_top1=numbers["top1_agreement"])
             evaluating = True
-        if self.metrics_file and (done % config.log_every == 0 or done == total or evaluating):
-            import json
-
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
-        if self.log_with:
+        if done % config.log_every == 0 or done == total or evaluating:
+            self.log_record(record)
+        elif self.log_with:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
         if evaluating and self.is_main:
             from tinymath.lib.curves import plot_curves
@@ -450,6 +453,16 @@ class Trainer:
         if config.save_every and done % config.save_every == 0 and done < total:
             self.save(done)
         self._stop_if_asked(done, stop_votes)
+
+    def log_record(self, record: dict) -> None:
+        """One line of ``metrics.jsonl`` (main process), and the trackers of ``--report-to``."""
+        if self.metrics_file:
+            import json
+
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        if self.log_with:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def _validate(self, done: int, record: dict) -> bool:
         """Validation loss at the end, validation accuracy every ``--eval-every`` steps (keeping the
@@ -586,15 +599,15 @@ def _epoch_order(count: int, seed: int) -> list[int]:
 
 
 def validation_accuracy(model, tokenizer, rows: list[dict], fmt: str, system_prompt: str | None,
-                        calculator: bool = False) -> float:
+                        calculator: bool = False, static_cache: bool | None = None) -> float:
     """GSM8K accuracy of ``model`` on held-out train-split rows (greedy, batched; ``calculator``:
-    ``<<expr=`` completed by the calculator)."""
+    ``<<expr=`` completed by the calculator; ``static_cache``: as `GenerationSettings`)."""
     from tinymath.lib.generate import GenerationSettings, InferenceModel, generate_batch
     from tinymath.lib.scoring import default_prompts, score
 
     inference = InferenceModel(model, tokenizer, fmt, system_prompt, {})
     prompts = default_prompts(tokenizer, rows, fmt, system_prompt)
-    settings = GenerationSettings(max_new_tokens=256, calculator=calculator)
+    settings = GenerationSettings(max_new_tokens=256, calculator=calculator, static_cache=static_cache)
     completions = [text for text, _ in generate_batch(inference, prompts, settings)]
     return score(completions, [r["answer"] for r in rows])["summary"]["accuracy"]
 
