@@ -182,12 +182,20 @@ def test_calculator_rollouts_learn_the_text_with_the_calculators_results(tiny_mo
     assert ids[1] == tok("and so on and so on", add_special_tokens=False).input_ids  # cut at 16 tokens: no EOS
 
 
-def test_grpo_with_the_calculator_runs_and_records_it(gsm8k_dir, sft_run, tmp_path):
+def test_grpo_with_the_calculator_runs_and_later_commands_use_it(gsm8k_dir, sft_run, tmp_path):
     out = tmp_path / "rl"
     result = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, *RL, "--max-steps", "1",
                      "--calculator", "--val-size", "2", "--eval-every", "1", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run.json").read_text())["calculator"] is True
+    # later commands answer as the run was trained: with the calculator, unless told otherwise
+    for flags, expected in (((), True), (("--no-calculator",), False)):
+        ev = run_cli("eval", "--adapter", out, "--data", gsm8k_dir, "--limit", "1", "--max-new-tokens", "4", *flags,
+                     "--json")
+        assert ev.exit_code == 0, ev.output
+        assert json.loads(ev.output)["settings"]["calculator"] is expected
+    assert run_cli("merge-adapters", out, "--out", tmp_path / "merged").exit_code == 0
+    assert json.loads((tmp_path / "merged" / "tinymath.json").read_text())["calculator"] is True
     refused = run_cli("train", "--data", gsm8k_dir, "--calculator", "--out", tmp_path / "sft")
     assert refused.exit_code != 0 and "--method grpo" in refused.output and not (tmp_path / "sft").exists()
 

@@ -424,7 +424,7 @@ def eval_cmd(
     merge_base: Annotated[MergeBase, typer.Option(help="For --adapter: merge into dequantized NF4 or original weights.", rich_help_panel="Model and prompt")] = MergeBase.dequantized,
     task: Annotated[Task, typer.Option(help="gsm8k accuracy, or retention: drift from the base model on general prompts.", rich_help_panel="What to measure")] = Task.gsm8k,
     backend: Annotated[Backend, typer.Option(help="tinymath: its own fast generation. lm-eval: lm-evaluation-harness's gsm8k task itself (pip install 'tinymath[lm-eval]').", rich_help_panel="What to measure")] = Backend.tinymath,
-    calculator: Annotated[bool, typer.Option(help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep).", rich_help_panel="Decoding")] = False,
+    calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep). Default: as the model was trained (on for a GRPO --calculator run).", show_default=False, rich_help_panel="Decoding")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile decoding with a static KV cache (faster once compiled). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False)] = None,
     samples: Annotated[int, typer.Option(help="Samples per problem; > 1 scores the majority answer (maj@K), also pass@K.", rich_help_panel="Decoding")] = 1,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (needed with --samples > 1).", rich_help_panel="Decoding")] = None,
@@ -490,7 +490,7 @@ def chat_cmd(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     quant: Annotated[Quant, typer.Option(help="Weights for --model: unquantized or NF4.")] = Quant.none,
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
-    calculator: Annotated[bool, typer.Option(help="Complete <<expr= annotations with a safe calculator (replies then arrive whole).")] = False,
+    calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (replies then arrive whole). Default: as the model was trained.", show_default=False)] = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ):
@@ -508,13 +508,14 @@ def chat_cmd(
     from tinymath.services.chat import ChatSession, answer, run_interactive, run_scripted
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  calculator=calculator)
+                                  calculator=bool(calculator))
     settings.validate()
     interactive = question is None and sys.stdin.isatty()
     status = err_console.status("loading model...", spinner="dots") if interactive else _nothing()
     with status, _kept_for_good():
         inference = load_for_inference(model, str(adapter) if adapter else None, quant=quant.value,
                                        system_prompt=system_prompt, trust_remote_code=trust_remote_code)
+        settings.calculator = inference.calculator if calculator is None else calculator
         session = ChatSession(inference, settings, keep_history=interactive)
         if interactive:  # the first streamed reply should not pay for warm-up; a script pays it once anyway
             session.warm_up()

@@ -53,13 +53,15 @@ class GenerationSettings:
 
 @dataclass
 class InferenceModel:
-    """A model ready to answer: weights, tokenizer, and the prompt format it expects."""
+    """A model ready to answer: weights, tokenizer, the prompt format it expects, and whether it
+    was trained to answer with the calculator (a GRPO run with ``--calculator``)."""
 
     model: object
     tokenizer: object
     format: str
     system_prompt: str | None
     source: dict
+    calculator: bool = False
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None, quant: str = "none",
@@ -84,14 +86,15 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
         use_decode_attention(weights)
         return InferenceModel(weights, tokenizer, fmt or run.prompt_format,
                               system_prompt if system_prompt is not None else run.system_prompt,
-                              {"adapter": str(adapter), "base_model": run.base_model, "merge_base": merge_base})
+                              {"adapter": str(adapter), "base_model": run.base_model, "merge_base": merge_base},
+                              bool(run.config.get("calculator", False)))
     tokenizer = load_tokenizer(model, trust_remote_code)
     weights = load_base_model(model, quant=quant, trust_remote_code=trust_remote_code).eval()
     use_decode_attention(weights)
     saved = _merged_prompt_settings(model)  # a merge-adapters output remembers its run's format
     return InferenceModel(weights, tokenizer, fmt or saved.get("format", "chat"),
                           system_prompt if system_prompt is not None else saved.get("system_prompt"),
-                          {"model": model, "quant": quant})
+                          {"model": model, "quant": quant}, bool(saved.get("calculator", False)))
 
 
 def _merged_prompt_settings(model: str) -> dict:

@@ -32,7 +32,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
              split: str = "test", limit: int | None = None, out: str | Path | None = None,
              batch_size: int | None = None, max_new_tokens: int = 256, quant: str = "none", fmt: str | None = None,
              system_prompt: str | None = None, merge_base: str = "dequantized", overwrite: bool = False,
-             trust_remote_code: bool = False, show_progress: bool = False, calculator: bool = False,
+             trust_remote_code: bool = False, show_progress: bool = False, calculator: bool | None = None,
              samples: int = 1, temperature: float | None = None, seed: int = 0,
              protocol: str = "default", compile: bool | None = None) -> dict:
     """Evaluate on ``split`` of ``data``; returns the summary (also written to ``OUT/summary.json``).
@@ -40,6 +40,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
     strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
     ``compile``: decode with a static, compiled KV cache (None: on a GPU when there is enough work).
+    ``calculator`` None: as the model was trained (a GRPO ``--calculator`` run answers with it).
     """
     import torch
 
@@ -53,7 +54,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     _check_options(limit, protocol, samples, temperature)
     chosen = PROTOCOLS[protocol]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature or 0.0,
-                                  calculator=calculator, stop=chosen.stop, static_cache=compile)
+                                  calculator=bool(calculator), stop=chosen.stop, static_cache=compile)
     settings.validate()
     if out is not None:
         check_output_dir(out, overwrite, marker=SUMMARY)
@@ -63,6 +64,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
+    settings.calculator = inference.calculator if calculator is None else calculator
     prompts = chosen.prompts(inference.tokenizer, rows, inference.format, inference.system_prompt,
                              lambda: read_gsm8k(data, "train"), split)
 
@@ -81,7 +83,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
         tokens_per_s=round(tokens / seconds, 1) if seconds else None,
         settings={"data": data, "split": split, "limit": limit, "format": inference.format,
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
-                  "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": calculator,
+                  "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
                   "samples": samples, "temperature": temperature, "seed": seed, "compile": compile,
                   "processes": state.num_processes, **inference.source},
     )
