@@ -72,8 +72,10 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     flat = [p for p in prompts for _ in range(samples)]
     torch.manual_seed(seed + state.process_index)
     start = time.time()
-    with progress_bar("evaluating", len(process_share(len(flat))), show_progress and state.is_main_process) as update:
-        generated = generate_across_processes(inference, flat, settings, update)
+    share = len(process_share(len(flat)))
+    with progress_bar("evaluating", share, show_progress and state.is_main_process) as update:
+        generated = generate_across_processes(inference, flat, settings, _saying_compiling(update, inference, settings,
+                                                                                          share))
     seconds = time.time() - start
     scored, outputs = _score(chosen, [text for text, _ in generated], [r["answer"] for r in rows], samples)
     tokens = sum(n for _, n in generated)
@@ -90,6 +92,22 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     if out is not None and state.is_main_process:
         _write_eval(out, rows, outputs, scored["rows"], summary)
     return summary
+
+
+def _saying_compiling(update, inference, settings, prompts: int):
+    """The progress update, first naming the compiling that decoding starts with (so a bar at 0
+    does not look stuck), then back to plain "evaluating" once answers come."""
+    from tinymath.lib.generate import use_static_cache
+
+    device = next(inference.model.parameters()).device.type
+    if not use_static_cache(settings, device, prompts):
+        return update
+    update(advance=0, description="evaluating (compiling the decoder first: faster the next time on this machine)")
+
+    def advance(n=1, **values):
+        update(advance=n, description="evaluating", **values)
+
+    return advance
 
 
 def _score(protocol, completions: list[str], golds: list[str], samples: int) -> tuple[dict, list[dict]]:
