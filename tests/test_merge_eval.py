@@ -244,6 +244,50 @@ def test_gguf_export_round_trip(tiny_model, gsm8k_dir, tmp_path, gguf_type):
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
 
 
+def test_gguf_export_of_a_sentencepiece_tokenizer_round_trips(gsm8k_dir, tmp_path):
+    """TinyLlama's kind of tokenizer (SentencePiece BPE with byte fallback, Llama-2's <s> and </s>;
+    the fixture was trained with sentencepiece on GSM8K and converted by transformers): a run merged
+    to GGUF reads back with the same token ids on GSM8K text, bytes and spaces included, the same
+    stop token, and the merged weights rounded to f16."""
+    import shutil
+
+    import torch
+    from conftest import FIXTURES
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "base"
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "sp_tokenizer")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+    base.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    run = tmp_path / "run"
+    trained = run_cli("train", "--data", gsm8k_dir, "--model", model_dir, "--out", run, "--quant", "none",
+                      "--max-steps", 2, "--batch-size", 2)
+    assert trained.exit_code == 0, trained.output
+    merged = run_cli("merge-adapters", run, "--out", tmp_path / "merged", "--dtype", "fp32", "--gguf", "f16")
+    assert merged.exit_code == 0, merged.output
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "merged" / "model-f16.gguf", alone)
+    back = AutoTokenizer.from_pretrained(alone, gguf_file="model-f16.gguf")
+    reference = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    texts = [json.loads(line)["question"] + "\n" + json.loads(line)["answer"]
+             for line in (gsm8k_dir / "test.jsonl").read_text().splitlines()]
+    texts += ["ünïcode 😀, tabs\tand  double  spaces", "48/2 = 24 #### 72"]
+    assert [back(t).input_ids for t in texts] == [reference(t).input_ids for t in texts]
+    assert back.eos_token == reference.eos_token == "</s>"
+    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file="model-f16.gguf", dtype=torch.float32)
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.tensor([reference(texts[0]).input_ids])
+    with torch.no_grad():
+        for p in expected.parameters():
+            p.copy_(p.half().float())
+        assert (model(input_ids=ids).logits - expected(input_ids=ids).logits).abs().max().item() < 1e-4
+
+
 def test_gguf_export_refuses_other_architectures(tiny_model):
     from transformers import GPT2Config, GPT2LMHeadModel
 
