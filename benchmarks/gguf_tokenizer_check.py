@@ -26,6 +26,7 @@ def main():
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from tinymath.base.files import read_jsonl
     from tinymath.lib.gguf_export import check_exportable, write_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -33,7 +34,7 @@ def main():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    rows = [json.loads(line) for line in open(args.data)]
+    rows = read_jsonl(args.data)
     texts = [r["question"] + "\n" + r["answer"] for r in rows]
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

@@ -28,14 +28,14 @@ def main():
     parser.add_argument("--harness", required=True, help="`tinymath eval --backend lm-eval --out` folder")
     args = parser.parse_args()
 
+    from tinymath.base.files import read_jsonl
     from tinymath.lib.gsm8k import read_gsm8k
     from tinymath.lib.scoring import lm_eval_prompts, paired_comparison
 
-    ours = [json.loads(line) for line in open(Path(args.ours) / "predictions.jsonl")]
-    theirs = [json.loads(line) for line in open(Path(args.harness) / "predictions.jsonl")]
+    ours = read_jsonl(Path(args.ours) / "predictions.jsonl")
+    theirs = read_jsonl(Path(args.harness) / "predictions.jsonl")
     logged = {}  # the harness logs a document once per filter (strict, flexible): one is enough
-    for line in open(Path(args.harness) / "samples.jsonl"):
-        sample = json.loads(line)
+    for sample in read_jsonl(Path(args.harness) / "samples.jsonl"):
         logged.setdefault(sample["doc_id"], sample)
     samples = [logged[i] for i in sorted(logged)]
     rows = read_gsm8k(args.data, "test", len(ours))
