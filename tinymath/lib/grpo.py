@@ -37,7 +37,9 @@ import time
 from tinymath.base.errors import TinymathError
 from tinymath.base.prompts import extract_answer, is_correct
 from tinymath.lib.batching import count_label_tokens, micro_batches
-from tinymath.lib.generate import generated_ids as solution_ids  # a solution: what the policy generated
+from tinymath.lib.generate import (
+    generated_ids as solution_ids,  # a solution: what the policy generated
+)
 from tinymath.lib.trainer import Trainer, validation_accuracy
 
 
@@ -166,7 +168,7 @@ class GRPOTrainer(Trainer):
                                   self.data_settings["system_prompt"])
         flat = [p for p in prompts for _ in range(k)]
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      static_cache=False if config.compile is False else None)
+                                      static_cache=self._static_cache)
         self.policy.sync()
         solutions, texts = self.sample(flat, settings)
         rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
@@ -182,7 +184,12 @@ class GRPOTrainer(Trainer):
         (before the token limit, and not inside an unfinished ``<<expr=``)."""
         from dataclasses import replace
 
-        from tinymath.lib.generate import InferenceModel, _decode_new, generate_batch, generate_ids
+        from tinymath.lib.generate import (
+            InferenceModel,
+            _decode_new,
+            generate_batch,
+            generate_ids,
+        )
 
         tokenizer = self.tokenizer
         inference = InferenceModel(self.policy.model, tokenizer, self.data_settings["format"],
@@ -207,13 +214,9 @@ class GRPOTrainer(Trainer):
         started from."""
         if not self.val_rows or self.state.start_step or not self.is_main:
             return
-        from tinymath.base.runs import BEST
-
         self.update(advance=0, description="validating the starting adapter")
         record = {"step": 0, "epoch": 0.0, "val_accuracy": self.validation_accuracy()}
-        self.state.best = {"accuracy": record["val_accuracy"], "step": 0}
-        if self.config.keep == "best":
-            self.model.save_pretrained(str(self.out / BEST))
+        self.note_accuracy(record["val_accuracy"], 0)
         self.log_record(record)
 
     def validation_accuracy(self) -> float:
@@ -222,7 +225,12 @@ class GRPOTrainer(Trainer):
         self.policy.sync()
         return validation_accuracy(self.policy.model, self.tokenizer, self.val_rows, self.data_settings["format"],
                                    self.data_settings["system_prompt"], calculator=self.config.calculator,
-                                   static_cache=False if self.config.compile is False else None)
+                                   static_cache=self._static_cache)
+
+    @property
+    def _static_cache(self) -> bool | None:
+        """Compiled decoding for sampling and validation: where it pays, unless --no-compile."""
+        return False if self.config.compile is False else None
 
     def _groups_solved(self, rewards: list[float]) -> int:
         k = self.config.samples

@@ -467,17 +467,22 @@ class Trainer:
     def _validate(self, done: int, record: dict) -> bool:
         """Validation loss at the end, validation accuracy every ``--eval-every`` steps (keeping the
         best adapter with ``--keep best``); whether the step was evaluated."""
-        config, state, total = self.config, self.state, self.plan.total_steps
+        config, total = self.config, self.plan.total_steps
         if "validation" in self.splits and done == total:
             record["val_loss"] = round(self.validation_loss(self.splits["validation"]), 6)
         evaluating = bool(config.eval_every and (done % config.eval_every == 0 or done == total))
         if evaluating and self.is_main:
             record["val_accuracy"] = self.validation_accuracy()
-            if state.best["accuracy"] is None or record["val_accuracy"] > state.best["accuracy"]:
-                state.best = {"accuracy": record["val_accuracy"], "step": done}
-                if config.keep == "best":
-                    self.model.save_pretrained(str(self.out / BEST))
+            self.note_accuracy(record["val_accuracy"], done)
         return evaluating
+
+    def note_accuracy(self, accuracy: float, step: int) -> None:
+        """A validation accuracy: the best so far is remembered, and with ``--keep best`` its adapter."""
+        best = self.state.best
+        if best["accuracy"] is None or accuracy > best["accuracy"]:
+            self.state.best = {"accuracy": accuracy, "step": step}
+            if self.config.keep == "best":
+                self.model.save_pretrained(str(self.out / BEST))
 
     def validation_accuracy(self) -> float:
         """Greedy GSM8K accuracy of the model being trained on the held-out rows."""
