@@ -515,7 +515,7 @@ def chat_cmd(
     with status, _kept_for_good():
         inference = load_for_inference(model, str(adapter) if adapter else None, quant=quant.value,
                                        system_prompt=system_prompt, trust_remote_code=trust_remote_code)
-        settings.calculator = inference.calculator if calculator is None else calculator
+        settings.calculator = inference.uses_calculator(calculator)
         session = ChatSession(inference, settings, keep_history=interactive)
         if interactive:  # the first streamed reply should not pay for warm-up; a script pays it once anyway
             session.warm_up()

@@ -63,6 +63,10 @@ class InferenceModel:
     source: dict
     calculator: bool = False
 
+    def uses_calculator(self, asked: bool | None) -> bool:
+        """``--calculator``/``--no-calculator`` if given, else as the model was trained."""
+        return self.calculator if asked is None else asked
+
 
 def load_for_inference(model: str | None = None, adapter: str | None = None, quant: str = "none",
                        fmt: str | None = None, system_prompt: str | None = None,
@@ -186,7 +190,8 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
-    if use_static_cache(settings, device.type, len(prompts)):
+    static = use_static_cache(settings, device.type, len(prompts))
+    if static:
         from tinymath.lib.speed import use_compile_cache
 
         use_compile_cache()
@@ -195,7 +200,6 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
-    static = "cache_implementation" in kwargs
     batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
     if static and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies from
         batch_size -= batch_size % ROW_BUCKET  # call to call: a multiple of the bucket keeps the shapes few

@@ -441,10 +441,7 @@ class Trainer:
             numbers = self.retention()
             record.update(retention_kl=numbers["kl"], retention_top1=numbers["top1_agreement"])
             evaluating = True
-        if done % config.log_every == 0 or done == total or evaluating:
-            self.log_record(record)
-        elif self.log_with:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
+        self.log_record(record, to_file=done % config.log_every == 0 or done == total or evaluating)
         if evaluating and self.is_main:
             from tinymath.lib.curves import plot_curves
 
@@ -454,9 +451,10 @@ class Trainer:
             self.save(done)
         self._stop_if_asked(done, stop_votes)
 
-    def log_record(self, record: dict) -> None:
-        """One line of ``metrics.jsonl`` (main process), and the trackers of ``--report-to``."""
-        if self.metrics_file:
+    def log_record(self, record: dict, to_file: bool = True) -> None:
+        """A step's record to the trackers of ``--report-to`` and, ``to_file``, as one line of
+        ``metrics.jsonl`` (main process)."""
+        if to_file and self.metrics_file:
             import json
 
             self.metrics_file.write(json.dumps(record) + "\n")

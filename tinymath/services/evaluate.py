@@ -64,7 +64,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
-    settings.calculator = inference.calculator if calculator is None else calculator
+    settings.calculator = inference.uses_calculator(calculator)
     prompts = chosen.prompts(inference.tokenizer, rows, inference.format, inference.system_prompt,
                              lambda: read_gsm8k(data, "train"), split)
 
