@@ -116,7 +116,8 @@ def main():
     if "multi" in which:  # run under `accelerate launch --num_processes N`
         state = PartialState()
         n = state.num_processes
-        r = tinymath_run(f"multi{n}", tiny, prep_tiny, args.steps)  # --batch-size is per GPU: same work per GPU
+        # --batch-size is per GPU: same work per GPU; graphs in every process (their default with one)
+        r = tinymath_run(f"multi{n}", tiny, prep_tiny, args.steps, cuda_graphs=True)
         if state.is_main_process:
             log(event="train", name=f"tinymath_defaults_{n}gpu", arch="tinyllama", processes=n,
                 **{k: v for k, v in r.items() if k != "losses"})

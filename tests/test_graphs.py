@@ -112,9 +112,10 @@ def test_compiling_and_graphs_only_where_they_pay():
 
 
 def test_compiled_decoding_pads_to_few_shapes_with_the_same_answers(tiny_model):
-    """Compiled decoding pads every batch to bucketed widths and row counts (so one compiled decoder
-    serves an evaluation's last, smaller batch, the next GRPO step and the next process); the
-    filler changes no answer and comes back for no prompt."""
+    """Compiled decoding (transformers' ``generate``, here because of a stop string) pads every batch
+    to bucketed widths and row counts (so one compiled decoder serves an evaluation's last, smaller
+    batch, the next GRPO step and the next process); the filler changes no answer and comes back
+    for no prompt."""
     from tinymath.base.prompts import build_prompt, encode_prompt
     from tinymath.lib.generate import (
         ROW_BUCKET,
@@ -130,15 +131,18 @@ def test_compiled_decoding_pads_to_few_shapes_with_the_same_answers(tiny_model):
     questions = ["What is 3 + 4?", "Leo had 30 stickers and gave away 12. How many are left?", "Halve 18.",
                  "A box holds 6 eggs. How many eggs are in 7 boxes?", "What is 10 - 3?"]
     prompts = [encode_prompt(tok, build_prompt(tok, q, "chat")) for q in questions]
-    plain = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=12, batch_size=2, static_cache=False))
-    padded = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=12, batch_size=2, static_cache=True))
+    stop = ("Question:",)
+    plain = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=12, batch_size=2, static_cache=False,
+                                                                  stop=stop))
+    padded = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=12, batch_size=2, static_cache=True,
+                                                                   stop=stop))
     assert padded == plain and len(padded) == len(prompts)
     assert all(len(p) < WIDTH_BUCKET for p in prompts)  # so the padded batches really were wider
     # every batch of a multi-batch run has the batch size's rows; a single batch a bucketed count
-    assert _batch_shape([4], prompts, 2, static=True) == [4, 4]
-    assert _batch_shape([0, 1, 2], prompts, 128, static=True) == [0, 1, 2] + [2] * (ROW_BUCKET - 3)
-    assert _batch_shape([0, 1, 2], prompts, 8, static=True) == [0, 1, 2] + [2] * 5  # never above the batch size
-    assert _batch_shape([0, 1, 2], prompts, 8, static=False) == [0, 1, 2]
+    assert _batch_shape([4], prompts, 2, compiled=True) == [4, 4]
+    assert _batch_shape([0, 1, 2], prompts, 128, compiled=True) == [0, 1, 2] + [2] * (ROW_BUCKET - 3)
+    assert _batch_shape([0, 1, 2], prompts, 8, compiled=True) == [0, 1, 2] + [2] * 5  # never above the batch size
+    assert _batch_shape([0, 1, 2], prompts, 8, compiled=False) == [0, 1, 2]
 
 
 def test_compiled_code_is_kept_in_tinymaths_cache_per_torch_version(monkeypatch, tmp_path):

@@ -425,7 +425,7 @@ def eval_cmd(
     task: Annotated[Task, typer.Option(help="gsm8k accuracy, or retention: drift from the base model on general prompts.", rich_help_panel="What to measure")] = Task.gsm8k,
     backend: Annotated[Backend, typer.Option(help="tinymath: its own fast generation. lm-eval: lm-evaluation-harness's gsm8k task itself (pip install 'tinymath[lm-eval]').", rich_help_panel="What to measure")] = Backend.tinymath,
     calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep). Default: as the model was trained (on for a GRPO --calculator run).", show_default=False, rich_help_panel="Decoding")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile decoding with a static KV cache (faster once compiled). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False)] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fast decoding: a static KV cache, each step replayed from a CUDA graph (torch.compile instead where stop strings or --calculator need transformers' generate; --no-compile: plain generate). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False)] = None,
     samples: Annotated[int, typer.Option(help="Samples per problem; > 1 scores the majority answer (maj@K), also pass@K.", rich_help_panel="Decoding")] = 1,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (needed with --samples > 1).", rich_help_panel="Decoding")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.", rich_help_panel="Decoding")] = 0,

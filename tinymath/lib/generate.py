@@ -1,7 +1,9 @@
 """Generation for eval and chat: loading a model for inference, length-sorted batched greedy or
 sampled generation, and token streaming.
 
-Inference never needs the 4-bit base: a run's adapter is merged into 16-bit weights in memory
+Evaluations and GRPO sampling on a GPU decode with `tinymath.lib.decode` (a static KV cache,
+steps replayed from a CUDA graph); stop strings and the calculator go through transformers'
+``generate``. Inference never needs the 4-bit base: a run's adapter is merged into 16-bit weights in memory
 (`tinymath.lora.load_merged_model`) before generating, which is both faster and exact; decode steps
 use `tinymath.attention`'s grouped-query SDPA (no copy of the KV cache per query head).
 """
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 
 from tinymath.base.errors import TinymathError, raise_if_problems
 from tinymath.base.runs import MERGE_MARKER
+from tinymath.lib.decode import decode
+from tinymath.lib.decode import supported as decode_supported
 
 
 @dataclass
@@ -191,7 +195,9 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     results: list = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
     static = use_static_cache(settings, device.type, len(prompts))
-    if static:
+    compiled = static and compiles(model, settings, stopping)
+    own = static and not compiled
+    if compiled:
         from tinymath.lib.speed import use_compile_cache
 
         use_compile_cache()
@@ -201,13 +207,14 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
     batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
-    if static and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies from
+    if compiled and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies from
         batch_size -= batch_size % ROW_BUCKET  # call to call: a multiple of the bucket keeps the shapes few
+    sample = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.temperature > 0 else None
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        rows = _batch_shape(chunk, prompts, batch_size, static)
+        rows = _batch_shape(chunk, prompts, batch_size, compiled)
         width = max(len(prompts[i]) for i in chunk)
-        if static:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
+        if compiled:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
             width = _bucket(width, WIDTH_BUCKET)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -215,7 +222,11 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            if own:
+                out = decode(model, ids.to(device), mask.to(device), settings.max_new_tokens,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, sample)
+            else:
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(chunk):  # rows beyond the chunk were filler
             results[i] = out[row, width:].cpu()
         update(len(chunk))
@@ -230,23 +241,31 @@ def _bucket(n: int, size: int) -> int:
     return -(-n // size) * size
 
 
-def _batch_shape(chunk: list[int], prompts: list[list[int]], batch_size: int, static: bool) -> list[int]:
+def _batch_shape(chunk: list[int], prompts: list[list[int]], batch_size: int, compiled: bool) -> list[int]:
     """The prompt index of each row of a batch: the chunk's own, then, for compiled decoding, copies
     of its shortest prompt up to a bucketed row count, never more than ``batch_size`` (every full
     batch's size, so the last batch of an evaluation reuses the others' compiled decoder). Filler
     rows' outputs are dropped."""
-    if not static:
+    if not compiled:
         return chunk
     target = batch_size if len(prompts) > batch_size else min(_bucket(len(chunk), ROW_BUCKET), batch_size)
     return chunk + [chunk[-1]] * (target - len(chunk))
 
 
-MIN_STATIC_PROMPTS = 64  # below this, compiling the decoder costs more than it saves
+def compiles(model, settings: GenerationSettings, stopping=None) -> bool:
+    """With a static cache, whether decoding goes through transformers' ``generate``, which
+    compiles the model (stop strings, stopping criteria such as the calculator's, or what
+    `tinymath.lib.decode` does not do), rather than tinymath's own graph-replayed loop."""
+    return bool(settings.stop) or stopping is not None or settings.calculator or not decode_supported(model)
+
+
+MIN_STATIC_PROMPTS = 64  # below this, setting up fast decoding costs more than it saves
 
 
 def use_static_cache(settings: GenerationSettings, device_type: str, prompts: int) -> bool:
-    """A static KV cache lets transformers compile decoding: on a GPU, when there is enough work to
-    pay for compiling (an evaluation, not a chat answer or a 4-problem check)."""
+    """Decode with a static KV cache (tinymath's graph-replayed loop, or transformers' compiled
+    ``generate`` where that loop cannot serve): on a GPU, when there is enough work to pay for the
+    set-up (an evaluation, not a chat answer or a 4-problem check)."""
     if settings.static_cache is not None:
         return settings.static_cache
     return device_type == "cuda" and prompts >= MIN_STATIC_PROMPTS

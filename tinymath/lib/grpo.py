@@ -25,9 +25,10 @@ A solution is the token ids the policy sampled, up to and including its EOS. Sam
 `PolicyCopy`: a plain 16-bit copy of the policy (the quantized base dequantized, the adapter
 merged in again after every update), so generation runs at ``eval``'s speed rather than through
 the training model's 4-bit weights and separate LoRA matmuls: on a GPU with a static KV cache and
-compiled decoding, every step's prompts padded to bucketed shapes so that the graphs compiled at the
-first step serve every later one (the copy's weights are updated in place). Validation answers
-come from the same copy.
+decode steps replayed from a CUDA graph (`tinymath.lib.decode`; nothing to compile), or, with
+``--calculator``, transformers' compiled ``generate`` on bucketed shapes (the copy's weights are
+updated in place, so the graphs compiled at the first step serve every later one). Validation
+answers come from the same copy.
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ class GRPOTrainer(Trainer):
         # the sampling copy, before memory is planned: the micro-batch size leaves room for it
         self.policy = PolicyCopy(self.model, self.config.model, self.dtype, self.device, self.config.trust_remote_code)
 
-    def _setup_graphs(self) -> None:
-        self.graphed = None  # the token weights vary per step; graphs replay fixed inputs only
+    def _plan_graphs(self) -> None:
+        self.plan.cuda_graphs = False  # the token weights vary per step; graphs replay fixed inputs only
 
     def step_batches(self, step: int) -> tuple[list[dict], int, list[dict]]:
         """Sample solutions to this step's questions, reward them and turn them into weighted
@@ -229,7 +230,7 @@ class GRPOTrainer(Trainer):
 
     @property
     def _static_cache(self) -> bool | None:
-        """Compiled decoding for sampling and validation: where it pays, unless --no-compile."""
+        """Fast (static-cache) decoding for sampling and validation: where it pays, unless --no-compile."""
         return False if self.config.compile is False else None
 
     def _groups_solved(self, rewards: list[float]) -> int:

@@ -48,6 +48,7 @@ class RunPlan:
     micro_batch_tokens: int | None = None
     gradient_checkpointing: bool = False
     compiled: bool = False
+    cuda_graphs: bool = False
     memory_plan: dict = field(default_factory=dict)
 
 
@@ -95,6 +96,7 @@ class Trainer:
         self._setup_optimizer()
         if self.resume:
             self._restore()
+        self._plan_graphs()
         self._prepare()
         self._setup_graphs()
         self._setup_run_folder()
@@ -228,24 +230,37 @@ class Trainer:
             raise TinymathError(f"--resume {self.out}: the checkpoint is at step {state.start_step}, the run ends at "
                                 f"step {self.plan.total_steps}; pass a larger --max-steps or --epochs to train further")
 
+    def _plan_graphs(self) -> None:
+        from tinymath.lib.graphs import use_cuda_graphs
+
+        plan = self.plan
+        lengths = [len(ex["input_ids"]) for ex in self.train_examples]
+        room = (plan.micro_batch_tokens or 0) / (sum(lengths) / len(lengths) * self._local_examples())  # in steps
+        plan.cuda_graphs = use_cuda_graphs(self.config, self.device, plan.world, self.accelerator.scaler is not None,
+                                           room, plan.gradient_checkpointing, plan.total_steps)
+
+    def _local_examples(self) -> int:
+        return math.ceil(self.plan.per_step / self.plan.world)
+
     def _prepare(self) -> None:
+        if self.plan.cuda_graphs and self.plan.world > 1:
+            # no DDP wrapper: it keeps the gradient nodes it saw at set-up (made on the default stream),
+            # and a backward captured on another stream then breaks the capture. The processes start
+            # from the same weights (DDP's broadcast) and `forward_backward` averages the gradients
+            self.loss_model = self.accelerator.prepare_model(self.loss_model, evaluation_mode=True)
+            self.optimizer, self.scheduler = self.accelerator.prepare(self.optimizer, self.scheduler)
+            self._broadcast_trainable()
+            return
         self.loss_model, self.optimizer, self.scheduler = self.accelerator.prepare(self.loss_model, self.optimizer,
                                                                                    self.scheduler)
 
     def _setup_graphs(self) -> None:
-        from tinymath.lib.graphs import GraphedMicroBatches, use_cuda_graphs
+        from tinymath.lib.graphs import GraphedMicroBatches
 
-        plan = self.plan
-        lengths = [len(ex["input_ids"]) for ex in self.train_examples]
-        local_examples = math.ceil(plan.per_step / plan.world)
-        room = (plan.micro_batch_tokens or 0) / (sum(lengths) / len(lengths) * local_examples)  # in average steps
-        if use_cuda_graphs(self.config, self.device, plan.world, self.accelerator.scaler is not None, room,
-                           plan.gradient_checkpointing, plan.total_steps):
-            # under several processes the graphs run the plain module (DDP's gradient hooks cannot be
-            # captured) and `forward_backward` averages the gradients across processes itself
+        if self.plan.cuda_graphs:
             self.graphed = GraphedMicroBatches(self.accelerator.unwrap_model(self.loss_model), self.trainable,
-                                               self.pad_id or 0,
-                                               max_examples=local_examples, max_seq_len=max(lengths),
+                                               self.pad_id or 0, max_examples=self._local_examples(),
+                                               max_seq_len=max(len(ex["input_ids"]) for ex in self.train_examples),
                                                device=self.accelerator.device)
 
     def _setup_run_folder(self) -> None:
@@ -393,12 +408,22 @@ class Trainer:
     def _average_gradients(self) -> None:
         """What DDP does in its backward hooks, done once after graph replays: every trainable
         gradient averaged over the processes, in one collective on one flat buffer."""
+        self._collective([p.grad for p in self.trainable], lambda flat: self.accelerator.reduce(flat, reduction="mean"))
+
+    def _broadcast_trainable(self) -> None:
+        """What DDP does when it wraps a model: every process starts from the main process's weights."""
+        from accelerate.utils import broadcast
+
+        self._collective([p.data for p in self.trainable], broadcast)
+
+    @staticmethod
+    def _collective(tensors: list, op) -> None:
+        """``op`` on one flat buffer of ``tensors``, copied back into them."""
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        grads = [p.grad for p in self.trainable]
-        flat = self.accelerator.reduce(_flatten_dense_tensors(grads), reduction="mean")
-        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(averaged)
+        flat = op(_flatten_dense_tensors(tensors))
+        for tensor, result in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+            tensor.copy_(result)
 
     def _reduce(self, loss_total, step_tokens: int) -> tuple[float, float]:
         """One collective per step: the loss, and whether any rank was asked to stop (all ranks must

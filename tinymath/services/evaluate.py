@@ -39,7 +39,8 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
 
     ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
     strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
-    ``compile``: decode with a static, compiled KV cache (None: on a GPU when there is enough work).
+    ``compile``: fast decoding with a static KV cache (`tinymath.lib.decode`, or transformers' compiled
+    ``generate`` where stop strings or the calculator need it); None: on a GPU when there is enough work.
     ``calculator`` None: as the model was trained (a GRPO ``--calculator`` run answers with it).
     """
     import torch
@@ -97,10 +98,10 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
 def _saying_compiling(update, inference, settings, prompts: int):
     """The progress update, first naming the compiling that decoding starts with (so a bar at 0
     does not look stuck), then back to plain "evaluating" once answers come."""
-    from tinymath.lib.generate import use_static_cache
+    from tinymath.lib.generate import compiles, use_static_cache
 
     device = next(inference.model.parameters()).device.type
-    if not use_static_cache(settings, device, prompts):
+    if not use_static_cache(settings, device, prompts) or not compiles(inference.model, settings):
         return update
     update(advance=0, description="evaluating (compiling the decoder first: faster the next time on this machine)")
 

@@ -1,0 +1,90 @@
+"""tinymath's own decode loop (`tinymath.lib.decode`) against transformers' ``generate``: the same
+tokens, greedy and sampled, on padded batches; what it cannot do goes to ``generate``. (On a GPU
+its steps replay from a CUDA graph: `test_gpu.py` checks that path.)"""
+
+from __future__ import annotations
+
+import pytest
+
+QUESTIONS = ("What is 3 + 4?", "Leo had 30 stickers and gave away 12. How many stickers does he have left?",
+             "A box holds 6 eggs. How many eggs are in 4 boxes?")
+
+
+@pytest.fixture(scope="module")
+def inference(tiny_model):
+    from tinymath.lib.generate import load_for_inference
+
+    return load_for_inference(model=str(tiny_model))
+
+
+def _prompts(inference):
+    from tinymath.base.prompts import build_prompt, encode_prompt
+
+    return [encode_prompt(inference.tokenizer, build_prompt(inference.tokenizer, q, "chat")) for q in QUESTIONS]
+
+
+def _both(inference, monkeypatch, seed=None, **settings):
+    """Each prompt's generated ids by tinymath's loop (``generate`` made to fail, so it is not
+    used) and by ``generate``."""
+    import torch
+
+    from tinymath.lib.generate import GenerationSettings, generate_ids
+
+    def run(static):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return [row.tolist() for row in generate_ids(inference, _prompts(inference),
+                                                     GenerationSettings(static_cache=static, **settings))]
+
+    plain = run(False)
+    with monkeypatch.context() as patch:
+        patch.setattr(inference.model, "generate", lambda *a, **k: pytest.fail("generate was used"))
+        own = run(True)
+    return own, plain
+
+
+def _trimmed(rows, pad):
+    """Without the trailing padding (the loop checks for finished rows every few steps)."""
+    out = []
+    for row in rows:
+        while row and row[-1] == pad:
+            row = row[:-1]
+        out.append(row)
+    return out
+
+
+def test_greedy_tokens_are_generates(inference, monkeypatch):
+    own, plain = _both(inference, monkeypatch, max_new_tokens=30, batch_size=3)
+    pad = inference.tokenizer.pad_token_id
+    assert _trimmed(own, pad) == _trimmed(plain, pad)
+    assert all(len(row) > 5 for row in _trimmed(own, pad))
+
+
+def test_sampled_tokens_are_generates_with_the_same_seed(inference, monkeypatch):
+    own, plain = _both(inference, monkeypatch, seed=3, max_new_tokens=20, batch_size=3, temperature=0.8, top_p=0.9)
+    pad = inference.tokenizer.pad_token_id
+    assert _trimmed(own, pad) == _trimmed(plain, pad)
+    greedy, _ = _both(inference, monkeypatch, max_new_tokens=20, batch_size=3)
+    assert _trimmed(own, pad) != _trimmed(greedy, pad)  # it did sample
+
+
+def test_min_new_tokens_of_the_models_generation_config(inference, monkeypatch):
+    """A model whose generation config forces a length (as the speed benchmarks' models do): EOS is
+    held back until then, in both."""
+    eos = inference.tokenizer.eos_token_id
+    monkeypatch.setattr(inference.model.generation_config, "min_new_tokens", 12)
+    monkeypatch.setattr(inference.model.generation_config, "eos_token_id", eos)
+    own, plain = _both(inference, monkeypatch, max_new_tokens=16, batch_size=3)
+    assert own == plain
+    assert all(eos not in row[:12] for row in own)
+
+
+def test_what_the_loop_does_not_do_goes_to_generate(inference, monkeypatch):
+    from tinymath.lib.generate import GenerationSettings, compiles
+
+    assert not compiles(inference.model, GenerationSettings())
+    assert compiles(inference.model, GenerationSettings(stop=("Question:",)))
+    assert compiles(inference.model, GenerationSettings(calculator=True))
+    assert compiles(inference.model, GenerationSettings(), stopping=object())
+    monkeypatch.setattr(inference.model.generation_config, "repetition_penalty", 1.3)
+    assert compiles(inference.model, GenerationSettings())

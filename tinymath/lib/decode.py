@@ -1,0 +1,167 @@
+"""tinymath's own decode loop for batched generation: a static KV cache, and on a GPU each
+one-token step replayed from a CUDA graph.
+
+transformers' ``generate`` spends most of a small model's decode step in Python (its logits
+processors, stopping checks and a GPU-to-CPU sync every step), and its fast path compiles the
+model with ``torch.compile``, which costs a minute or more in every new process. Here the prompt
+is run once (prefill), then every decode step is the same few kernels on fixed-shape tensors: the
+step's token, its position, its cache slot and the attention mask over the whole cache. Those are
+captured once per batch into a CUDA graph (no compiler, a fraction of a second) and replayed;
+the only per-step host work is a handful of small kernels, and whether every row has finished is
+read every `CHECK_EVERY` steps, not every step.
+
+What it supports is what eval and GRPO sampling need: greedy, or sampling with temperature,
+top-k and top-p (the order transformers applies them), ``min_new_tokens`` from the model's
+generation config, one EOS token. Anything else (stop strings, stopping criteria, other logits
+processors in the model's generation config, attention other than ``tinymath_decode``) stays with
+``generate`` (`supported`).
+"""
+
+from __future__ import annotations
+
+from tinymath.lib.attention import DECODE_NAME
+
+GENERATE_TOP_K = 50  # what `generate` samples from when the model's generation config sets no top_k
+CHECK_EVERY = 8  # steps between reads of "has every row finished?" (each read waits for the GPU)
+
+# generation-config fields with these values change nothing; any other value needs `generate`
+_NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+            "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+            "forced_eos_token_id": (None,), "min_length": (None, 0), "encoder_repetition_penalty": (None, 1.0),
+            "sequence_bias": (None,), "exponential_decay_length_penalty": (None,), "min_p": (None,),
+            "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+            "renormalize_logits": (None, False), "num_beams": (None, 1), "guidance_scale": (None, 1.0),
+            "watermarking_config": (None,), "num_return_sequences": (None, 1)}
+
+
+def supported(model) -> bool:
+    """Whether `decode` gives what ``generate`` would for this model: its attention is
+    ``tinymath_decode`` (which takes the step's ready-made mask) and its generation config asks for
+    nothing beyond temperature, top-k, top-p and ``min_new_tokens``."""
+    if getattr(model.config, "_attn_implementation", None) != DECODE_NAME:
+        return False
+    config = getattr(model, "generation_config", None)
+    return config is None or all(getattr(config, k, None) in ok for k, ok in _NEUTRAL.items())
+
+
+def _processors(model, sample: dict | None, prompt_width: int, eos: int, device):
+    """The logits processors ``generate`` would apply, in its order."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import (
+        MinNewTokensLengthLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    config = getattr(model, "generation_config", None)
+    chain = LogitsProcessorList()
+    min_new = getattr(config, "min_new_tokens", None)
+    if min_new:
+        chain.append(MinNewTokensLengthLogitsProcessor(prompt_width, min_new, eos, device=device))
+    if sample:
+        if sample["temperature"] != 1.0:
+            chain.append(TemperatureLogitsWarper(sample["temperature"]))
+        top_k = getattr(config, "top_k", None)
+        top_k = GENERATE_TOP_K if top_k is None else top_k
+        if top_k:
+            chain.append(TopKLogitsWarper(top_k))
+        if sample["top_p"] < 1.0:
+            chain.append(TopPLogitsWarper(sample["top_p"]))
+    return chain
+
+
+def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad: int,
+           sample: dict | None = None, graphs: bool | None = None):
+    """Complete a left-padded batch: ``input_ids`` followed by up to ``max_new_tokens`` new tokens
+    per row ([rows, width + new], rows that finished padded with ``pad``), as ``generate`` returns.
+    ``sample``: {"temperature", "top_p"} to sample, None for greedy. ``graphs``: replay decode
+    steps from a CUDA graph (None: on a GPU)."""
+    import torch
+    from transformers import StaticCache
+
+    rows, width = input_ids.shape
+    device = input_ids.device
+    graphs = device.type == "cuda" if graphs is None else graphs
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    processors = _processors(model, sample, width, eos, device)
+    with torch.no_grad():
+        step = _Step(model, cache, attention_mask, positions[:, -1:], width + max_new_tokens)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       cache_position=torch.arange(width, device=device), logits_to_keep=1,
+                       **{step.cache_name: cache, "use_cache": True}).logits[:, -1]
+        seen = input_ids
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        new = []
+        for t in range(max_new_tokens):
+            scores = processors(seen, logits.float()) if processors else logits.float()
+            if sample:
+                chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                chosen = scores.argmax(dim=-1)
+            chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
+            finished |= chosen == eos
+            new.append(chosen)
+            if processors:  # they read the tokens so far (min_new_tokens counts them)
+                seen = torch.cat([seen, chosen[:, None]], dim=1)
+            if t == max_new_tokens - 1 or ((t + 1) % CHECK_EVERY == 0 and bool(finished.all())):
+                break
+            logits = step(chosen, width + t, graphs)
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+
+class _Step:
+    """One decode step on fixed-shape tensors: the previous token goes into cache slot ``slot``;
+    returns the logits for the next token. With ``graphs``, the first `EAGER_STEPS` steps run as
+    they are (warming up cuBLAS and the like, which a capture cannot do) and the next is captured
+    into a CUDA graph that every later step replays. The cache writes where it is told (the slot:
+    older transformers) or where it counts it is (its own length counter, a tensor the graph advances)."""
+
+    EAGER_STEPS = 2
+
+    def __init__(self, model, cache, prompt_mask, last_position, cache_len: int):
+        import inspect
+
+        import torch
+
+        rows, width = prompt_mask.shape
+        device = prompt_mask.device
+        self.model, self.calls = model, 0
+        # newer transformers name the argument `cache`
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.mask = torch.zeros((rows, 1, 1, cache_len), dtype=torch.bool, device=device)
+        self.mask[:, 0, 0, :width] = prompt_mask.bool()
+        self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.position = last_position.clone()
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.inputs = {"input_ids": self.token, "attention_mask": self.mask, "position_ids": self.position,
+                       "cache_position": self.slot, self.cache_name: cache, "use_cache": True}
+        self.graph = self.logits = None
+        self.failed = False
+
+    def _forward(self):
+        return self.model(**self.inputs).logits[:, -1]
+
+    def __call__(self, token, slot: int, graphs: bool):
+        import torch
+
+        self.token.copy_(token[:, None])
+        self.position += 1
+        self.slot.fill_(slot)
+        self.mask[:, :, :, slot] = True
+        self.calls += 1
+        if not graphs or self.calls <= self.EAGER_STEPS or self.failed:
+            return self._forward()
+        if self.graph is None:
+            graph = torch.cuda.CUDAGraph()
+            try:  # thread-local: another thread (NCCL's watchdog under accelerate launch) cannot break it
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.logits = self._forward()
+            except RuntimeError:  # something in this model syncs with the CPU: nothing ran, go on without
+                torch.cuda.synchronize(self.token.device)
+                self.failed = True
+                return self._forward()
+            self.graph = graph
+        self.graph.replay()
+        return self.logits
