@@ -61,13 +61,14 @@ def main():
         flags = resume or ["--method", "grpo", "--init-adapter", str(sft), "--data", str(prep), "--out", str(rl),
                            *shlex.split(args.rl_args)]
         r = tinymath("train", *flags)
-        rows = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
+        rows = [x for x in records if "reward" in x]  # steps (not the step-0 validation line)
         log(event="rl_bench", phase="grpo", wall_s=r["wall_s"], steps=r["result"]["steps"],
             best_val_accuracy=r["result"]["best_val_accuracy"], best_step=r["result"]["best_step"],
             generation_s=round(sum(x.get("generation_s", 0) for x in rows), 1),
             update_s=round(sum(x.get("update_s", 0) for x in rows), 1),
             reward_first=[x["reward"] for x in rows[:5]], reward_last=[x["reward"] for x in rows[-5:]],
-            val_accuracy=[(x["step"], x["val_accuracy"]) for x in rows if "val_accuracy" in x])
+            val_accuracy=[(x["step"], x["val_accuracy"]) for x in records if "val_accuracy" in x])
     if "eval" in which:
         for name, run in (("sft", sft), ("rl", rl)):
             out = work / f"test_{name}"

@@ -71,7 +71,7 @@ def tinymath_run(name: str, model_dir: Path, data: Path, steps: int, **overrides
     from tinymath.base.config import TrainConfig
 
     torch.cuda.reset_peak_memory_stats()
-    # a short benchmark stands for a full run: compile as the defaults do for one (>= 50 steps)
+    # the compiled path's steady rate (the defaults compile runs of 10M tokens or more); --compile False to compare
     overrides.setdefault("compile", True)
     config = TrainConfig(data=str(data), model=str(model_dir), out=f"/tmp/tm_{name}", max_steps=steps, overwrite=True,
                          **overrides)

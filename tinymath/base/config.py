@@ -94,12 +94,13 @@ class TrainConfig:
                                                  "when --max-memory needs it).", SPEED,
                                           flags=("--gradient-checkpointing/--no-gradient-checkpointing",), shown="")
     compile: bool | None = option(None, "torch.compile each decoder layer (fewer, fused kernels; about a minute "
-                                        "of compiling first).", SPEED, flags=("--compile/--no-compile",),
-                                  shown="on with a GPU, --packing and 50 steps or more")
+                                        "of compiling first, in every new process).", SPEED,
+                                  flags=("--compile/--no-compile",),
+                                  shown="on with a GPU, --packing and 10M training tokens or more")
     cuda_graphs: bool | None = option(None, "Replay each micro-batch's forward and backward as a CUDA graph "
                                             "(small models wait on kernel launches otherwise).", SPEED,
                                       flags=("--cuda-graphs/--no-cuda-graphs",),
-                                      shown="on with one GPU, --packing, no checkpointing and 20 steps or more")
+                                      shown="on with a GPU, --packing, no checkpointing and 20 steps or more")
     log_every: int = option(1, "Write metrics every N steps.", CONTROL)
     save_every: int | None = option(None, "Save a resumable checkpoint every N steps.", CONTROL)
     keep_checkpoints: int = option(2, "How many checkpoints to keep.", CONTROL)

@@ -14,11 +14,12 @@ time it is seen (two warm-up passes and a capture: about two steps' time). All g
 memory pool, and gradients accumulate into ``.grad`` buffers allocated once, outside the graphs,
 so gradient accumulation over several micro-batches works as without graphs.
 
-Used by default with one process, bf16, without gradient checkpointing and with memory to spare;
-see `use_cuda_graphs`. Under several processes (`accelerate launch`) only with ``--cuda-graphs``
-(not yet seen to capture there): the graphs run the plain module, since DDP's gradient hooks cannot
-be captured, and the trainer averages the gradients across the processes after the replays, as DDP
-would have. With LoRA dropout, warm-up passes draw random numbers, so a resumed
+Used by default on a GPU with bf16, without gradient checkpointing and with memory to spare; see
+`use_cuda_graphs`. Under several processes (`accelerate launch`) the model is not wrapped in DDP
+(DDP's gradient hooks cannot be captured, and the gradient nodes it keeps from set-up belong to
+another stream than the capture's): the processes start from the same weights, the graphs run the
+plain module, and the trainer averages the gradients across the processes after the replays, in
+one collective per step, as DDP would have. With LoRA dropout, warm-up passes draw random numbers, so a resumed
 run's dropout masks differ from an uninterrupted run's (the default dropout is 0).
 """
 
@@ -121,8 +122,8 @@ def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: f
                     gradient_checkpointing: bool | None = None, total_steps: int | None = None) -> bool:
     """Whether to train with graphs: ``--cuda-graphs``/``--no-cuda-graphs`` if given (an error where
     graphs cannot run), else the default. They can run on a GPU, with packed rows, no gradient
-    checkpointing and no fp16 loss scaling (bf16 GPUs), in one process or, when asked for, several
-    (by default not under several processes: not yet measured to capture there);
+    checkpointing and no fp16 loss scaling (bf16 GPUs), in one process or several (``world``; then
+    without DDP's wrapper, see `tinymath.lib.trainer.Trainer._prepare`);
     ``gradient_checkpointing``: whether the run uses it (asked for, or planned; default: as asked).
     By default they also need micro-batches with ``room`` for at least two average
     steps: that keeps them to where memory is plentiful (a new length's eager warm-up runs beside
@@ -137,4 +138,4 @@ def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: f
     if config.cuda_graphs is not None:
         return config.cuda_graphs
     long_enough = total_steps is None or total_steps >= MIN_GRAPHED_STEPS  # short runs: captures would not pay
-    return possible and world == 1 and room >= 2 and long_enough
+    return possible and room >= 2 and long_enough

@@ -204,7 +204,8 @@ class Trainer:
         elif config.packing and plan.micro_batch_tokens is None:  # no planner off the GPU: a size that fits in RAM
             plan.micro_batch_tokens = CPU_MICRO_BATCH_TOKENS
         # decided for this machine, not saved in the config: a run resumed elsewhere decides again
-        plan.compiled = config.compile if config.compile is not None else compile_by_default(device, config, total)
+        tokens = total * per_step * sum(len(ex["input_ids"]) for ex in self.train_examples) / len(self.train_examples)
+        plan.compiled = config.compile if config.compile is not None else compile_by_default(device, config, tokens)
         if plan.compiled:  # after planning: the planner's eager measurement is the larger (safe) one
             use_compile_cache()
             compile_layers(self.model)
