@@ -85,6 +85,38 @@ def test_eval_writes_predictions_and_summary(trained_run, gsm8k_dir, tmp_path):
     assert summary["correct"] == sum(r["correct"] for r in rows)
 
 
+def test_a_runs_merged_model_is_kept_for_the_next_eval(trained_run, gsm8k_dir, tmp_path, monkeypatch):
+    """The second eval of a run loads the merged weights the first one kept (same answers, no merge);
+    another merge or another adapter is another entry, and only the most recent are kept."""
+    import shutil
+
+    import tinymath.lib.lora as lora
+
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
+    kept = tmp_path / "cache" / "merged"
+
+    def evaluate(run, out, *flags):
+        result = run_cli("eval", "--adapter", run, "--data", gsm8k_dir, "--split", "test", "--limit", 3,
+                         "--max-new-tokens", 16, "--out", tmp_path / out, *flags, "--json")
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["completion"] for line in (tmp_path / out / "predictions.jsonl").open()]
+
+    first = evaluate(trained_run, "a")
+    assert len(list(kept.iterdir())) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(lora, "load_adapted_model", lambda *a, **k: pytest.fail("merged again"))
+        assert evaluate(trained_run, "b") == first
+    (oldest,) = kept.iterdir()
+    evaluate(trained_run, "c", "--merge-base", "original")
+    other = tmp_path / "other_run"
+    shutil.copytree(trained_run, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["lora_alpha"] *= 2  # a different adapter
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    assert evaluate(other, "d") != first
+    assert len(list(kept.iterdir())) == lora.MERGED_KEPT and not oldest.exists()
+
+
 def test_eval_scores_known_completions():
     from tinymath.lib.scoring import score, wilson_interval
 

@@ -1,5 +1,6 @@
 """Everything LoRA: the adapter config, attaching it for training, and loading a run's adapter back
-(onto the base it was trained on) for eval, chat and merge-adapters.
+(onto the base it was trained on) for eval, chat and merge-adapters; merged models for inference are
+kept in tinymath's cache folder (`load_merged_model`).
 
 `MERGE_BASES` is the one list of the base weights an adapter can be merged into. A run folder is
 read by `tinymath.base.runs.load_run`; this module only puts its adapter on a model.
@@ -88,10 +89,77 @@ def load_adapted_model(run: RunInfo, merge_base: str = "dequantized", dtype=None
                             f"{(str(exc).splitlines() or [''])[0]}") from None
 
 
+MERGED_KEPT = 2  # merged models kept in the cache (the most recently used); each is the model's size
+
+
 def load_merged_model(run: RunInfo, merge_base: str = "dequantized", dtype=None, device: str | None = None,
                       trust_remote_code: bool = False):
-    """The run's base with its adapter merged in, ready for fast generation (no LoRA, no 4-bit)."""
-    return load_adapted_model(run, merge_base, dtype, device, trust_remote_code).merge_and_unload().eval()
+    """The run's base with its adapter merged in, ready for fast generation (no LoRA, no 4-bit).
+
+    Merging means loading the base, quantizing it as training did and dequantizing it again, then
+    the adapter: most of an evaluation's start-up. The result is kept in tinymath's cache folder
+    (``merged/KEY``, the `MERGED_KEPT` most recently used), keyed by the adapter's bytes, the base,
+    the merge and the weights' dtype and device type, so the next ``eval``/``chat`` of the same run
+    loads plain 16-bit weights (without peft or bitsandbytes). Written to a temporary folder and
+    renamed, so two processes starting at once are safe."""
+    from tinymath.lib.model import compute_dtype, default_device, load_base_model
+
+    if merge_base not in MERGE_BASES:
+        raise TinymathError(f"--merge-base {merge_base} is unknown; use one of {', '.join(MERGE_BASES)}")
+    device = device or default_device()
+    dtype = dtype or compute_dtype(device)
+    folder = _merged_cache_folder(run, merge_base, dtype, device)
+    if (folder / "config.json").is_file():
+        try:
+            model = load_base_model(str(folder), quant="none", dtype=dtype, device=device).eval()
+        except (TinymathError, OSError, ValueError):
+            pass  # unreadable (a disk filled up, say): merge again below
+        else:
+            folder.touch()  # most recently used
+            return model
+    model = load_adapted_model(run, merge_base, dtype, device, trust_remote_code).merge_and_unload().eval()
+    _keep_merged(model, folder)
+    return model
+
+
+def _merged_cache_folder(run: RunInfo, merge_base: str, dtype, device: str):
+    import hashlib
+    import json
+
+    from tinymath.lib.model import cache_dir
+
+    digest = hashlib.sha256()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        path = run.path / name
+        if path.is_file():
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    digest.update(json.dumps({"base": run.base_model, "fingerprint": run.config.get("base_fingerprint"),
+                              "quant": run.quant, "trained_dtype": run.config.get("dtype"), "merge": merge_base,
+                              "dtype": str(dtype), "device": str(device).split(":")[0]}, sort_keys=True).encode())
+    return cache_dir() / "merged" / digest.hexdigest()[:24]
+
+
+def _keep_merged(model, folder) -> None:
+    """Save the merged model into the cache (best effort: a full disk only costs the next merge)."""
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=folder.parent, prefix=".writing-")
+        model.save_pretrained(staging, safe_serialization=True)
+        try:
+            folder.parent.joinpath(staging).rename(folder)
+        except OSError:  # another process kept the same merge first
+            shutil.rmtree(staging, ignore_errors=True)
+        kept = sorted((p for p in folder.parent.iterdir() if not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[MERGED_KEPT:]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def check_adapter_matches(run: RunInfo, base) -> None:
