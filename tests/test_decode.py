@@ -17,13 +17,13 @@ def inference(tiny_model):
     return load_for_inference(model=str(tiny_model))
 
 
-def _prompts(inference):
+def _prompts(inference, questions=QUESTIONS):
     from tinymath.base.prompts import build_prompt, encode_prompt
 
-    return [encode_prompt(inference.tokenizer, build_prompt(inference.tokenizer, q, "chat")) for q in QUESTIONS]
+    return [encode_prompt(inference.tokenizer, build_prompt(inference.tokenizer, q, "chat")) for q in questions]
 
 
-def _both(inference, monkeypatch, seed=None, **settings):
+def _both(inference, monkeypatch, seed=None, questions=QUESTIONS, **settings):
     """Each prompt's generated ids by tinymath's loop (``generate`` made to fail, so it is not
     used) and by ``generate``."""
     import torch
@@ -33,7 +33,7 @@ def _both(inference, monkeypatch, seed=None, **settings):
     def run(static):
         if seed is not None:
             torch.manual_seed(seed)
-        return [row.tolist() for row in generate_ids(inference, _prompts(inference),
+        return [row.tolist() for row in generate_ids(inference, _prompts(inference, questions),
                                                      GenerationSettings(static_cache=static, **settings))]
 
     plain = run(False)
@@ -68,6 +68,27 @@ def test_sampled_tokens_are_generates_with_the_same_seed(inference, monkeypatch)
     assert _trimmed(own, pad) != _trimmed(greedy, pad)  # it did sample
 
 
+def test_sampled_batches_after_rows_stop_early_are_generates(tiny_model, monkeypatch):
+    """Several batches, rows ending at EOS early: every batch's samples are still `generate`'s with
+    the same seed (the loop draws no random numbers after its batch is done)."""
+    import torch
+
+    from tinymath.lib.generate import load_for_inference
+
+    eager = load_for_inference(model=str(tiny_model))
+    eos = eager.tokenizer.eos_token_id
+    with torch.no_grad():  # make EOS about as likely as the likeliest token
+        hidden = eager.model.model(torch.tensor([_prompts(eager)[0]])).last_hidden_state[0]
+        direction = hidden.mean(0) / hidden.mean(0).norm()
+        top = eager.model.lm_head(hidden).max(-1).values.mean()
+        eager.model.lm_head.weight[eos] = direction * 1.6 * top / (hidden @ direction).mean()
+    own, plain = _both(eager, monkeypatch, seed=1, questions=QUESTIONS * 2, max_new_tokens=30, batch_size=2,
+                       temperature=1.0)
+    pad = eager.tokenizer.pad_token_id
+    assert _trimmed(own, pad) == _trimmed(plain, pad)
+    assert sum(eos in row[:20] for row in own) >= 3  # rows did stop early
+
+
 def test_min_new_tokens_of_the_models_generation_config(inference, monkeypatch):
     """A model whose generation config forces a length (as the speed benchmarks' models do): EOS is
     held back until then, in both."""
@@ -86,5 +107,9 @@ def test_what_the_loop_does_not_do_goes_to_generate(inference, monkeypatch):
     assert compiles(inference.model, GenerationSettings(stop=("Question:",)))
     assert compiles(inference.model, GenerationSettings(calculator=True))
     assert compiles(inference.model, GenerationSettings(), stopping=object())
-    monkeypatch.setattr(inference.model.generation_config, "repetition_penalty", 1.3)
-    assert compiles(inference.model, GenerationSettings())
+    with monkeypatch.context() as patch:
+        patch.setattr(inference.model.generation_config, "repetition_penalty", 1.3)
+        assert compiles(inference.model, GenerationSettings())
+    layers = inference.model.config.num_hidden_layers
+    monkeypatch.setattr(inference.model.config, "layer_types", ["sliding_attention"] * layers, raising=False)
+    assert compiles(inference.model, GenerationSettings())  # a window the loop's one mask would not keep

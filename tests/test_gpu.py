@@ -91,9 +91,20 @@ def test_graph_replay_matches_eager(gpu_model):
             assert (p.grad - g).norm() <= 5e-2 * g.norm() + 1e-6, replay
 
 
-def test_static_cache_decoding_matches_plain_generate(gpu_model):
+def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch):
     from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib import decode
     from tinymath.lib.generate import GenerationSettings, generate_batch, load_for_inference
+
+    replayed = []  # whether each decode step ran from a captured graph (not the eager fallback)
+    step = decode._Step.__call__
+
+    def spy(self, *args, **kwargs):
+        logits = step(self, *args, **kwargs)
+        replayed.append(self.graph is not None and not self.failed)
+        return logits
+
+    monkeypatch.setattr(decode._Step, "__call__", spy)
 
     inference = load_for_inference(str(gpu_model))
     inference.model.to(torch.float32)
@@ -102,6 +113,7 @@ def test_static_cache_decoding_matches_plain_generate(gpu_model):
     static = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=True))
     plain = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=False))
     assert static == plain
+    assert replayed and all(replayed[decode._Step.EAGER_STEPS:])  # tinymath's loop ran, from a graph
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

@@ -107,6 +107,10 @@ def test_a_runs_merged_model_is_kept_for_the_next_eval(trained_run, gsm8k_dir, t
         patch.setattr(lora, "load_adapted_model", lambda *a, **k: pytest.fail("merged again"))
         assert evaluate(trained_run, "b") == first
     (oldest,) = kept.iterdir()
+    weights = oldest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # damaged (a disk that filled up): merged again
+    assert evaluate(trained_run, "b2") == first
+    assert weights.stat().st_size > 1000 and not [p for p in kept.iterdir() if p.name.startswith(".")]
     evaluate(trained_run, "c", "--merge-base", "original")
     other = tmp_path / "other_run"
     shutil.copytree(trained_run, other)

@@ -7,14 +7,14 @@ model with ``torch.compile``, which costs a minute or more in every new process.
 is run once (prefill), then every decode step is the same few kernels on fixed-shape tensors: the
 step's token, its position, its cache slot and the attention mask over the whole cache. Those are
 captured once per batch into a CUDA graph (no compiler, a fraction of a second) and replayed;
-the only per-step host work is a handful of small kernels, and whether every row has finished is
-read every `CHECK_EVERY` steps, not every step.
+the only per-step host work is a handful of small kernels, and (greedy) whether every row has
+finished is read every `CHECK_EVERY` steps, not every step.
 
 What it supports is what eval and GRPO sampling need: greedy, or sampling with temperature,
 top-k and top-p (the order transformers applies them), ``min_new_tokens`` from the model's
-generation config, one EOS token. Anything else (stop strings, stopping criteria, other logits
-processors in the model's generation config, attention other than ``tinymath_decode``) stays with
-``generate`` (`supported`).
+generation config, one EOS token, full attention in every layer. Anything else (stop strings,
+stopping criteria, other logits processors in the model's generation config, sliding-window
+layers, attention other than ``tinymath_decode``) stays with ``generate`` (`supported`).
 """
 
 from __future__ import annotations
@@ -31,17 +31,26 @@ _NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0)
             "sequence_bias": (None,), "exponential_decay_length_penalty": (None,), "min_p": (None,),
             "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
             "renormalize_logits": (None, False), "num_beams": (None, 1), "guidance_scale": (None, 1.0),
-            "watermarking_config": (None,), "num_return_sequences": (None, 1)}
+            "watermarking_config": (None,), "num_return_sequences": (None, 1), "top_h": (None,)}
 
 
 def supported(model) -> bool:
     """Whether `decode` gives what ``generate`` would for this model: its attention is
     ``tinymath_decode`` (which takes the step's ready-made mask) and its generation config asks for
     nothing beyond temperature, top-k, top-p and ``min_new_tokens``."""
-    if getattr(model.config, "_attn_implementation", None) != DECODE_NAME:
+    if getattr(model.config, "_attn_implementation", None) != DECODE_NAME or not _full_attention(model.config):
         return False
     config = getattr(model, "generation_config", None)
     return config is None or all(getattr(config, k, None) in ok for k, ok in _NEUTRAL.items())
+
+
+def _full_attention(config) -> bool:
+    """Every layer attends to the whole cache: the loop's one mask over all slots is right (a
+    sliding-window layer keeps and masks only its window)."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return all(kind == "full_attention" for kind in kinds)
+    return getattr(config, "sliding_window", None) is None
 
 
 def _processors(model, sample: dict | None, prompt_width: int, eos: int, device):
@@ -105,7 +114,9 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad:
             new.append(chosen)
             if processors:  # they read the tokens so far (min_new_tokens counts them)
                 seen = torch.cat([seen, chosen[:, None]], dim=1)
-            if t == max_new_tokens - 1 or ((t + 1) % CHECK_EVERY == 0 and bool(finished.all())):
+            # sampling checks every step: a step after all rows finished would draw random numbers
+            # that `generate` does not, and the next batch's samples would differ from its
+            if t == max_new_tokens - 1 or ((sample or (t + 1) % CHECK_EVERY == 0) and bool(finished.all())):
                 break
             logits = step(chosen, width + t, graphs)
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

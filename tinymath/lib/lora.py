@@ -8,6 +8,8 @@ read by `tinymath.base.runs.load_run`; this module only puts its adapter on a mo
 
 from __future__ import annotations
 
+import shutil
+
 from tinymath.base.errors import TinymathError
 from tinymath.base.runs import RunInfo
 
@@ -111,9 +113,10 @@ def load_merged_model(run: RunInfo, merge_base: str = "dequantized", dtype=None,
     folder = _merged_cache_folder(run, merge_base, dtype, device)
     if (folder / "config.json").is_file():
         try:
-            model = load_base_model(str(folder), quant="none", dtype=dtype, device=device).eval()
-        except (TinymathError, OSError, ValueError):
-            pass  # unreadable (a disk filled up, say): merge again below
+            model = load_base_model(str(folder), quant="none", dtype=dtype, device=device,
+                                    trust_remote_code=trust_remote_code).eval()
+        except Exception:  # noqa: BLE001 - a damaged entry (a disk that filled up, say): merge again
+            shutil.rmtree(folder, ignore_errors=True)
         else:
             folder.touch()  # most recently used
             return model
@@ -123,8 +126,11 @@ def load_merged_model(run: RunInfo, merge_base: str = "dequantized", dtype=None,
 
 
 def _merged_cache_folder(run: RunInfo, merge_base: str, dtype, device: str):
+    """The cache entry for this merge: the adapter's bytes, the base (for a local base also its
+    files' sizes and times, so a replaced base is merged again), the merge and the weights' form."""
     import hashlib
     import json
+    from pathlib import Path
 
     from tinymath.lib.model import cache_dir
 
@@ -135,31 +141,45 @@ def _merged_cache_folder(run: RunInfo, merge_base: str, dtype, device: str):
             with path.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
-    digest.update(json.dumps({"base": run.base_model, "fingerprint": run.config.get("base_fingerprint"),
+    base = Path(run.base_model).expanduser()
+    files = sorted(base.iterdir()) if base.is_dir() else [base] if base.is_file() else []
+    stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    digest.update(json.dumps({"base": run.base_model, "files": stamps, "fingerprint": run.config.get("base_fingerprint"),
                               "quant": run.quant, "trained_dtype": run.config.get("dtype"), "merge": merge_base,
                               "dtype": str(dtype), "device": str(device).split(":")[0]}, sort_keys=True).encode())
     return cache_dir() / "merged" / digest.hexdigest()[:24]
 
 
-def _keep_merged(model, folder) -> None:
-    """Save the merged model into the cache (best effort: a full disk only costs the next merge)."""
-    import shutil
-    import tempfile
+STALE_WRITE_SECONDS = 3600  # a half-written entry this old was left by a process that died
 
+
+def _keep_merged(model, folder) -> None:
+    """Save the merged model into the cache and keep the `MERGED_KEPT` most recently used entries.
+    Best effort: any failure (a full disk) leaves nothing behind and only costs the next merge."""
+    import tempfile
+    import time
+
+    staging = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = tempfile.mkdtemp(dir=folder.parent, prefix=".writing-")
         model.save_pretrained(staging, safe_serialization=True)
         try:
             folder.parent.joinpath(staging).rename(folder)
+            staging = None
         except OSError:  # another process kept the same merge first
-            shutil.rmtree(staging, ignore_errors=True)
-        kept = sorted((p for p in folder.parent.iterdir() if not p.name.startswith(".")),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in kept[MERGED_KEPT:]:
+            pass
+        entries = list(folder.parent.iterdir())
+        kept = sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
+        stale = [p for p in entries if p.name.startswith(".writing-") and str(p) != staging
+                 and time.time() - p.stat().st_mtime > STALE_WRITE_SECONDS]
+        for old in kept[MERGED_KEPT:] + stale:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError:
+    except Exception:  # noqa: BLE001 - safetensors reports a full disk as its own error type
         pass
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_adapter_matches(run: RunInfo, base) -> None:

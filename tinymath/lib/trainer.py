@@ -237,8 +237,24 @@ class Trainer:
         plan = self.plan
         lengths = [len(ex["input_ids"]) for ex in self.train_examples]
         room = (plan.micro_batch_tokens or 0) / (sum(lengths) / len(lengths) * self._local_examples())  # in steps
-        plan.cuda_graphs = use_cuda_graphs(self.config, self.device, plan.world, self.accelerator.scaler is not None,
-                                           room, plan.gradient_checkpointing, plan.total_steps)
+        refusal = None
+        try:
+            wanted = use_cuda_graphs(self.config, self.device, plan.world, self.accelerator.scaler is not None,
+                                     room, plan.gradient_checkpointing, plan.total_steps)
+        except TinymathError as exc:  # --cuda-graphs where they cannot run
+            wanted, refusal = False, exc
+        if plan.world > 1:  # each process planned its own memory; with graphs their collectives differ: agree
+            import torch
+
+            votes = self.accelerator.reduce(torch.tensor([float(wanted), float(refusal is not None)],
+                                                         device=self.accelerator.device), reduction="sum").tolist()
+            wanted = votes[0] == plan.world
+            if votes[1] and refusal is None:
+                refusal = TinymathError("--cuda-graphs cannot run on another process of this run (its output "
+                                        "says why); drop --cuda-graphs")
+        if refusal is not None:
+            raise refusal
+        plan.cuda_graphs = wanted
 
     def _local_examples(self) -> int:
         return math.ceil(self.plan.per_step / self.plan.world)
