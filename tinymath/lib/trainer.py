@@ -353,8 +353,10 @@ class Trainer:
                                  lr=0.0, tps=0.0) as self.update:
                 self.update(advance=state.start_step)
                 self.before_steps()
-                if plan.compiled or self.graphed is not None:  # the first step compiles: say so, not look stuck
-                    self.update(advance=0, description="compiling (a minute the first time on this machine)")
+                if plan.compiled:  # the first step compiles: say so, not look stuck
+                    self.update(advance=0, description="compiling the layers first (about a minute)")
+                elif self.graphed is not None:
+                    self.update(advance=0, description="capturing CUDA graphs")
                 upcoming = self.step_batches(state.start_step)
                 for step in range(state.start_step, plan.total_steps):
                     upcoming = self.train_step(step, upcoming)
