@@ -158,6 +158,7 @@ def _keep_merged(model, folder) -> None:
     Best effort: any failure (a full disk) leaves nothing behind and only costs the next merge."""
     import tempfile
     import time
+    from pathlib import Path
 
     staging = None
     try:
@@ -165,7 +166,7 @@ def _keep_merged(model, folder) -> None:
         staging = tempfile.mkdtemp(dir=folder.parent, prefix=".writing-")
         model.save_pretrained(staging, safe_serialization=True)
         try:
-            folder.parent.joinpath(staging).rename(folder)
+            Path(staging).rename(folder)
             staging = None
         except OSError:  # another process kept the same merge first
             pass

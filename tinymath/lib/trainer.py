@@ -400,12 +400,10 @@ class Trainer:
 
         world = self.plan.world
         loss_total = torch.zeros((), device=self.accelerator.device)
-        graphed = False
         for i, batch in enumerate(batches):
             if self.graphed is not None:
                 try:
                     loss_total += self.graphed.step(batch, world / step_tokens)
-                    graphed = True
                     continue
                 except GraphCaptureError as exc:  # a model or library that graphs cannot hold
                     # a failed capture can leave the CUDA RNG unusable; and under several processes
@@ -420,7 +418,7 @@ class Trainer:
                 micro_loss = self.loss_model(**to_device(batch, self.accelerator.device))
                 self.accelerator.backward(micro_loss * world / step_tokens)
             loss_total += micro_loss.detach()
-        if world > 1 and graphed and self.graphed is not None:
+        if world > 1 and self.graphed is not None:  # (a failed capture ends a run of several processes)
             self._average_gradients()
         return loss_total
 
