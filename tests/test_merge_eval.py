@@ -83,6 +83,15 @@ def test_eval_writes_predictions_and_summary(trained_run, gsm8k_dir, tmp_path):
     assert [r["question"][:3] for r in rows] == ["Sam", "A p"]
     assert {"question", "gold", "completion", "extracted", "correct"} <= set(rows[0])
     assert summary["correct"] == sum(r["correct"] for r in rows)
+    # where the time went: 2 problems decode with plain `generate` (nothing compiled or captured)
+    assert summary["compile_seconds"] == 0 and summary["graph_capture_seconds"] == 0
+    assert summary["decoding"] == {"replayed_steps": 0, "eager_steps": 0, "failed_captures": 0}
+    # --compile: tinymath's decode loop (on CPU its steps run eagerly), and the summary says so
+    fast = run_cli("eval", "--adapter", trained_run, "--data", gsm8k_dir, "--split", "test", "--limit", 2,
+                   "--max-new-tokens", 16, "--compile", "--json")
+    assert fast.exit_code == 0, fast.output
+    decoding = json.loads(fast.stdout)["decoding"]
+    assert decoding["eager_steps"] > 0 and decoding["replayed_steps"] == 0
 
 
 def test_a_runs_merged_model_is_kept_for_the_next_eval(trained_run, gsm8k_dir, tmp_path, monkeypatch):

@@ -55,6 +55,9 @@ def test_compiled_layers_compute_the_same_losses(tiny_model, gsm8k_dir, tmp_path
         assert a == pytest.approx(b, rel=1e-4)
     run = json.loads((tmp_path / "compiled" / "run.json").read_text())
     assert run["result"]["compiled"] is True
+    # where the time went: compiling is counted apart (and only in the run that compiled)
+    assert 0 < run["result"]["compile_seconds"] <= run["result"]["train_seconds"]
+    assert json.loads((tmp_path / "padded" / "run.json").read_text())["result"]["compile_seconds"] == 0
 
 
 def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path):

@@ -24,6 +24,15 @@ from tinymath.lib.attention import DECODE_NAME
 GENERATE_TOP_K = 50  # what `generate` samples from when the model's generation config sets no top_k
 CHECK_EVERY = 8  # steps between reads of "has every row finished?" (each read waits for the GPU)
 
+# what this process's decode loops did, for the timing a command reports (`totals`)
+_TOTALS = {"replayed_steps": 0, "eager_steps": 0, "capture_seconds": 0.0, "failed_captures": 0}
+
+
+def totals() -> dict:
+    """Steps replayed from a CUDA graph and run eagerly, seconds spent capturing graphs, and
+    captures that failed, summed over every `decode` in this process so far."""
+    return dict(_TOTALS)
+
 # generation-config fields with these values change nothing; any other value needs `generate`
 _NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
             "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
@@ -163,16 +172,25 @@ class _Step:
         self.mask[:, :, :, slot] = True
         self.calls += 1
         if not graphs or self.calls <= self.EAGER_STEPS or self.failed:
+            _TOTALS["eager_steps"] += 1
             return self._forward()
         if self.graph is None:
+            import time
+
             graph = torch.cuda.CUDAGraph()
+            started = time.perf_counter()
             try:  # thread-local: another thread (NCCL's watchdog under accelerate launch) cannot break it
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.logits = self._forward()
             except RuntimeError:  # something in this model syncs with the CPU: nothing ran, go on without
                 torch.cuda.synchronize(self.token.device)
                 self.failed = True
+                _TOTALS["failed_captures"] += 1
+                _TOTALS["eager_steps"] += 1
                 return self._forward()
+            finally:
+                _TOTALS["capture_seconds"] += time.perf_counter() - started
             self.graph = graph
+        _TOTALS["replayed_steps"] += 1
         self.graph.replay()
         return self.logits

@@ -64,6 +64,7 @@ class GraphedMicroBatches:
         self.slots = max_examples + 2  # the examples' boundaries, and the padding's
         self.max_seq_len = max(int(max_seq_len), BUCKET)  # a fixed bound: flash attention skips what is beyond
         self.graphs: dict[int, tuple] = {}
+        self.capture_seconds = 0.0  # warm-up passes and captures, compiling (where the layers compile) not counted
         self.pool = None
         self.scale = torch.zeros((), device=device)
         for p in params:  # accumulated into in place by every replay, whichever graph
@@ -100,13 +101,21 @@ class GraphedMicroBatches:
         size = BUCKET * math.ceil(batch["input_ids"].shape[1] / BUCKET)
         padded = pad_packed(batch, size, self.slots, self.pad_id)
         if size not in self.graphs:
+            import time
+
+            import torch
+
+            from tinymath.lib.speed import compile_seconds
+
+            started, compiling = time.perf_counter(), compile_seconds()
             try:
                 self._capture(size, {k: v.to(self.device) for k, v in padded.items()})
             except RuntimeError as exc:  # the gradients are untouched: warm-up adds zero, a capture runs nothing
-                import torch
-
                 torch.cuda.synchronize(self.device)
                 raise GraphCaptureError(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
+            finally:
+                torch.cuda.synchronize(self.device)
+                self.capture_seconds += time.perf_counter() - started - (compile_seconds() - compiling)
         graph, inputs, loss = self.graphs[size]
         for key, value in padded.items():
             inputs[key].copy_(value)

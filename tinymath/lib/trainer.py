@@ -89,6 +89,9 @@ class Trainer:
 
     def setup(self) -> Trainer:
         self.setup_started = time.time()
+        from tinymath.lib.speed import compile_seconds
+
+        self.compiled_before = compile_seconds()  # the process's compiling before this run (tests run several)
         self._setup_accelerator()
         self._load_data()
         self._load_model()
@@ -572,12 +575,19 @@ class Trainer:
     # ------------------------------------------------------------ finish
 
     def summary(self) -> dict:
+        """The run's figures for run.json and the report. train_seconds is the whole loop, compiling
+        and CUDA-graph captures (compile_seconds, graph_capture_seconds) included; setup_seconds
+        (loading, planning) comes before it."""
         import torch
+
+        from tinymath.lib.speed import compile_seconds
 
         state, plan = self.state, self.plan
         seconds = time.time() - state.started
         summary = {"steps": plan.total_steps, "final_loss": state.last_loss, "train_seconds": round(seconds, 2),
                    "setup_seconds": round(self.setup_seconds, 2), "first_step_seconds": self.first_step_seconds,
+                   "compile_seconds": round(compile_seconds() - self.compiled_before, 2),
+                   "graph_capture_seconds": round(self.graphed.capture_seconds if self.graphed else 0.0, 2),
                    "real_tokens_per_s": round(state.real_tokens / max(state.step_seconds, 1e-9), 1),
                    "out": str(self.out),
                    "micro_batch_tokens": plan.micro_batch_tokens, "gradient_checkpointing": plan.gradient_checkpointing,

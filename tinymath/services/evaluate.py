@@ -48,9 +48,11 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     from tinymath.base.files import check_output_dir
     from tinymath.base.progress import progress_bar
     from tinymath.base.runs import load_run
+    from tinymath.lib.decode import totals as decode_totals
     from tinymath.lib.distributed import process_share, process_state
     from tinymath.lib.generate import GenerationSettings, generate_across_processes, load_for_inference
     from tinymath.lib.gsm8k import read_gsm8k
+    from tinymath.lib.speed import compile_seconds
 
     _check_options(limit, protocol, samples, temperature)
     chosen = PROTOCOLS[protocol]
@@ -72,18 +74,22 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     state = process_state()
     flat = [p for p in prompts for _ in range(samples)]
     torch.manual_seed(seed + state.process_index)
+    decoded_before, compiled_before = decode_totals(), compile_seconds()
     start = time.time()
     share = len(process_share(len(flat)))
     with progress_bar("evaluating", share, show_progress and state.is_main_process) as update:
         generated = generate_across_processes(inference, flat, settings, _saying_compiling(update, inference, settings,
                                                                                           share))
     seconds = time.time() - start
+    decoding = {k: v - decoded_before[k] for k, v in decode_totals().items()}
     scored, outputs = _score(chosen, [text for text, _ in generated], [r["answer"] for r in rows], samples)
     tokens = sum(n for _, n in generated)
     summary = dict(scored["summary"])
     summary.update(
         tokens_generated=tokens, load_seconds=round(load_seconds, 3), generation_seconds=round(seconds, 3),
         tokens_per_s=round(tokens / seconds, 1) if seconds else None,
+        compile_seconds=round(compile_seconds() - compiled_before, 3),
+        graph_capture_seconds=round(decoding.pop("capture_seconds"), 3), decoding=decoding,
         settings={"data": data, "split": split, "limit": limit, "format": inference.format,
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
