@@ -1,7 +1,8 @@
 """Where a decode step's time goes: tinymath's decode loop on the real SmolLM2 (or any model) at
 several batch sizes on one GPU. For each row count: whether the step graph was captured, the
-prefill, the graph replay alone, the whole step (graph plus the sampling kernels around it), and
-the GPU kernels of 24 eager steps (and their prefill) by total time. Answers "does a step scale with the rows?",
+prefill, the graph replay alone and the host time to launch it, the whole step (graph plus the
+sampling kernels around it), an eager step, and a natural-stopping decode of 256 tokens as eval
+runs it (``--profile``: the kernels of 24 eager steps by GPU time). Answers "does a step scale with the rows?",
 which decides how evaluation splits over several GPUs.
 
     OUT=/tmp/out python benchmarks/decode_steps.py --model SmolLM2.gguf --data gsm8k_dir [--rows 1319,660,330]
@@ -25,6 +26,7 @@ def main():
     parser.add_argument("--data", required=True, help="folder with GSM8K test.jsonl")
     parser.add_argument("--rows", default="1319,660,330")
     parser.add_argument("--steps", type=int, default=96)
+    parser.add_argument("--profile", action="store_true", help="also the kernels of 24 eager steps")
     args = parser.parse_args()
 
     import torch
@@ -57,16 +59,20 @@ def main():
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
-        timings = {}
-        for n in (8, args.steps):
+
+        def timed(n, eos=never, graphs=None):
             sync()
             t = time.perf_counter()
-            decode_mod.decode(model, ids, mask, n, never, tok.pad_token_id)
+            decode_mod.decode(model, ids, mask, n, eos, tok.pad_token_id, graphs=graphs)
             sync()
-            timings[n] = time.perf_counter() - t
-        step = steps_seen[-1]
-        per_step_ms = (timings[args.steps] - timings[8]) / (args.steps - 8) * 1000
-        replay_ms = None
+            return time.perf_counter() - t
+
+        timed(8)  # warm-up (cuBLAS, the first capture)
+        prefill = timed(1)
+        short, long = timed(32), timed(32 + args.steps)
+        natural = timed(256, eos=tok.eos_token_id)  # what eval does: rows stop at EOS
+        step = steps_seen[-2]  # the long forced run's step (the natural run made the last one)
+        replay_ms = issue_ms = None
         if step.graph is not None:
             sync()
             t = time.perf_counter()
@@ -74,29 +80,28 @@ def main():
                 step.graph.replay()
             sync()
             replay_ms = (time.perf_counter() - t) / 50 * 1000
-        eager = {}
-        for n in (8, 24):  # the same steps without graphs
-            sync()
             t = time.perf_counter()
-            decode_mod.decode(model, ids, mask, n, never, tok.pad_token_id, graphs=False)
+            for _ in range(50):
+                step.graph.replay()
+            issue_ms = (time.perf_counter() - t) / 50 * 1000  # host time to launch a replay
             sync()
-            eager[n] = time.perf_counter() - t
-        eager_ms = (eager[24] - eager[8]) / 16 * 1000
-        from torch.profiler import ProfilerActivity, profile
+        eager_short, eager_long = timed(8, graphs=False), timed(8 + 32, graphs=False)
+        record = dict(event="decode_steps", model=Path(args.model).name, rows=rows, width=width,
+                      graph_captured=step.graph is not None, capture_failed=step.failed,
+                      prefill_s=round(prefill, 3), per_step_ms=round((long - short) / args.steps * 1000, 2),
+                      graph_replay_ms=replay_ms and round(replay_ms, 2), replay_launch_ms=issue_ms and round(issue_ms, 3),
+                      eager_step_ms=round((eager_long - eager_short) / 32 * 1000, 2),
+                      natural_stop_256_s=round(natural, 3))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            decode_mod.decode(model, ids, mask, 24, never, tok.pad_token_id, graphs=False)
-            sync()
-        kernels = sorted(((e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1000, e.count) for e in prof.key_averages()),
-                         key=lambda k: -k[1])
-        gpu_ms = sum(k[1] for k in kernels) / 24  # prefill included
-        log(event="decode_steps", model=Path(args.model).name, rows=rows, width=width,
-            cache_len=width + args.steps, graph_captured=step.graph is not None, capture_failed=step.failed,
-            whole_decode_s={str(k): round(v, 3) for k, v in timings.items()}, per_step_ms=round(per_step_ms, 2),
-            graph_replay_ms=replay_ms and round(replay_ms, 2), eager_step_ms=round(eager_ms, 2),
-            kernel_ms_per_step_with_prefill=round(gpu_ms, 2),
-            top_kernels=[(name[:70], round(ms, 3), count) for name, ms, count in kernels[:12]])
-
+            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                decode_mod.decode(model, ids, mask, 24, never, tok.pad_token_id, graphs=False)
+                sync()
+            kernels = sorted(((e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1000, e.count)
+                              for e in prof.key_averages()), key=lambda k: -k[1])
+            record["top_kernels_24_eager_steps_ms"] = [(name[:70], round(ms, 3), count) for name, ms, count in kernels[:12]]
+        log(**record)
 
 if __name__ == "__main__":
     main()

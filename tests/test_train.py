@@ -103,6 +103,27 @@ def test_existing_out_is_not_destroyed(tiny_model, gsm8k_dir, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_processes_get_shares_even_in_tokens():
+    """Several processes split a step's examples so that none waits long for another at the gradient
+    exchange: every example in exactly one share, in the step's order, token sums within one example."""
+    import random
+
+    from tinymath.lib.batching import process_examples
+
+    rng = random.Random(0)
+    examples = [{"input_ids": [0] * rng.randint(60, 400), "n": i} for i in range(64)]
+    assert process_examples(examples, 0, 1) is examples
+    for processes in (2, 3, 8):
+        shares = [process_examples(examples, p, processes) for p in range(processes)]
+        assert sorted(ex["n"] for share in shares for ex in share) == list(range(64))
+        assert all([ex["n"] for ex in share] == sorted(ex["n"] for ex in share) for share in shares)
+        sums = [sum(len(ex["input_ids"]) for ex in share) for share in shares]
+        assert max(sums) - min(sums) <= 400
+    # interleaving (every 2nd example) would leave these two shares 3,000 tokens apart
+    skewed = [{"input_ids": [0] * (1000 if i % 2 == 0 else 100)} for i in range(8)]
+    assert [sum(len(ex["input_ids"]) for ex in process_examples(skewed, p, 2)) for p in (0, 1)] == [2200, 2200]
+
+
 def test_gpu_check_counts_this_machines_processes_only():
     """Two machines of 2 GPUs each run 4 processes in all, 2 here: accepted; 3 here: refused."""
     from tinymath import TinymathError

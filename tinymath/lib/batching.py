@@ -55,6 +55,21 @@ def count_label_tokens(examples: list[dict]) -> int:
     return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
 
 
+def process_examples(examples: list[dict], index: int, processes: int) -> list[dict]:
+    """Process ``index``'s share of a step's examples when ``processes`` split it: as even in tokens
+    as the examples allow (longest first, each to the share with the fewest tokens so far), so no
+    process waits at the gradient exchange for one that drew longer examples. Every process
+    computes the same split; a share keeps the step's order. One process: all of them."""
+    if processes == 1:
+        return examples
+    tokens = [0] * processes
+    owner = [0] * len(examples)
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"])):
+        owner[i] = min(range(processes), key=lambda p: tokens[p])
+        tokens[owner[i]] += len(examples[i]["input_ids"])
+    return [ex for ex, p in zip(examples, owner) if p == index]
+
+
 def micro_batches(examples: list[dict], config: TrainConfig, pad_id: int, max_tokens: int | None = None):
     """Cut a step's examples into micro-batches: packed rows of at most ``max_tokens`` tokens, or
     (reference path) padded batches of ``batch_size`` examples."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from tinymath.base.config import TrainConfig, parse_memory
 from tinymath.base.errors import TinymathError
 from tinymath.base.runs import BEST, CONFIG_FILE, METRICS, RUN_FILE
-from tinymath.lib.batching import count_label_tokens, micro_batches, to_device
+from tinymath.lib.batching import count_label_tokens, micro_batches, process_examples, to_device
 from tinymath.lib.distributed import peers_lost_as_error
 from tinymath.lib.speed import eager, inference_mode
 
@@ -332,7 +332,7 @@ class Trainer:
     def step_batches(self, step: int) -> tuple[list[dict], int, list[dict]]:
         """A step's examples, its answer-token count and this process's micro-batches."""
         examples = self.step_examples(step)
-        local = examples[self.accelerator.process_index::self.plan.world]
+        local = process_examples(examples, self.accelerator.process_index, self.plan.world)
         return examples, count_label_tokens(examples), list(micro_batches(local, self.config, self.pad_id,
                                                                           self.plan.micro_batch_tokens))
 
