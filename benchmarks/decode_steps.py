@@ -39,14 +39,6 @@ def main():
     model, tok = inference.model, inference.tokenizer
     questions = [json.loads(line)["question"] for line in open(Path(args.data) / "test.jsonl")]
     prompts = [encode_prompt(tok, build_prompt(tok, q, inference.format)) for q in questions]
-    steps_seen = []
-    original_init = decode_mod._Step.__init__
-
-    def keep(self, *a, **k):
-        original_init(self, *a, **k)
-        steps_seen.append(self)
-
-    decode_mod._Step.__init__ = keep
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     never = -1  # no EOS: every row runs every step
@@ -71,25 +63,14 @@ def main():
         prefill = timed(1)
         short, long = timed(32), timed(32 + args.steps)
         natural = timed(256, eos=tok.eos_token_id)  # what eval does: rows stop at EOS
-        step = steps_seen[-2]  # the long forced run's step (the natural run made the last one)
-        replay_ms = issue_ms = None
-        if step.graph is not None:
-            sync()
-            t = time.perf_counter()
-            for _ in range(50):
-                step.graph.replay()
-            sync()
-            replay_ms = (time.perf_counter() - t) / 50 * 1000
-            t = time.perf_counter()
-            for _ in range(50):
-                step.graph.replay()
-            issue_ms = (time.perf_counter() - t) / 50 * 1000  # host time to launch a replay
-            sync()
+        before = decode_mod.totals()
+        timed(16)
+        after = decode_mod.totals()
+        captured = after["replayed_steps"] > before["replayed_steps"]
         eager_short, eager_long = timed(8, graphs=False), timed(8 + 32, graphs=False)
         record = dict(event="decode_steps", model=Path(args.model).name, rows=rows, width=width,
-                      graph_captured=step.graph is not None, capture_failed=step.failed,
+                      graph_captured=captured, failed_captures=after["failed_captures"],
                       prefill_s=round(prefill, 3), per_step_ms=round((long - short) / args.steps * 1000, 2),
-                      graph_replay_ms=replay_ms and round(replay_ms, 2), replay_launch_ms=issue_ms and round(issue_ms, 3),
                       eager_step_ms=round((eager_long - eager_short) / 32 * 1000, 2),
                       natural_stop_256_s=round(natural, 3))
         if args.profile:

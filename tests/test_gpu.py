@@ -116,6 +116,28 @@ def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch):
     assert replayed and all(replayed[decode._Step.EAGER_STEPS:])  # tinymath's loop ran, from a graph
 
 
+def test_decode_steps_use_the_faster_kernel_timed_once():
+    """A decode step's attention kernel is whichever of cuDNN's and the memory-efficient one ran its
+    shape faster: timed once, then remembered, and it computes the attention SDPA computes."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tinymath.lib import attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(300, 2, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(300, 2, 200, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    mask = torch.ones(300, 1, 1, 200, dtype=torch.bool, device="cuda")
+    mask[::2, :, :, :50] = False  # left padding on every other row
+    kernel = attention.fastest_decode_kernel(q, k, v, mask, 0.125)
+    assert kernel in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+    assert attention._FASTEST[(tuple(q.shape), 200, q.dtype, q.device, False)] is kernel
+    with sdpa_kernel([kernel]):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.125)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
     """Under `accelerate launch` on two GPUs, CUDA-graph replays with the gradients averaged after
