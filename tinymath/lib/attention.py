@@ -119,22 +119,27 @@ TIMED_CALLS = 3
 def fastest_decode_kernel(query, key, value, mask, scale):
     """The faster SDPA kernel (cuDNN's or the memory-efficient one) for a decode step of this shape
     on this GPU: both timed the first time the shape is seen (a few calls each, a millisecond or
-    so), then remembered for the process. None (SDPA chooses) when it cannot be timed: inside a
-    CUDA-graph capture or ``torch.compile`` before the shape was timed eagerly, or neither kernel runs it.
+    so), then remembered for the process. None (SDPA chooses) under ``torch.compile``, inside a
+    CUDA-graph capture before the shape was timed eagerly, or when neither kernel runs it.
     The decode loop's first steps are eager, so its captured graph uses the timed choice."""
+    import warnings
+
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if torch.compiler.is_compiling():  # compiled `generate`: its own kernel choice, no context manager traced
+        return None
     shape = (tuple(query.shape), key.shape[-2], query.dtype, query.device, mask is None)
     if shape in _FASTEST:
         return _FASTEST[shape]
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing():
         return None
     times = {}
     for kernel in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        try:
-            with sdpa_kernel([kernel]):
+        try:  # a kernel that cannot run the shape warns why, then raises: neither is the user's concern
+            with sdpa_kernel([kernel]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)  # warm-up
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
