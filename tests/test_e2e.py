@@ -69,3 +69,29 @@ def test_base_model_eval_from_gguf(smollm2_gguf, real_gsm8k, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n"] == 2
     assert (tmp_path / "ev" / "predictions.jsonl").exists()
+
+
+def test_gguf_conversion_reads_the_file_once(smollm2_gguf, tmp_path, monkeypatch):
+    """Converting a GGUF parses its header once (transformers asks for it three times: config,
+    tokenizer, weights), and the folder is the whole model: SmolLM2's 30 layers and its tokenizer."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tinymath.lib.model import gguf_to_folder
+
+    parsed = []
+    reader = gguf.GGUFReader
+
+    def counting(*args, **kwargs):
+        parsed.append(args[0])
+        return reader(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
+    folder = gguf_to_folder(smollm2_gguf)
+    assert len(parsed) == 1
+    assert gguf.GGUFReader is counting  # put back afterwards
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.model_type, config.num_hidden_layers, config.vocab_size) == ("llama", 30, 49152)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.decode(tokenizer("Natalia sold 48 clips.")["input_ids"]) == "Natalia sold 48 clips."

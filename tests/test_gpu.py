@@ -117,8 +117,9 @@ def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch):
 
 
 def test_decode_steps_use_the_faster_kernel_timed_once():
-    """A decode step's attention kernel is whichever of cuDNN's and the memory-efficient one ran its
-    shape faster: timed once, then remembered, and it computes the attention SDPA computes."""
+    """In tinymath's decode loop a step's attention runs on the memory-efficient kernel only where it
+    was timed clearly faster than SDPA's own choice: timed once per shape, then remembered; outside
+    the loop (``generate``'s growing cache) nothing is timed. Either way, SDPA's attention."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -129,13 +130,32 @@ def test_decode_steps_use_the_faster_kernel_timed_once():
     k, v = (torch.randn(300, 2, 200, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
     mask = torch.ones(300, 1, 1, 200, dtype=torch.bool, device="cuda")
     mask[::2, :, :, :50] = False  # left padding on every other row
-    kernel = attention.fastest_decode_kernel(q, k, v, mask, 0.125)
-    assert kernel in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
-    assert attention._FASTEST[(tuple(q.shape), 200, q.dtype, q.device, False)] is kernel
-    with sdpa_kernel([kernel]):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
+
+    class Module:  # what decode_attention reads of an attention layer
+        num_key_value_groups = 2
+
+    query = q.reshape(300, 4, 1, 64)  # [rows, heads, one new token, dim]
+    shape = (tuple(q.shape), 200, q.dtype, q.device, False)
+    attention.decode_attention(Module(), query, k, v, mask, scaling=0.125)
+    assert shape not in attention._FASTEST  # plain generate: SDPA chooses, nothing timed
+    with attention.choosing_decode_kernels():
+        out, _ = attention.decode_attention(Module(), query, k, v, mask, scaling=0.125)
+    kernel = attention._FASTEST[shape]
+    assert kernel in (SDPBackend.EFFICIENT_ATTENTION, None)
+    calls = []
+    real = F.scaled_dot_product_attention
+    try:
+        F.scaled_dot_product_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        with attention.choosing_decode_kernels():
+            assert attention.fastest_decode_kernel(q, k, v, mask, 0.125) is kernel
+    finally:
+        F.scaled_dot_product_attention = real
+    assert not calls  # remembered, not timed again
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.125)
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), ref.reshape(300, 4, 1, 64).transpose(1, 2), atol=2e-2, rtol=2e-2)
+    if kernel is not None:
+        with sdpa_kernel([kernel]):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

@@ -119,9 +119,14 @@ def test_processes_get_shares_even_in_tokens():
         assert all([ex["n"] for ex in share] == sorted(ex["n"] for ex in share) for share in shares)
         sums = [sum(len(ex["input_ids"]) for ex in share) for share in shares]
         assert max(sums) - min(sums) <= 400
+        # never more examples than an even split: the CUDA graphs hold that many
+        assert max(len(share) for share in shares) == -(-64 // processes)
     # interleaving (every 2nd example) would leave these two shares 3,000 tokens apart
     skewed = [{"input_ids": [0] * (1000 if i % 2 == 0 else 100)} for i in range(8)]
     assert [sum(len(ex["input_ids"]) for ex in process_examples(skewed, p, 2)) for p in (0, 1)] == [2200, 2200]
+    # one long example and many short ones: the short ones do not all pile onto one share
+    lopsided = [{"input_ids": [0] * n} for n in (100, 100, 100, 480, 100, 100, 100, 100)]
+    assert [len(process_examples(lopsided, p, 2)) for p in (0, 1)] == [4, 4]
 
 
 def test_gpu_check_counts_this_machines_processes_only():

@@ -10,15 +10,16 @@ example. Rows without boundaries fall back to plain causal SDPA.
 There transformers' SDPA path copies every key/value head once per query head it serves (its
 ``repeat_kv``, because masked SDPA kernels take no GQA), which at eval's batch sizes moves many
 gigabytes per step. Instead the query heads that share a key/value head are folded into the query
-length: the same attention, with no copy of the cache. On a GPU the kernel for those steps is the
-faster of cuDNN's and the memory-efficient one for the batch's shape, timed once per shape
-(`fastest_decode_kernel`): on an H200, SmolLM2's steps take cuDNN's kernel as long for 660 rows
-as for 1,319, while the memory-efficient kernel takes about half.
+length: the same attention, with no copy of the cache. In tinymath's decode loop on a GPU, those
+steps run on the memory-efficient SDPA kernel where, timed once per shape, it is clearly faster
+than SDPA's own choice (`fastest_decode_kernel`): on an H200, cuDNN's kernel (SDPA's choice there)
+takes SmolLM2's attention as long for 660 rows as for 1,319; the memory-efficient one 0.57x as long.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 NAME = "tinymath_packed"
 DECODE_NAME = "tinymath_decode"
@@ -101,7 +102,7 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     # query head h uses key/value head h // groups (transformers' repeat_kv order)
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     mask = attention_mask[:, :, :, :key.shape[-2]] if attention_mask is not None else None
-    kernel = fastest_decode_kernel(grouped, key, value, mask, scaling) if query.is_cuda else None
+    kernel = fastest_decode_kernel(grouped, key, value, mask, scaling) if query.is_cuda and _CHOOSING else None
     if kernel is None:
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     else:
@@ -112,16 +113,33 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
-_FASTEST: dict = {}  # decode step's shape -> the SDPA kernel that ran it fastest (None: SDPA's own choice)
-TIMED_CALLS = 3
+_FASTEST: dict = {}  # decode step's shape -> the SDPA kernel to run it with (None: SDPA's own choice)
+_CHOOSING: list = []  # non-empty inside `choosing_decode_kernels`
+TIMED_CALLS = 5
+CLEARLY_FASTER = 0.9  # the memory-efficient kernel replaces SDPA's choice only when this much faster
+
+
+@contextmanager
+def choosing_decode_kernels():
+    """Within this block (tinymath's decode loop, whose static cache keeps a batch's shapes fixed)
+    decode steps run on the kernel `fastest_decode_kernel` picks. Outside it (``generate`` with a
+    growing cache: a new shape every step) SDPA chooses as usual."""
+    _CHOOSING.append(True)
+    try:
+        yield
+    finally:
+        _CHOOSING.pop()
 
 
 def fastest_decode_kernel(query, key, value, mask, scale):
-    """The faster SDPA kernel (cuDNN's or the memory-efficient one) for a decode step of this shape
-    on this GPU: both timed the first time the shape is seen (a few calls each, a millisecond or
-    so), then remembered for the process. None (SDPA chooses) under ``torch.compile``, inside a
-    CUDA-graph capture before the shape was timed eagerly, or when neither kernel runs it.
-    The decode loop's first steps are eager, so its captured graph uses the timed choice."""
+    """The SDPA kernel for a decode step of this shape on this GPU: the memory-efficient one where
+    it runs the shape clearly faster (`CLEARLY_FASTER`) than cuDNN's (SDPA's first choice on
+    Hopper, which for SmolLM2 on an H200 takes as long for 660 rows as for 1,319), else None (SDPA
+    chooses). Both are timed the first time the shape is seen (a few calls each, a millisecond or
+    so), then the choice is remembered for the process; the margin keeps timing noise from
+    flipping it between runs. None also under ``torch.compile``, inside a CUDA-graph capture
+    before the shape was timed eagerly, or when the memory-efficient kernel cannot run it. The
+    decode loop's first steps are eager, so its captured graph uses the timed choice."""
     import warnings
 
     import torch
@@ -150,7 +168,9 @@ def fastest_decode_kernel(query, key, value, mask, scale):
         except RuntimeError:  # this kernel cannot run this shape (or this GPU has no cuDNN attention)
             continue
         times[kernel] = start.elapsed_time(end)
-    _FASTEST[shape] = min(times, key=times.get) if times else None
+    efficient, cudnn = times.get(SDPBackend.EFFICIENT_ATTENTION), times.get(SDPBackend.CUDNN_ATTENTION)
+    faster = efficient is not None and (cudnn is None or efficient < CLEARLY_FASTER * cudnn)
+    _FASTEST[shape] = SDPBackend.EFFICIENT_ATTENTION if faster else None
     return _FASTEST[shape]
 
 

@@ -57,16 +57,19 @@ def count_label_tokens(examples: list[dict]) -> int:
 
 def process_examples(examples: list[dict], index: int, processes: int) -> list[dict]:
     """Process ``index``'s share of a step's examples when ``processes`` split it: as even in tokens
-    as the examples allow (longest first, each to the share with the fewest tokens so far), so no
-    process waits at the gradient exchange for one that drew longer examples. Every process
+    as the examples allow (longest first, each to the share with the fewest tokens so far among
+    those not yet holding an even split's count: CUDA graphs are sized for that many examples), so
+    no process waits at the gradient exchange for one that drew longer examples. Every process
     computes the same split; a share keeps the step's order. One process: all of them."""
     if processes == 1:
         return examples
-    tokens = [0] * processes
+    most = -(-len(examples) // processes)  # no share holds more examples than an even split would
+    tokens, counts = [0] * processes, [0] * processes
     owner = [0] * len(examples)
     for i in sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"])):
-        owner[i] = min(range(processes), key=lambda p: tokens[p])
+        owner[i] = min((p for p in range(processes) if counts[p] < most), key=lambda p: tokens[p])
         tokens[owner[i]] += len(examples[i]["input_ids"])
+        counts[owner[i]] += 1
     return [ex for ex, p in zip(examples, owner) if p == index]
 
 

@@ -19,7 +19,7 @@ layers, attention other than ``tinymath_decode``) stays with ``generate`` (`supp
 
 from __future__ import annotations
 
-from tinymath.lib.attention import DECODE_NAME
+from tinymath.lib.attention import DECODE_NAME, choosing_decode_kernels
 
 GENERATE_TOP_K = 50  # what `generate` samples from when the model's generation config sets no top_k
 CHECK_EVERY = 8  # steps between reads of "has every row finished?" (each read waits for the GPU)
@@ -104,7 +104,7 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad:
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     processors = _processors(model, sample, width, eos, device)
-    with torch.no_grad():
+    with torch.no_grad(), choosing_decode_kernels():
         step = _Step(model, cache, attention_mask, positions[:, -1:], width + max_new_tokens)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        cache_position=torch.arange(width, device=device), logits_to_keep=1,

@@ -11,6 +11,7 @@ it loads, and quantizes to NF4, like any other folder.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
@@ -51,6 +52,33 @@ def resolve_source(source: str) -> str:
     return source  # a hub id
 
 
+@contextmanager
+def _gguf_read_once():
+    """transformers parses a GGUF file's header (for a 49k-token vocabulary, ~300k strings in
+    pure Python: seconds) once for the config, once for the tokenizer and once for the weights,
+    and builds gguf's tensor-name table once per submodule of the model (hundreds of times, the
+    same table). Within this block each file is parsed once and its reader (read-only,
+    memory-mapped) shared, and each table is built once."""
+    import functools
+
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+    name_map = gguf.get_tensor_name_map
+
+    def shared(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original, name_map
+
+
 def gguf_to_folder(gguf: Path) -> Path:
     """Convert a .gguf file into a cached Hugging Face folder (fp32 weights + tokenizer), once."""
     import torch
@@ -66,8 +94,9 @@ def gguf_to_folder(gguf: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
     kwargs = dict(gguf_file=gguf.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        with _gguf_read_once():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     except Exception as exc:  # gguf raises many kinds of errors for a bad file
         raise TinymathError(f"could not read {gguf} as a GGUF model: {exc}") from exc
     # Loaded from GGUF, the model carries a "gguf quantizer" that forbids saving; the weights are

@@ -415,6 +415,7 @@ class Trainer:
                         raise TinymathError(f"CUDA graphs could not capture this model ({exc}); "
                                             "train with --no-cuda-graphs") from exc
                     self.say(f"tinymath: training without CUDA graphs ({exc})")
+                    self.capture_seconds_before_fallback = self.graphed.capture_seconds
                     self.graphed = None
             sync = i == len(batches) - 1
             with nullcontext() if sync else self.accelerator.no_sync(self.loss_model):
@@ -575,9 +576,9 @@ class Trainer:
     # ------------------------------------------------------------ finish
 
     def summary(self) -> dict:
-        """The run's figures for run.json and the report. train_seconds is the whole loop, compiling
-        and CUDA-graph captures (compile_seconds, graph_capture_seconds) included; setup_seconds
-        (loading, planning) comes before it."""
+        """The run's figures for run.json and the report. train_seconds is the whole loop, CUDA-graph
+        captures (graph_capture_seconds) included; setup_seconds (loading, planning) comes before
+        it; compile_seconds is the run's time in ``torch.compile``, mostly in the first steps."""
         import torch
 
         from tinymath.lib.speed import compile_seconds
@@ -587,7 +588,8 @@ class Trainer:
         summary = {"steps": plan.total_steps, "final_loss": state.last_loss, "train_seconds": round(seconds, 2),
                    "setup_seconds": round(self.setup_seconds, 2), "first_step_seconds": self.first_step_seconds,
                    "compile_seconds": round(compile_seconds() - self.compiled_before, 2),
-                   "graph_capture_seconds": round(self.graphed.capture_seconds if self.graphed else 0.0, 2),
+                   "graph_capture_seconds": round(self.graphed.capture_seconds if self.graphed else
+                                                  getattr(self, "capture_seconds_before_fallback", 0.0), 2),
                    "real_tokens_per_s": round(state.real_tokens / max(state.step_seconds, 1e-9), 1),
                    "out": str(self.out),
                    "micro_batch_tokens": plan.micro_batch_tokens, "gradient_checkpointing": plan.gradient_checkpointing,
