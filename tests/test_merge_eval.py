@@ -130,6 +130,26 @@ def test_a_runs_merged_model_is_kept_for_the_next_eval(trained_run, gsm8k_dir, t
     assert len(list(kept.iterdir())) == lora.MERGED_KEPT and not oldest.exists()
 
 
+def test_kept_merge_computes_what_a_fresh_merge_computes_in_16_bits(trained_run, tmp_path, monkeypatch):
+    """On a GPU the merge is 16-bit: the run's first eval (merging in memory) and the next (loading
+    the kept weights) must compute the same logits, so score the same problems. The rotary
+    frequencies stay in fp32 in both (as training had them), not rounded to 16 bits by the cast."""
+    import torch
+
+    from tinymath.base.runs import load_run
+    from tinymath.lib.lora import load_merged_model
+
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
+    run = load_run(trained_run)
+    fresh = load_merged_model(run, dtype=torch.bfloat16, device="cpu")
+    kept = load_merged_model(run, dtype=torch.bfloat16, device="cpu")  # from the cache this time
+    for model in (fresh, kept):
+        assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if n.endswith("inv_freq"))
+    ids = torch.tensor([list(range(5, 45))])
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, kept(input_ids=ids).logits)
+
+
 def test_eval_scores_known_completions():
     from tinymath.lib.scoring import score, wilson_interval
 

@@ -82,13 +82,25 @@ def load_adapted_model(run: RunInfo, merge_base: str = "dequantized", dtype=None
         base.config.__dict__.pop("quantization_config", None)
         base.hf_quantizer = None
         base.is_quantized = False
-    base = base.to(dtype)
+    _cast_weights(base, dtype)
     check_adapter_matches(run, base)
     try:
         return PeftModel.from_pretrained(base, str(run.path)).eval()
     except (ValueError, KeyError, RuntimeError) as exc:
         raise TinymathError(f"the adapter in {run.path} does not fit its base model {run.base_model}: "
                             f"{(str(exc).splitlines() or [''])[0]}") from None
+
+
+def _cast_weights(model, dtype) -> None:
+    """The weights to ``dtype``, as ``from_pretrained(dtype=...)`` loads them: buffers that are
+    computed, not saved (the rotary frequencies), stay as they are (fp32). ``model.to(dtype)``
+    would round them too, and the in-memory merge would then compute what neither training nor
+    the kept merged weights (loaded with ``dtype=``) compute."""
+    computed = [(module, name, module._buffers[name]) for module in model.modules()
+                for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None]
+    model.to(dtype)
+    for module, name, buffer in computed:
+        module._buffers[name] = buffer
 
 
 MERGED_KEPT = 2  # merged models kept in the cache (the most recently used); each is the model's size
