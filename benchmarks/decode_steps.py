@@ -1,9 +1,9 @@
 """Where a decode step's time goes: tinymath's decode loop on the real SmolLM2 (or any model) at
 several batch sizes on one GPU. For each row count: whether the step graph was captured, the
-prefill, the graph replay alone and the host time to launch it, the whole step (graph plus the
-sampling kernels around it), an eager step, and a natural-stopping decode of 256 tokens as eval
-runs it (``--profile``: the kernels of 24 eager steps by GPU time). Answers "does a step scale with the rows?",
-which decides how evaluation splits over several GPUs.
+prefill, a whole step (graph replay plus the sampling kernels around it, from the difference of two
+forced-length decodes), an eager step, and a natural-stopping decode of 256 tokens as eval runs it
+(``--profile``: the kernels of 24 eager steps by GPU time). Answers "does a step scale with the
+rows?", which decides how evaluation splits over several GPUs.
 
     OUT=/tmp/out python benchmarks/decode_steps.py --model SmolLM2.gguf --data gsm8k_dir [--rows 1319,660,330]
 """
