@@ -113,9 +113,8 @@ class GraphedMicroBatches:
             except RuntimeError as exc:  # the gradients are untouched: warm-up adds zero, a capture runs nothing
                 torch.cuda.synchronize(self.device)
                 raise GraphCaptureError(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
-            finally:
-                torch.cuda.synchronize(self.device)
-                self.capture_seconds += time.perf_counter() - started - (compile_seconds() - compiling)
+            torch.cuda.synchronize(self.device)
+            self.capture_seconds += time.perf_counter() - started - (compile_seconds() - compiling)
         graph, inputs, loss = self.graphs[size]
         for key, value in padded.items():
             inputs[key].copy_(value)

@@ -84,6 +84,7 @@ class Trainer:
         self.retention = None
         self.step_metrics: dict = {}  # what a method adds to the step's metrics line
         self.first_step_seconds: float | None = None
+        self.capture_seconds_before_fallback = 0.0  # captures made before graphs were given up, if they were
 
     # ------------------------------------------------------------ set-up
 
@@ -589,7 +590,7 @@ class Trainer:
                    "setup_seconds": round(self.setup_seconds, 2), "first_step_seconds": self.first_step_seconds,
                    "compile_seconds": round(compile_seconds() - self.compiled_before, 2),
                    "graph_capture_seconds": round(self.graphed.capture_seconds if self.graphed else
-                                                  getattr(self, "capture_seconds_before_fallback", 0.0), 2),
+                                                  self.capture_seconds_before_fallback, 2),
                    "real_tokens_per_s": round(state.real_tokens / max(state.step_seconds, 1e-9), 1),
                    "out": str(self.out),
                    "micro_batch_tokens": plan.micro_batch_tokens, "gradient_checkpointing": plan.gradient_checkpointing,
