@@ -91,6 +91,35 @@ def test_graph_replay_matches_eager(gpu_model):
             assert (p.grad - g).norm() <= 5e-2 * g.norm() + 1e-6, replay
 
 
+def test_a_later_length_captured_without_warm_up_matches_eager(gpu_model):
+    """The first padded length is warmed up before its capture; a later one is captured at once."""
+    from tinymath.lib.batching import pack_examples, to_device
+    from tinymath.lib.graphs import BUCKET, GraphedMicroBatches
+
+    loss_model = _lora_loss_model(gpu_model, "packed")
+    params = [p for p in loss_model.parameters() if p.requires_grad]
+    batches = [pack_examples(_examples([61, 140, 33], vocab=300, seed=2)),
+               pack_examples(_examples([250, 240, 230], vocab=300, seed=3))]
+    assert len({-(-b["input_ids"].shape[1] // BUCKET) for b in batches}) == 2  # two padded lengths
+    eager = []
+    for batch in batches:
+        loss = loss_model(**to_device(batch, "cuda"))
+        loss.backward()
+        eager.append((loss.item(), [p.grad.clone() for p in params]))
+        del loss
+        for p in params:
+            p.grad = None
+    graphed = GraphedMicroBatches(loss_model, params, pad_id=0, max_examples=3, max_seq_len=256,
+                                  device=torch.device("cuda"))
+    for batch, (eager_loss, eager_grads) in zip(batches * 2, eager * 2):  # captures, then replays
+        for p in params:
+            p.grad.zero_()
+        assert graphed.step(batch, 1.0).item() == pytest.approx(eager_loss, rel=2e-2)
+        for p, g in zip(params, eager_grads):
+            assert (p.grad - g).norm() <= 5e-2 * g.norm() + 1e-6
+    assert len(graphed.graphs) == 2
+
+
 def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch):
     from tinymath.base.prompts import build_prompt, encode_prompt
     from tinymath.lib import decode

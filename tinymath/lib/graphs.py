@@ -10,7 +10,10 @@ The padding is one more example with no labels, in its own attention segment: it
 and no gradient. The example boundaries are padded to a fixed count with empty segments. The loss
 runs over every position (unlabelled ones are ignored) instead of selecting the labelled ones,
 which would be a data-dependent shape. Each padded length gets its own graph, captured the first
-time it is seen (two warm-up passes and a capture: about two steps' time). All graphs share one
+time it is seen. The first length runs two eager warm-up passes before its capture (cuBLAS
+workspaces, lazy initialisation; compiling, where the layers compile); a later length of an
+uncompiled model is captured at once (its kernels are the same, at other sizes), a compiled one
+gets one warm-up pass (it compiles for the new length). All graphs share one
 memory pool, and gradients accumulate into ``.grad`` buffers allocated once, outside the graphs,
 so gradient accumulation over several micro-batches works as without graphs.
 
@@ -57,10 +60,12 @@ class GraphedMicroBatches:
     adding ``scale`` x the gradient of its summed loss to the parameters' ``.grad``; returns the
     summed loss (a tensor that the next call overwrites)."""
 
-    def __init__(self, loss_model, params: list, pad_id: int, max_examples: int, max_seq_len: int, device):
+    def __init__(self, loss_model, params: list, pad_id: int, max_examples: int, max_seq_len: int, device,
+                 compiled: bool = False):
         import torch
 
         self.loss_model, self.pad_id, self.device = loss_model, pad_id, device
+        self.compiled = compiled  # the layers run torch.compile: a new length compiles, outside the capture
         self.slots = max_examples + 2  # the examples' boundaries, and the padding's
         self.max_seq_len = max(int(max_seq_len), BUCKET)  # a fixed bound: flash attention skips what is beyond
         self.graphs: dict[int, tuple] = {}
@@ -80,13 +85,15 @@ class GraphedMicroBatches:
         import torch
 
         self.scale.zero_()  # warm-up passes add zero to the gradients
+        warm_ups = self._warm_ups()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(1 if self.graphs else 2):  # compiling, cuBLAS workspaces: not in the capture
+            for _ in range(warm_ups):  # compiling, cuBLAS workspaces: not in the capture
                 self._forward_backward(inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.empty_cache()  # the warm-ups' cached blocks, free for the graphs' own pool
+        if warm_ups:
+            torch.cuda.empty_cache()  # the warm-ups' cached blocks, free for the graphs' own pool
         graph = torch.cuda.CUDAGraph()
         # thread-local: only this thread's calls can break the capture, not another thread's (such
         # as the NCCL watchdog polling its events under several processes)
@@ -94,6 +101,13 @@ class GraphedMicroBatches:
             loss = self._forward_backward(inputs)
         self.pool = self.pool or graph.pool()
         self.graphs[size] = (graph, inputs, loss)
+
+    def _warm_ups(self) -> int:
+        """Eager passes before capturing a new length: two for the first, one more per new length
+        where it compiles, none otherwise."""
+        if not self.graphs:
+            return 2
+        return 1 if self.compiled else 0
 
     def step(self, batch: dict, scale: float):
         import math
@@ -123,7 +137,7 @@ class GraphedMicroBatches:
         return loss
 
 
-MIN_GRAPHED_STEPS = 20  # each new padded length costs about two steps to capture
+MIN_GRAPHED_STEPS = 20  # the first padded length costs about two steps' warm-up to capture
 
 
 def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float,

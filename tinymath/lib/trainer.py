@@ -282,7 +282,7 @@ class Trainer:
             self.graphed = GraphedMicroBatches(self.accelerator.unwrap_model(self.loss_model), self.trainable,
                                                self.pad_id or 0, max_examples=self._local_examples(),
                                                max_seq_len=max(len(ex["input_ids"]) for ex in self.train_examples),
-                                               device=self.accelerator.device)
+                                               device=self.accelerator.device, compiled=self.plan.compiled)
 
     def _setup_run_folder(self) -> None:
         """The main process writes the resolved config (and, resuming, forgets what was logged after
