@@ -1,12 +1,14 @@
 """Runs a user can trust with an afternoon: exact resume, Ctrl-C, NaN, the lock, config files,
---dry-run, accuracy while training and the curves."""
+--dry-run, accuracy while training and the curves; a GGUF converted once by processes started together."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -201,3 +203,36 @@ def test_resume_puts_back_the_best_adapter_of_its_checkpoint(tiny_model, gsm8k_d
     assert (out / "best" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "run.json").read_text())["result"]["best_step"] == 1
     assert (out / "best" / "adapter_model.safetensors").read_bytes() == kept
+
+
+_CONVERT = """
+import json, sys, time
+from pathlib import Path
+from tinymath.lib import model
+
+def slow_convert(gguf, target):  # stands in for the real conversion: slow, and counted
+    with open(sys.argv[2], "a") as log:
+        log.write("converted\\n")
+    time.sleep(3)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return target
+
+model._convert = slow_convert
+print(model.gguf_to_folder(Path(sys.argv[1])))
+"""
+
+
+def test_processes_started_together_convert_a_gguf_once(tmp_path):
+    """`accelerate launch` starts every process at once: one converts the GGUF, the others wait for
+    it and use its folder (none may read a folder being written)."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    log = tmp_path / "conversions.txt"
+    env = {**os.environ, "TINYMATH_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT, str(gguf), str(log)], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    folders = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert folders[0] == folders[1] and (Path(folders[0]) / "config.json").is_file()
+    assert log.read_text().count("converted") == 1

@@ -81,17 +81,37 @@ def _gguf_read_once():
 
 def gguf_to_folder(gguf: Path) -> Path:
     """Convert a .gguf file into a cached Hugging Face folder (fp32 weights + tokenizer), once."""
+    digest = _quick_digest(gguf)
+    with _converting(digest):  # processes started together (accelerate launch): one converts, the others wait
+        # the same file under another name is the same model: converted once
+        done = [p for p in (cache_dir() / "gguf").glob(f"*-{digest}") if (p / "config.json").exists()]
+        return done[0] if done else _convert(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{digest}")
+
+
+@contextmanager
+def _converting(digest: str):
+    """An exclusive lock on the cache's conversion of one GGUF file (none where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows
+        yield
+        return
+    folder = cache_dir() / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _convert(gguf: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tinymath.base.files import atomic_output_dir
 
-    digest = _quick_digest(gguf)
-    # the same file under another name is the same model: converted once
-    done = [p for p in (cache_dir() / "gguf").glob(f"*-{digest}") if (p / "config.json").exists()]
-    if done:
-        return done[0]
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
     kwargs = dict(gguf_file=gguf.name)
     try:
         with _gguf_read_once():
