@@ -1,6 +1,6 @@
 """Interactive chat as a user at a terminal sees it: `tinymath chat` started under a pseudo-terminal,
 timed from process start to its first prompt (loading and warm-up), then, for each question, from
-pressing Enter to the first streamed character of the reply and to the reply's final answer line.
+pressing Enter to the first streamed character of the reply and to the next prompt (the reply done).
 
     OUT=/tmp/out python benchmarks/chat_first_token.py --model SmolLM2.gguf [--questions 3]
 """
@@ -64,18 +64,22 @@ def main():
 
     started = time.time()
     term = Terminal([sys.executable, "-m", "tinymath", "chat", "--model", args.model])
-    ready, end = term.wait_for(r"you[^\n]*:", 0, timeout=600)
-    first, whole = [], []
-    for question in (QUESTIONS * args.questions)[:args.questions]:
-        asked = term.type(question)
-        _, end = term.wait_for(r"model: ", end, timeout=120)
-        shown, end = term.wait_for(r"\S", end, timeout=120)  # the first streamed character
-        done, end = term.wait_for(r"answer: [^\n]*\n", end, timeout=300)
-        first.append(shown - asked)
-        whole.append(done - asked)
-        _, end = term.wait_for(r"you[^\n]*:", end, timeout=60)
-    term.type("/exit")
-    term.process.wait(timeout=60)
+    try:
+        ready, end = term.wait_for(r"you[^\n]*:", 0, timeout=600)
+        first, whole = [], []
+        for question in (QUESTIONS * args.questions)[:args.questions]:
+            asked = term.type(question)
+            _, end = term.wait_for(r"model: ", end, timeout=120)
+            shown, end = term.wait_for(r"\S", end, timeout=120)  # the first streamed character
+            # the reply is over when the next prompt shows (the reply's own text may say "answer:")
+            done, end = term.wait_for(r"\nyou[^\n]*:", end, timeout=300)
+            first.append(shown - asked)
+            whole.append(done - asked)
+        term.type("/exit")
+        term.process.wait(timeout=60)
+    finally:
+        if term.process.poll() is None:
+            term.process.kill()
     log(event="chat", label=args.label, model=args.model, loaded_to_prompt_s=round(ready - started, 2),
         first_text_s=[round(x, 3) for x in first], first_text_median_s=round(statistics.median(first), 3),
         reply_s=[round(x, 2) for x in whole])

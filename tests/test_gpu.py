@@ -111,6 +111,9 @@ def test_a_later_length_captured_without_warm_up_matches_eager(gpu_model):
             p.grad = None
     graphed = GraphedMicroBatches(loss_model, params, pad_id=0, max_examples=3, max_seq_len=256,
                                   device=torch.device("cuda"))
+    passes = []  # forward/backward passes run by Python (warm-ups and captures; replays run none)
+    original = graphed._forward_backward
+    graphed._forward_backward = lambda inputs: passes.append(1) or original(inputs)
     for batch, (eager_loss, eager_grads) in zip(batches * 2, eager * 2):  # captures, then replays
         for p in params:
             p.grad.zero_()
@@ -118,6 +121,7 @@ def test_a_later_length_captured_without_warm_up_matches_eager(gpu_model):
         for p, g in zip(params, eager_grads):
             assert (p.grad - g).norm() <= 5e-2 * g.norm() + 1e-6
     assert len(graphed.graphs) == 2
+    assert len(passes) == 2 + 1 + 1  # two warm-ups and a capture for the first length, a capture for the second
 
 
 def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch):

@@ -219,10 +219,16 @@ def slow_convert(gguf, target):  # stands in for the real conversion: slow, and 
     return target
 
 model._convert = slow_convert
+with open(sys.argv[3], "a") as ready:  # both processes ask at the same moment
+    ready.write("ready\\n")
+deadline = time.time() + 60
+while open(sys.argv[3]).read().count("ready") < 2 and time.time() < deadline:
+    time.sleep(0.01)
 print(model.gguf_to_folder(Path(sys.argv[1])))
 """
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
 def test_processes_started_together_convert_a_gguf_once(tmp_path):
     """`accelerate launch` starts every process at once: one converts the GGUF, the others wait for
     it and use its folder (none may read a folder being written)."""
@@ -230,9 +236,23 @@ def test_processes_started_together_convert_a_gguf_once(tmp_path):
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
     log = tmp_path / "conversions.txt"
     env = {**os.environ, "TINYMATH_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT, str(gguf), str(log)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT, str(gguf), str(log), str(tmp_path / "ready.txt")], env=env,
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
     folders = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert folders[0] == folders[1] and (Path(folders[0]) / "config.json").is_file()
     assert log.read_text().count("converted") == 1
+
+
+def test_a_converted_gguf_loads_from_a_read_only_cache(tmp_path, monkeypatch):
+    """Once the cache holds the conversion, finding it writes nothing (no lock file either)."""
+    from tinymath.lib import model
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
+    done = tmp_path / "cache" / "gguf" / f"other-name-{model._quick_digest(gguf)}"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    monkeypatch.setattr(model, "_converting", None)  # taking the lock would fail
+    assert model.gguf_to_folder(gguf) == done

@@ -10,8 +10,8 @@ The padding is one more example with no labels, in its own attention segment: it
 and no gradient. The example boundaries are padded to a fixed count with empty segments. The loss
 runs over every position (unlabelled ones are ignored) instead of selecting the labelled ones,
 which would be a data-dependent shape. Each padded length gets its own graph, captured the first
-time it is seen. The first length runs two eager warm-up passes before its capture (cuBLAS
-workspaces, lazy initialisation; compiling, where the layers compile); a later length of an
+time it is seen. The first length runs two eager warm-up passes before its capture (the
+libraries' lazy initialisation; compiling, where the layers compile); a later length of an
 uncompiled model is captured at once (its kernels are the same, at other sizes), a compiled one
 gets one warm-up pass (it compiles for the new length). All graphs share one
 memory pool, and gradients accumulate into ``.grad`` buffers allocated once, outside the graphs,
@@ -89,7 +89,7 @@ class GraphedMicroBatches:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(warm_ups):  # compiling, cuBLAS workspaces: not in the capture
+            for _ in range(warm_ups):  # lazy initialisation, compiling: not in the capture
                 self._forward_backward(inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if warm_ups:
@@ -148,8 +148,8 @@ def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: f
     without DDP's wrapper, see `tinymath.lib.trainer.Trainer._prepare`);
     ``gradient_checkpointing``: whether the run uses it (asked for, or planned; default: as asked).
     By default they also need micro-batches with ``room`` for at least two average
-    steps: that keeps them to where memory is plentiful (a new length's eager warm-up runs beside
-    the pool holding the earlier graphs), and a memory-bound run's large micro-batches gain little."""
+    steps: that keeps them to where memory is plentiful (a new length's capture, or a compiled
+    model's eager warm-up, comes beside the pool holding the earlier graphs), and a memory-bound run's large micro-batches gain little."""
     if gradient_checkpointing is None:
         gradient_checkpointing = config.gradient_checkpointing
     possible = device.startswith("cuda") and config.packing and not gradient_checkpointing and not loss_scaling

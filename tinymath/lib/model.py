@@ -82,24 +82,41 @@ def _gguf_read_once():
 def gguf_to_folder(gguf: Path) -> Path:
     """Convert a .gguf file into a cached Hugging Face folder (fp32 weights + tokenizer), once."""
     digest = _quick_digest(gguf)
+    done = _converted(digest)
+    if done:  # found without writing anything: a read-only cache works once it holds the model
+        return done
     with _converting(digest):  # processes started together (accelerate launch): one converts, the others wait
-        # the same file under another name is the same model: converted once
-        done = [p for p in (cache_dir() / "gguf").glob(f"*-{digest}") if (p / "config.json").exists()]
-        return done[0] if done else _convert(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{digest}")
+        return _converted(digest) or _convert(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{digest}")
+
+
+def _converted(digest: str) -> Path | None:
+    """The cached conversion of the GGUF file with this digest (under any file name), if complete."""
+    done = [p for p in (cache_dir() / "gguf").glob(f"*-{digest}") if (p / "config.json").exists()]
+    return done[0] if done else None
 
 
 @contextmanager
 def _converting(digest: str):
-    """An exclusive lock on the cache's conversion of one GGUF file (none where fcntl is missing)."""
+    """An exclusive lock on the cache's conversion of one GGUF file; none where the platform or the
+    file system has no ``flock`` (the conversion is still written to a temporary folder and renamed)."""
     try:
         import fcntl
-    except ImportError:  # not on Windows
+    except ImportError:  # Windows
         yield
         return
     folder = cache_dir() / "gguf"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f".{digest}.lock", "w")
+    except OSError as exc:
+        raise TinymathError(f"cannot write to tinymath's cache {folder} ({exc.strerror}); "
+                            "set TINYMATH_CACHE to a writable folder") from exc
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # some network file systems: no locks
+            yield
+            return
         try:
             yield
         finally:
