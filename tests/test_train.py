@@ -58,6 +58,11 @@ def test_compiled_layers_compute_the_same_losses(tiny_model, gsm8k_dir, tmp_path
     # where the time went: compiling is counted apart (and only in the run that compiled)
     assert 0 < run["result"]["compile_seconds"] <= run["result"]["train_seconds"]
     assert json.loads((tmp_path / "padded" / "run.json").read_text())["result"]["compile_seconds"] == 0
+    # and set-up by phase: loading the model is one of them, and the phases add up to the whole
+    phases = run["result"]["setup_phases"]
+    assert phases["model"] > 0 and {"data", "plan", "prepare"} <= set(phases)
+    assert sum(phases.values()) == pytest.approx(run["result"]["setup_seconds"], abs=0.05 * len(phases))
+    assert run["result"]["process_start_to_setup_seconds"] > 0  # imports and checks, before set-up
 
 
 def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path):

@@ -93,20 +93,27 @@ class Trainer:
         from tinymath.lib.speed import compile_seconds
 
         self.compiled_before = compile_seconds()  # the process's compiling before this run (tests run several)
-        self._setup_accelerator()
-        self._load_data()
-        self._load_model()
-        self._plan_speed()
-        self._setup_optimizer()
-        if self.resume:
-            self._restore()
-        self._plan_graphs()
-        self._prepare()
-        self._setup_graphs()
-        self._setup_run_folder()
-        self._setup_retention()
+        self.setup_phases = {}  # where set-up time goes (run.json): phase -> seconds
+        phases = {"accelerator": [self._setup_accelerator], "data": [self._load_data], "model": [self._load_model],
+                  "plan": [self._plan_speed], "optimizer": [self._setup_optimizer],
+                  "restore": [self._restore] if self.resume else [],
+                  "prepare": [self._plan_graphs, self._prepare, self._setup_graphs],
+                  "run_folder": [self._setup_run_folder, self._setup_retention]}
+        for name, steps in phases.items():
+            started = time.time()
+            for step in steps:
+                step()
+            if steps:
+                self.setup_phases[name] = round(time.time() - started, 2)
         self.setup_seconds = time.time() - self.setup_started
         return self
+
+    def _before_setup_seconds(self) -> float | None:
+        """Seconds from this process's start to the set-up (Python, imports, checks)."""
+        import psutil  # accelerate's dependency
+
+        started = psutil.Process().create_time()
+        return round(self.setup_started - started, 2) if self.setup_started >= started else None
 
     def _setup_accelerator(self) -> None:
         import torch
@@ -579,7 +586,8 @@ class Trainer:
     def summary(self) -> dict:
         """The run's figures for run.json and the report. train_seconds is the whole loop, CUDA-graph
         captures (graph_capture_seconds) included; setup_seconds (loading, planning) comes before
-        it; compile_seconds is the run's time in ``torch.compile``, mostly in the first steps."""
+        it (and process_start_to_setup_seconds before that: Python, imports, checks), split by phase in setup_phases (model: loading and quantizing the base, attaching LoRA);
+        compile_seconds is the run's time in ``torch.compile``, mostly in the first steps."""
         import torch
 
         from tinymath.lib.speed import compile_seconds
@@ -587,7 +595,9 @@ class Trainer:
         state, plan = self.state, self.plan
         seconds = time.time() - state.started
         summary = {"steps": plan.total_steps, "final_loss": state.last_loss, "train_seconds": round(seconds, 2),
-                   "setup_seconds": round(self.setup_seconds, 2), "first_step_seconds": self.first_step_seconds,
+                   "process_start_to_setup_seconds": self._before_setup_seconds(),
+                   "setup_seconds": round(self.setup_seconds, 2), "setup_phases": self.setup_phases,
+                   "first_step_seconds": self.first_step_seconds,
                    "compile_seconds": round(compile_seconds() - self.compiled_before, 2),
                    "graph_capture_seconds": round(self.graphed.capture_seconds if self.graphed else
                                                   self.capture_seconds_before_fallback, 2),
