@@ -149,7 +149,8 @@ def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: f
     ``gradient_checkpointing``: whether the run uses it (asked for, or planned; default: as asked).
     By default they also need micro-batches with ``room`` for at least two average
     steps: that keeps them to where memory is plentiful (a new length's capture, or a compiled
-    model's eager warm-up, comes beside the pool holding the earlier graphs), and a memory-bound run's large micro-batches gain little."""
+    model's eager warm-up, comes beside the pool holding the earlier graphs), and a memory-bound
+    run's large micro-batches gain little."""
     if gradient_checkpointing is None:
         gradient_checkpointing = config.gradient_checkpointing
     possible = device.startswith("cuda") and config.packing and not gradient_checkpointing and not loss_scaling

@@ -586,8 +586,9 @@ class Trainer:
     def summary(self) -> dict:
         """The run's figures for run.json and the report. train_seconds is the whole loop, CUDA-graph
         captures (graph_capture_seconds) included; setup_seconds (loading, planning) comes before
-        it (and process_start_to_setup_seconds before that: Python, imports, checks), split by phase in setup_phases (model: loading and quantizing the base, attaching LoRA);
-        compile_seconds is the run's time in ``torch.compile``, mostly in the first steps."""
+        it, split by phase in setup_phases (model: loading and quantizing the base, attaching LoRA),
+        and process_start_to_setup_seconds before that (Python, imports, checks); compile_seconds
+        is the run's time in ``torch.compile``, mostly in the first steps."""
         import torch
 
         from tinymath.lib.speed import compile_seconds
