@@ -25,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import log  # noqa: E402
 
-TIMING_KEYS = ("load_seconds", "generation_seconds", "process_start_to_setup_seconds", "setup_seconds", "setup_phases", "first_step_seconds", "train_seconds",
-               "real_tokens_per_s", "steps", "accuracy_strict", "compiled", "cuda_graphs", "tokens_per_s",
-               "compile_seconds", "graph_capture_seconds", "decoding")
+TIMING_KEYS = ("load_seconds", "generation_seconds", "process_start_to_setup_seconds", "setup_seconds",
+               "setup_phases", "first_step_seconds", "train_seconds", "real_tokens_per_s", "steps",
+               "accuracy_strict", "compiled", "cuda_graphs", "tokens_per_s", "compile_seconds",
+               "graph_capture_seconds", "decoding")
 
 
 def main():

@@ -1,5 +1,6 @@
 """Runs a user can trust with an afternoon: exact resume, Ctrl-C, NaN, the lock, config files,
---dry-run, accuracy while training and the curves; a GGUF converted once by processes started together."""
+--dry-run, accuracy while training and the curves; a GGUF converted once by processes started
+together."""
 
 import json
 import os
@@ -236,8 +237,8 @@ def test_processes_started_together_convert_a_gguf_once(tmp_path):
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
     log = tmp_path / "conversions.txt"
     env = {**os.environ, "TINYMATH_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT, str(gguf), str(log), str(tmp_path / "ready.txt")], env=env,
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    args = [sys.executable, "-c", _CONVERT, str(gguf), str(log), str(tmp_path / "ready.txt")]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     folders = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert folders[0] == folders[1] and (Path(folders[0]) / "config.json").is_file()
@@ -256,3 +257,15 @@ def test_a_converted_gguf_loads_from_a_read_only_cache(tmp_path, monkeypatch):
     (done / "config.json").write_text("{}")
     monkeypatch.setattr(model, "_converting", None)  # taking the lock would fail
     assert model.gguf_to_folder(gguf) == done
+
+
+def test_an_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
+    from tinymath.base.errors import TinymathError
+    from tinymath.lib.model import gguf_to_folder
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be created
+    with pytest.raises(TinymathError, match="TINYMATH_CACHE"):
+        gguf_to_folder(gguf)
