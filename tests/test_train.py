@@ -65,11 +65,14 @@ def test_compiled_layers_compute_the_same_losses(tiny_model, gsm8k_dir, tmp_path
     assert run["result"]["process_start_to_setup_seconds"] > 0  # imports and checks, before set-up
 
 
-def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path):
+def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    import os
+
     out = tmp_path / "run"
-    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, "--max-steps", 2,
-                     "--batch-size", 2, "--quant", "nf4", "--format", "instruction", "--system-prompt", "Solve it.",
-                     "--val-size", 2, "--json")
+    monkeypatch.chdir(tmp_path)  # paths given relative to where train runs ...
+    result = run_cli("train", "--data", os.path.relpath(gsm8k_dir), "--model", os.path.relpath(tiny_model),
+                     "--out", "run", "--max-steps", 2, "--batch-size", 2, "--quant", "nf4", "--format", "instruction",
+                     "--system-prompt", "Solve it.", "--val-size", 2, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["steps"] == 2
@@ -84,6 +87,11 @@ def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path
     assert "torch" in run["versions"]
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"step", "loss", "lr", "tokens_per_s", "val_loss"} <= set(last)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # ... are saved absolute: the run folder works from any folder
+    result = run_cli("chat", "--adapter", out, "--question", "What is 2 + 2?", "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("flag, value, message", [

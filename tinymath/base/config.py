@@ -274,7 +274,20 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
     settings = {**defaults, **settings}
     if settings.get("init_adapter"):
         settings.update(_from_init_adapter(settings["init_adapter"], settings))
-    return TrainConfig(**settings)
+    return TrainConfig(**_absolute_paths(settings))
+
+
+PATH_SETTINGS = ("data", "model", "init_adapter")
+
+
+def _absolute_paths(settings: dict) -> dict:
+    """Local paths as absolute ones, so that the run.json they are saved in works from any folder
+    (eval, chat, merge-adapters, --resume); a hub id (no such local path) stays as given."""
+    import os
+
+    return {key: os.path.abspath(os.path.expanduser(value))
+            if key in PATH_SETTINGS and isinstance(value, str) and value and Path(value).expanduser().exists()
+            else value for key, value in settings.items()}
 
 
 def _from_init_adapter(run_dir: str, settings: dict) -> dict:
