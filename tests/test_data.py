@@ -72,3 +72,15 @@ def test_refuses_to_overwrite_without_flag(tiny_model, gsm8k_dir, tmp_path):
     assert again.exit_code == 1 and "--overwrite" in again.stderr
     assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out,
                    "--overwrite").exit_code == 0
+
+
+def test_top_level_help_has_examples_and_version_prints():
+    import tinymath
+
+    result = run_cli("--help")
+    assert result.exit_code == 0
+    assert "Examples" in result.output and "tinymath train --data prep --out run" in result.output
+    for command in ("prepare-data", "train", "merge-adapters", "eval", "chat"):
+        assert command in result.output
+    version = run_cli("--version")
+    assert version.exit_code == 0 and version.output.strip() == f"tinymath {tinymath.__version__}"

@@ -36,13 +36,41 @@ from tinymath.services.merge import DTYPES
 
 app = typer.Typer(
     name="tinymath",
-    help="Fine-tune small chat LLMs to solve grade-school math step by step (QLoRA on GSM8K).",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
 )
 out_console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from tinymath import __version__
+
+        print(f"tinymath {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print tinymath's version and exit.")] = False,
+):
+    """Fine-tune small chat LLMs to solve grade-school math step by step (QLoRA on GSM8K).
+
+    Examples:
+
+    ```
+    tinymath prepare-data --data openai/gsm8k --out prep
+    tinymath train --data prep --out run
+    tinymath eval --adapter run --split test --out ev
+    echo "What is 12 * 7?" | tinymath chat --adapter run
+    accelerate launch --num_processes 2 -m tinymath train --data prep --out run
+    ```
+
+    Each command's --help has its own examples.
+    """
 
 
 def choices(name: str, registry) -> type[Enum]:
@@ -90,7 +118,7 @@ def command(fn):
             return fn(*args, **kwargs)
         except TinymathError as exc:
             _print_error(str(exc))
-            raise typer.Exit(1)
+            raise typer.Exit(exc.exit_code)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
                 raise

@@ -1,13 +1,28 @@
 """The one exception type a user sees: a mistake in their input, with the fix in the message.
 
 Service functions raise `TinymathError`; the CLI prints its message without a traceback and
-exits 1 (a malformed command line, such as an unknown flag, exits 2). Anything else that
-escapes is a bug and keeps its traceback.
+exits with its ``exit_code``: 1, or 128 + the signal's number for a run stopped by Ctrl-C or
+SIGTERM (`Stopped`), as shells expect (a malformed command line, such as an unknown flag, exits
+2). Anything else that escapes is a bug and keeps its traceback.
 """
 
 
 class TinymathError(Exception):
     """A user-facing error: bad flag, bad file, missing model. The message says how to fix it."""
+
+    exit_code = 1
+
+
+class Stopped(TinymathError):
+    """A run stopped by a signal (Ctrl-C, SIGTERM) after saving what it had; the message says how
+    to continue."""
+
+    def __init__(self, message: str, signal_name: str):
+        import signal
+
+        super().__init__(message)
+        number = getattr(signal.Signals, signal_name, None) if isinstance(signal_name, str) else None
+        self.exit_code = 128 + int(number) if number is not None else 1
 
 
 def raise_if_problems(problems: list[str]) -> None:

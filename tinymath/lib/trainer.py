@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tinymath.base.config import TrainConfig, parse_memory
-from tinymath.base.errors import TinymathError
+from tinymath.base.errors import Stopped, TinymathError
 from tinymath.base.runs import BEST, CONFIG_FILE, METRICS, RUN_FILE
 from tinymath.lib.batching import count_label_tokens, micro_batches, process_examples, to_device
 from tinymath.lib.distributed import peers_lost_as_error
@@ -562,8 +562,8 @@ class Trainer:
         if stopping:
             self.stop["signal"] = stopping
             self.save(done)
-            raise TinymathError(f"stopped by {stopping} after step {done} of {self.plan.total_steps}; "
-                                f"a checkpoint is saved. Continue with: tinymath train --resume {self.out}")
+            raise Stopped(f"stopped by {stopping} after step {done} of {self.plan.total_steps}; "
+                          f"a checkpoint is saved. Continue with: tinymath train --resume {self.out}", stopping)
 
     def save(self, step: int) -> None:
         """A resumable checkpoint after ``step`` (the main process writes; all wait)."""
