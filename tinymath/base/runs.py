@@ -90,7 +90,8 @@ def load_run(path: str | Path) -> RunInfo:
         raise TinymathError(f"{path} does not exist or is not a folder; give a `tinymath train` output folder")
     missing = [name for name in (RUN_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).exists()]
     if missing:
-        raise TinymathError(f"{path} is not a tinymath training run (missing {', '.join(missing)}); "
+        model = " (it is a model folder: give it as --model)" if (path / "config.json").is_file() else ""
+        raise TinymathError(f"{path} is not a tinymath training run (missing {', '.join(missing)}){model}; "
                             "give the --out folder of `tinymath train`")
     config = read_json_object(path / RUN_FILE, "the settings of a tinymath run")
     problems = [f"{key} should be {getattr(kind, '__name__', 'text or null')}"
