@@ -146,10 +146,13 @@ def test_bad_config_files(tmp_path, content, message):
     assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
 
 
-def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path):
+def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "2").exit_code == 0
     result = run_cli("train", "--resume", out)
+    assert result.exit_code == 1 and "no checkpoint" in result.stderr
+    monkeypatch.chdir(tmp_path)  # the saved data path given again, relative this time: the same setting
+    result = run_cli("train", "--resume", out, "--data", os.path.relpath(gsm8k_dir))
     assert result.exit_code == 1 and "no checkpoint" in result.stderr
     result = run_cli("train", "--resume", out, "--lr", "0.5")
     assert result.exit_code == 1 and "--lr would change the saved run" in result.stderr and "--max-steps" in result.stderr

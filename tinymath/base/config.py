@@ -257,7 +257,9 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         saved = load_config_file(saved_path)
         if config_file:
             raise TinymathError("--resume continues a run with its saved settings; drop --config")
-        conflicts = [k for k, v in given.items() if k not in RESUME_SAFE and k != "out" and saved.get(k) != v]
+        absolute = _absolute_paths(given)  # a path given again, relative or not, is the same setting
+        conflicts = [k for k, v in given.items()
+                     if k not in RESUME_SAFE and k != "out" and saved.get(k) not in (v, absolute[k])]
         if conflicts:
             names = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(conflicts))
             safe = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUME_SAFE))
