@@ -5,7 +5,9 @@ working with eval and merge, and clear refusals."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import build_tiny_model, run_cli
@@ -213,6 +215,11 @@ def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
     assert "not a tinymath training run" in refused("--init-adapter", tmp_path)
     other = build_tiny_model(tmp_path / "other", seed=1)
     assert "differ from that run's" in refused("--init-adapter", sft_run, "--model", other)
+    run_model = json.loads((Path(sft_run) / "run.json").read_text())["model"]
+    relative = os.path.relpath(run_model)  # the run's own base, given relative: no clash
+    dry = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--model", relative, "--data", gsm8k_dir,
+                  "--out", tmp_path / "x", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
     assert "--method grpo" in run_cli("train", "--init-adapter", sft_run, "--data", gsm8k_dir, "--out",
                                       tmp_path / "x", "--dry-run").stderr
 

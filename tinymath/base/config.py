@@ -299,7 +299,8 @@ def _from_init_adapter(run_dir: str, settings: dict) -> dict:
 
     run = load_run(run_dir).config
     taken = {key: run.get(key) for key in INIT_KEYS if key in run}
-    clash = [key for key, value in taken.items() if key in settings and settings[key] != value]
+    absolute = _absolute_paths(settings)  # a path given relative is the same as the run's absolute one
+    clash = [key for key, value in taken.items() if key in settings and value not in (settings[key], absolute[key])]
     if clash:
         names = ", ".join(f"--{k.replace('_', '-')} {settings[k]}" for k in clash)
         raise TinymathError(f"--init-adapter {run_dir}: {names} differ from that run's "
