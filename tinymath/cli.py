@@ -108,12 +108,24 @@ def _quiet_libraries() -> None:
         pass
 
 
+# Python's cyclic garbage collector, at its defaults, runs a full pass over every object (about
+# 600k once torch and transformers are loaded) several times while a command imports and loads, and
+# finds next to nothing: commands set its first threshold from 700 to 50,000 allocations. It still
+# collects, so a long run keeps no garbage; a 2-core CPU eval of 2 problems takes 0.89x as long.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def _fewer_collections() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def command(fn):
     """Run a command; user mistakes become one message on stderr and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
+        _fewer_collections()
         try:
             return fn(*args, **kwargs)
         except TinymathError as exc:
