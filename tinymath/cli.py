@@ -115,17 +115,13 @@ def _quiet_libraries() -> None:
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
-def _fewer_collections() -> None:
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 def command(fn):
     """Run a command; user mistakes become one message on stderr and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
-        _fewer_collections()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             return fn(*args, **kwargs)
         except TinymathError as exc:

@@ -21,7 +21,7 @@ class Stopped(TinymathError):
         import signal
 
         super().__init__(message)
-        number = getattr(signal.Signals, signal_name, None) if isinstance(signal_name, str) else None
+        number = getattr(signal.Signals, signal_name, None)  # None for "a signal" (another process's)
         self.exit_code = 128 + int(number) if number is not None else 1
 
 

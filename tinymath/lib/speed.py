@@ -131,7 +131,7 @@ def compile_layers(peft_model) -> None:
 # Compiling the layers costs about 70 s in every new process (Dynamo tracing and graph captures:
 # Inductor's cache saves little) and then trains TinyLlama's architecture at ~64k real tokens/s on an
 # H200, against ~44k without it (CUDA graphs in both): it wins back its cost after about 10M tokens.
-# The default 3-epoch GSM8K run is ~5M tokens: 135 s whole command uncompiled, 173 s compiled.
+# The default 3-epoch GSM8K run is ~5M tokens: 119-121 s whole command uncompiled, 173 s compiled.
 MIN_COMPILED_TOKENS = 10_000_000
 
 
