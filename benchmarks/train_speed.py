@@ -6,6 +6,7 @@ set; prints real (non-padding) tokens/s, peak GPU memory and the ratio against t
 
     OUT=/tmp/out python benchmarks/train_speed.py --tokenizer DIR --train gsm8k/train.jsonl
     python benchmarks/train_speed.py ... --only multi   # under accelerate launch: tinymath on N GPUs
+    python benchmarks/train_speed.py ... --only fused   # Liger's fused kernels against the plain layers
 """
 
 from __future__ import annotations
@@ -142,6 +143,17 @@ def main():
             r = tinymath_run(f"tiny_{name}", tiny, prep_tiny, args.steps, **extra)
             log(event="train", name=f"tinymath_defaults_{name}", arch="tinyllama",
                 **{k: v for k, v in r.items() if k != "losses"})
+    if "fused" in which:  # Liger's fused kernels against the plain layers (both uncompiled, CUDA graphs)
+        runs = {}
+        for name, flag in (("unfused", False), ("fused", True)):  # plain first: Liger's rotary swap is process-wide
+            runs[name] = tinymath_run(f"tiny_{name}", tiny, prep_tiny, args.steps, compile=False, cuda_graphs=True,
+                                      fused_kernels=flag, lora_dropout=0.0, lr=1e-4)
+        diff = max(abs(a - b) / abs(b) for a, b in zip(runs["fused"]["losses"], runs["unfused"]["losses"]))
+        log(event="train", name="tinymath_fused_kernels", arch="tinyllama", steps=args.steps,
+            **{f"{name}_{key}": r[key] for name, r in runs.items()
+               for key in ("real_tokens_per_s", "median_step_tokens_per_s", "overall_tokens_per_s", "peak_gib")},
+            ratio=round(runs["fused"]["real_tokens_per_s"] / runs["unfused"]["real_tokens_per_s"], 3),
+            max_rel_loss_diff=round(diff, 6))
     if "mem6" in which:
         low = tinymath_run("mem6", tiny, prep_tiny, args.steps, max_memory="6GB")
         extra = {"ratio_vs_seed": round(low["real_tokens_per_s"] / seed["real_tokens_per_s"], 2)} if "seed" in which else {}

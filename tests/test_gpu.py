@@ -216,3 +216,29 @@ def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
     assert graphs == {"--cuda-graphs": True, "--no-cuda-graphs": False}
     assert losses["--cuda-graphs"] == pytest.approx(losses["--no-cuda-graphs"], rel=2e-2)
     assert losses["--cuda-graphs"][-1] < losses["--cuda-graphs"][0]  # it learns
+
+
+def test_fused_kernels_train_like_the_plain_layers(gpu_model, tmp_path):
+    """Liger's fused RMSNorm, rotary and SwiGLU kernels, replayed from CUDA graphs, take the same
+    steps as the plain layers (each run in its own process: the rotary swap is process-wide)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("liger_kernel")
+    data = Path(__file__).parent / "fixtures"
+    common = ["-m", "tinymath", "train", "--data", str(data / "gsm8k"), "--model", str(gpu_model),
+              "--lr", "0.02", "--warmup", "0", "--batch-size", "4", "--max-steps", "6", "--cuda-graphs", "--json"]
+    losses, fused = {}, {}
+    for flag in ("--fused-kernels", "--no-fused-kernels"):
+        out = tmp_path / flag.strip("-")
+        done = subprocess.run([sys.executable, *common, flag, "--out", str(out)], capture_output=True, text=True,
+                              env=os.environ, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[flag] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+        fused[flag] = json.loads((out / "run.json").read_text())["result"]["fused_kernels"]
+    assert fused == {"--fused-kernels": True, "--no-fused-kernels": False}
+    assert losses["--fused-kernels"] == pytest.approx(losses["--no-fused-kernels"], rel=2e-2)
+    assert losses["--fused-kernels"][-1] < losses["--fused-kernels"][0]  # it learns

@@ -163,3 +163,41 @@ def test_compiled_code_is_kept_in_tinymaths_cache_per_torch_version(monkeypatch,
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
     monkeypatch.setattr(speed, "_USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
     assert speed.use_compile_cache() == str(tmp_path / "mine")
+
+
+def test_fused_kernels_only_where_they_run():
+    """Liger's kernels: by default on a GPU for uncompiled packed layers (when installed); asked for
+    where they cannot run, one message that says why."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from tinymath.lib.speed import use_fused_kernels
+
+    llama = SimpleNamespace(get_base_model=lambda: SimpleNamespace(config=SimpleNamespace(model_type="llama")))
+    assert not use_fused_kernels(TrainConfig(), "cpu", compiled=False, peft_model=llama)
+    assert not use_fused_kernels(TrainConfig(), "cuda:0", compiled=True, peft_model=llama)
+    assert not use_fused_kernels(TrainConfig(packing=False), "cuda:0", compiled=False, peft_model=llama)
+    assert not use_fused_kernels(TrainConfig(fused_kernels=False), "cuda:0", compiled=False, peft_model=llama)
+    asked = TrainConfig(fused_kernels=True)
+    with pytest.raises(TinymathError, match="--fused-kernels: they run on a GPU only"):
+        use_fused_kernels(asked, "cpu", compiled=False, peft_model=llama)
+    with pytest.raises(TinymathError, match="pass --no-compile"):
+        use_fused_kernels(asked, "cuda:0", compiled=True, peft_model=llama)
+    if importlib.util.find_spec("liger_kernel") is None:  # as in CI: the [gpu] extra is not installed
+        assert not use_fused_kernels(TrainConfig(), "cuda:0", compiled=False, peft_model=llama)
+        with pytest.raises(TinymathError, match=r"pip install 'tinymath\[gpu\]'"):
+            use_fused_kernels(asked, "cuda:0", compiled=False, peft_model=llama)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_fused_kernels_asked_for_without_a_gpu_is_a_clear_error(tiny_model, gsm8k_dir, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model",
+                           str(tiny_model), "--out", str(tmp_path / "run"), "--max-steps", "1", "--fused-kernels"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0
+    assert "--fused-kernels: they run on a GPU only" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()

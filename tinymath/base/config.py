@@ -33,7 +33,7 @@ RUN_RECORD_KEYS = {"dtype", "base_fingerprint", "data_stats", "versions", "git_c
 # what may change when a run is resumed: everything else must match the saved run
 RESUME_SAFE = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_limit",
                "report_to", "retention_every", "max_memory", "micro_batch_tokens", "gradient_checkpointing", "compile",
-               "cuda_graphs", "trust_remote_code"}
+               "cuda_graphs", "fused_kernels", "trust_remote_code"}
 
 
 def option(default, help: str, panel: str | None = None, *, choices=None, flags: tuple[str, ...] = (),
@@ -46,7 +46,7 @@ def option(default, help: str, panel: str | None = None, *, choices=None, flags:
 
 SCHEDULE, LORA, DATA, SPEED, CONTROL, RL = "Schedule", "LoRA", "Data", "Speed", "Run control", "RL (--method grpo)"
 # what a training method changes in the defaults (a flag or a config file still wins)
-METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 32, "max_steps": 80}}
+METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 32, "max_steps": 80, "fused_kernels": False}}
 # what --init-adapter takes from the run it starts from (flags that differ are refused)
 INIT_KEYS = ("model", "quant", "lora_r", "lora_alpha", "target_modules", "format", "system_prompt",
              "calc_annotations")
@@ -101,6 +101,12 @@ class TrainConfig:
                                             "(small models wait on kernel launches otherwise).", SPEED,
                                       flags=("--cuda-graphs/--no-cuda-graphs",),
                                       shown="on with a GPU, --packing, no checkpointing and 20 steps or more")
+    fused_kernels: bool | None = option(None, "Liger's fused Triton kernels for RMSNorm, rotary embeddings and "
+                                              "SwiGLU in the decoder layers (pip install 'tinymath[gpu]'); "
+                                              "about 1.2x the tokens/s on TinyLlama's architecture.", SPEED,
+                                        flags=("--fused-kernels/--no-fused-kernels",),
+                                        shown="on with a GPU, --packing and liger-kernel installed, when the "
+                                              "layers are not compiled (SFT)")
     log_every: int = option(1, "Write metrics every N steps.", CONTROL)
     save_every: int | None = option(None, "Save a resumable checkpoint every N steps.", CONTROL)
     keep_checkpoints: int = option(2, "How many checkpoints to keep.", CONTROL)

@@ -1,7 +1,8 @@
 """Speed and memory policy of training: how many tokens one packed micro-batch holds (measured
 against the GPU memory budget, with gradient checkpointing when that buys much larger
-micro-batches), whether decoder layers are compiled, and running them eagerly where compiled
-code does not fit (generation, validation), and where compiled code is kept between processes.
+micro-batches), whether decoder layers are compiled or run Liger's fused kernels, running them
+eagerly where compiled code does not fit (generation, validation), and where compiled code is
+kept between processes.
 """
 
 from __future__ import annotations
@@ -147,6 +148,51 @@ def compile_by_default(device: str, config: TrainConfig, total_tokens: float | N
     from torch.utils._triton import has_triton
 
     return torch.cuda.get_device_capability(device) >= (7, 0) and has_triton()
+
+
+def liger_supports(peft_model) -> bool:
+    """Whether liger-kernel is installed and has fused kernels for this model's architecture."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:  # not installed, or no Triton (a CPU-only torch)
+        return False
+    return getattr(peft_model.get_base_model().config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def use_fused_kernels(config: TrainConfig, device: str, compiled: bool, peft_model) -> bool:
+    """Liger's fused RMSNorm, rotary and SwiGLU kernels: by default on a GPU with --packing when the
+    layers are not compiled (compiling fuses them itself) and liger-kernel supports the model;
+    ``--fused-kernels`` where they cannot run is refused with the reason."""
+    wanted = config.fused_kernels
+    if wanted is False:
+        return False
+    reason = None
+    if not device.startswith("cuda"):
+        reason = "they run on a GPU only"
+    elif not config.packing:
+        reason = "they are part of the --packing path"
+    elif compiled:
+        reason = "the compiled layers fuse these operations themselves; pass --no-compile"
+    elif not liger_supports(peft_model):
+        reason = ("liger-kernel is not installed (pip install 'tinymath[gpu]') or has no kernels for this "
+                  "model's architecture")
+    if reason and wanted:
+        raise TinymathError(f"--fused-kernels: {reason}")
+    return reason is None
+
+
+def fuse_kernels(peft_model) -> None:
+    """Swap the decoder layers' RMSNorm, rotary embedding and SwiGLU for Liger's Triton kernels
+    (each a single fused kernel forward and backward, instead of several PyTorch ones): the
+    layers' norms and MLPs of this model, and the architecture's rotary function in this process.
+    The LM head and loss stay tinymath's (`tinymath.lib.batching`)."""
+    import logging
+
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    logging.getLogger("liger_kernel").setLevel(logging.WARNING)
+    _apply_liger_kernel_to_instance(model=peft_model.get_base_model(), rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
 
 
 @contextmanager

@@ -48,6 +48,7 @@ class RunPlan:
     micro_batch_tokens: int | None = None
     gradient_checkpointing: bool = False
     compiled: bool = False
+    fused_kernels: bool = False
     cuda_graphs: bool = False
     memory_plan: dict = field(default_factory=dict)
 
@@ -191,8 +192,10 @@ class Trainer:
             CPU_MICRO_BATCH_TOKENS,
             compile_by_default,
             compile_layers,
+            fuse_kernels,
             plan_micro_batch,
             use_compile_cache,
+            use_fused_kernels,
         )
 
         config, device = self.config, self.device
@@ -203,6 +206,12 @@ class Trainer:
         warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
         plan = RunPlan(world, per_step, steps_per_epoch, total, warmup, config.micro_batch_tokens,
                        config.gradient_checkpointing)
+        # decided for this machine, not saved in the config: a run resumed elsewhere decides again
+        tokens = total * per_step * sum(len(ex["input_ids"]) for ex in self.train_examples) / len(self.train_examples)
+        plan.compiled = config.compile if config.compile is not None else compile_by_default(device, config, tokens)
+        plan.fused_kernels = use_fused_kernels(config, device, plan.compiled, self.model)
+        if plan.fused_kernels:  # before planning: the planner measures the memory of the kernels that run
+            fuse_kernels(self.model)
         if config.packing and plan.micro_batch_tokens is None and device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(device)
             budget = (parse_memory(config.max_memory) if config.max_memory
@@ -214,9 +223,6 @@ class Trainer:
             self._set_checkpointing(plan.gradient_checkpointing)
         elif config.packing and plan.micro_batch_tokens is None:  # no planner off the GPU: a size that fits in RAM
             plan.micro_batch_tokens = CPU_MICRO_BATCH_TOKENS
-        # decided for this machine, not saved in the config: a run resumed elsewhere decides again
-        tokens = total * per_step * sum(len(ex["input_ids"]) for ex in self.train_examples) / len(self.train_examples)
-        plan.compiled = config.compile if config.compile is not None else compile_by_default(device, config, tokens)
         if plan.compiled:  # after planning: the planner's eager measurement is the larger (safe) one
             use_compile_cache()
             compile_layers(self.model)
@@ -605,7 +611,8 @@ class Trainer:
                    "real_tokens_per_s": round(state.real_tokens / max(state.step_seconds, 1e-9), 1),
                    "out": str(self.out),
                    "micro_batch_tokens": plan.micro_batch_tokens, "gradient_checkpointing": plan.gradient_checkpointing,
-                   "compiled": plan.compiled, "cuda_graphs": self.graphed is not None,
+                   "compiled": plan.compiled, "fused_kernels": plan.fused_kernels,
+                   "cuda_graphs": self.graphed is not None,
                    "resumed_from_step": state.start_step or None, "best_val_accuracy": state.best["accuracy"],
                    "best_step": state.best["step"]}
         if self.device.startswith("cuda"):
