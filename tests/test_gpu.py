@@ -191,14 +191,24 @@ def test_decode_steps_use_the_faster_kernel_timed_once():
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
-    """Under `accelerate launch` on two GPUs, CUDA-graph replays with the gradients averaged after
-    them take the same steps as DDP's own (eager) averaging."""
+def _train_subprocess(args: list[str], out) -> tuple[list[float], dict]:
+    """`python ARGS --out OUT` (a tinymath train command line): its per-step losses and run.json's result."""
     import json
     import os
     import subprocess
     import sys
+
+    done = subprocess.run([sys.executable, *args, "--out", str(out)], capture_output=True, text=True,
+                          env=os.environ, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+    return losses, json.loads((out / "run.json").read_text())["result"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
+    """Under `accelerate launch` on two GPUs, CUDA-graph replays with the gradients averaged after
+    them take the same steps as DDP's own (eager) averaging."""
     from pathlib import Path
 
     data = Path(__file__).parent / "fixtures"
@@ -207,12 +217,8 @@ def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
               "--lr", "0.02", "--warmup", "0", "--batch-size", "4", "--max-steps", "4", "--no-compile", "--json"]
     losses, graphs = {}, {}
     for flag in ("--cuda-graphs", "--no-cuda-graphs"):
-        out = tmp_path / flag.strip("-")
-        done = subprocess.run([sys.executable, *common, flag, "--out", str(out)], capture_output=True, text=True,
-                              env=os.environ, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        losses[flag] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
-        graphs[flag] = json.loads((out / "run.json").read_text())["result"]["cuda_graphs"]
+        losses[flag], result = _train_subprocess([*common, flag], tmp_path / flag.strip("-"))
+        graphs[flag] = result["cuda_graphs"]
     assert graphs == {"--cuda-graphs": True, "--no-cuda-graphs": False}
     assert losses["--cuda-graphs"] == pytest.approx(losses["--no-cuda-graphs"], rel=2e-2)
     assert losses["--cuda-graphs"][-1] < losses["--cuda-graphs"][0]  # it learns
@@ -221,24 +227,17 @@ def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
 def test_fused_kernels_train_like_the_plain_layers(gpu_model, tmp_path):
     """Liger's fused RMSNorm, rotary and SwiGLU kernels, replayed from CUDA graphs, take the same
     steps as the plain layers (each run in its own process: the rotary swap is process-wide)."""
-    import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     pytest.importorskip("liger_kernel")
     data = Path(__file__).parent / "fixtures"
-    common = ["-m", "tinymath", "train", "--data", str(data / "gsm8k"), "--model", str(gpu_model),
-              "--lr", "0.02", "--warmup", "0", "--batch-size", "4", "--max-steps", "6", "--cuda-graphs", "--json"]
+    common = ["-m", "tinymath", "train", "--data", str(data / "gsm8k"), "--model", str(gpu_model), "--quant", "none",
+              "--lr", "0.002", "--warmup", "0", "--batch-size", "4", "--max-steps", "6", "--cuda-graphs", "--json"]
     losses, fused = {}, {}
     for flag in ("--fused-kernels", "--no-fused-kernels"):
-        out = tmp_path / flag.strip("-")
-        done = subprocess.run([sys.executable, *common, flag, "--out", str(out)], capture_output=True, text=True,
-                              env=os.environ, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        losses[flag] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
-        fused[flag] = json.loads((out / "run.json").read_text())["result"]["fused_kernels"]
+        losses[flag], result = _train_subprocess([*common, flag], tmp_path / flag.strip("-"))
+        fused[flag] = result["fused_kernels"]
     assert fused == {"--fused-kernels": True, "--no-fused-kernels": False}
+    assert losses["--fused-kernels"][0] == pytest.approx(losses["--no-fused-kernels"][0], rel=2e-3)  # same weights
     assert losses["--fused-kernels"] == pytest.approx(losses["--no-fused-kernels"], rel=2e-2)
     assert losses["--fused-kernels"][-1] < losses["--fused-kernels"][0]  # it learns

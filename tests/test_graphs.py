@@ -201,3 +201,17 @@ def test_fused_kernels_asked_for_without_a_gpu_is_a_clear_error(tiny_model, gsm8
     assert "--fused-kernels: they run on a GPU only" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_compiling_pays_later_where_fused_kernels_can_run():
+    """Where Liger's kernels could run instead, compiling waits for a longer run than against the
+    plain layers: a 10-epoch GSM8K run (~17M tokens) stays uncompiled."""
+    from unittest import mock
+
+    from tinymath.lib.speed import compile_by_default
+
+    with mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)), \
+            mock.patch("torch.utils._triton.has_triton", return_value=True):
+        assert compile_by_default("cuda:0", TrainConfig(), total_tokens=17e6)
+        assert not compile_by_default("cuda:0", TrainConfig(), total_tokens=17e6, fusable=True)
+        assert compile_by_default("cuda:0", TrainConfig(), total_tokens=40e6, fusable=True)

@@ -129,20 +129,24 @@ def compile_layers(peft_model) -> None:
         layer.compile(dynamic=True)
 
 
-# Compiling the layers costs about 70 s in every new process (Dynamo tracing and graph captures:
-# Inductor's cache saves little) and then trains TinyLlama's architecture at ~64k real tokens/s on an
-# H200, against ~44k without it (CUDA graphs in both): it wins back its cost after about 10M tokens.
-# The default 3-epoch GSM8K run is ~5M tokens: 119-121 s whole command uncompiled, 173 s compiled.
+# Compiling the layers costs about a minute in every new process (53 s even with Inductor's cache
+# warm: loading the cached kernels is most of it) and then trains TinyLlama's architecture at ~64k
+# real tokens/s on an H200 (CUDA graphs), against ~42k for the plain layers and ~54k with Liger's
+# fused kernels (`use_fused_kernels`): it wins back its cost after ~10M tokens against the plain
+# layers, ~22M against the fused ones. The default 3-epoch GSM8K run is ~5M tokens.
 MIN_COMPILED_TOKENS = 10_000_000
+MIN_COMPILED_TOKENS_OVER_FUSED = 25_000_000
 
 
-def compile_by_default(device: str, config: TrainConfig, total_tokens: float | None = None) -> bool:
+def compile_by_default(device: str, config: TrainConfig, total_tokens: float | None = None,
+                       fusable: bool = False) -> bool:
     """Compile the packed path on GPUs that torch.compile's Triton kernels support (compute
-    capability 7.0 and newer), for runs with enough tokens to pay for it (`MIN_COMPILED_TOKENS`);
+    capability 7.0 and newer), for runs with enough tokens to pay for it (`MIN_COMPILED_TOKENS`,
+    or `MIN_COMPILED_TOKENS_OVER_FUSED` where Liger's fused kernels can run instead: ``fusable``);
     never the plain reference path, never on CPU. ``--compile`` / ``--no-compile`` decide otherwise."""
     if not (device.startswith("cuda") and config.packing):
         return False
-    if total_tokens is not None and total_tokens < MIN_COMPILED_TOKENS:
+    if total_tokens is not None and total_tokens < (MIN_COMPILED_TOKENS_OVER_FUSED if fusable else MIN_COMPILED_TOKENS):
         return False
     import torch
     from torch.utils._triton import has_triton

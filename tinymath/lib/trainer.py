@@ -208,7 +208,11 @@ class Trainer:
                        config.gradient_checkpointing)
         # decided for this machine, not saved in the config: a run resumed elsewhere decides again
         tokens = total * per_step * sum(len(ex["input_ids"]) for ex in self.train_examples) / len(self.train_examples)
-        plan.compiled = config.compile if config.compile is not None else compile_by_default(device, config, tokens)
+        if config.compile is not None:
+            plan.compiled = config.compile
+        else:  # asked-for fused kernels replace compiling; where they can run, compiling must pay more
+            fusable = config.fused_kernels is None and use_fused_kernels(config, device, False, self.model)
+            plan.compiled = config.fused_kernels is not True and compile_by_default(device, config, tokens, fusable)
         plan.fused_kernels = use_fused_kernels(config, device, plan.compiled, self.model)
         if plan.fused_kernels:  # before planning: the planner measures the memory of the kernels that run
             fuse_kernels(self.model)
