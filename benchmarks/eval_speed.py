@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import TINYLLAMA, WORK, log, random_model  # noqa: E402
 
 NEW_TOKENS = 256
-FUSED = True  # tinymath eval's decode loop with Liger's fused kernels (--no-fused: without)
 
 
 def seed_style_generation(model_dir: Path, prompts: list[list[int]], sample: int = 4) -> dict:
@@ -57,7 +56,6 @@ def tinymath_generation(model_dir: Path, prompts: list[list[int]], **settings) -
         load_for_inference,
     )
 
-    settings.setdefault("fused_kernels", FUSED and settings.get("static_cache") is not False)  # as `tinymath eval`
     t = time.time()
     inference = load_for_inference(model=str(model_dir))
     load_s = time.time() - t
@@ -90,11 +88,11 @@ def smol_eval(args, name: str, main_process: bool) -> None:
     for attempt in ("cold", "warm"):
         t = time.time()
         summary = evaluate(model=args.gguf, data=args.data, split="test", out=f"/tmp/tm_eval_smol_{attempt}",
-                           overwrite=True, fused_kernels=None if FUSED else False)
+                           overwrite=True)
         if main_process:
             log(event="eval", name=f"{name}_{attempt}", wall_s=round(time.time() - t, 1),
                 **{k: summary[k] for k in ("accuracy", "accuracy_strict", "n", "tokens_generated",
-                                           "generation_seconds", "tokens_per_s", "fused_kernels")})
+                                           "generation_seconds", "tokens_per_s")})
 
 
 def main():
@@ -104,11 +102,7 @@ def main():
     parser.add_argument("--gguf", default=None, help="real SmolLM2-135M-Instruct GGUF")
     parser.add_argument("--only", default="seed,tiny,smol,equal")
     parser.add_argument("--equal-sample", type=int, default=16)
-    parser.add_argument("--no-fused", action="store_true", help="the decode loop without Liger's fused kernels "
-                        "(a separate process from the fused run: their rotary swap is process-wide)")
     args = parser.parse_args()
-    global FUSED
-    FUSED = not args.no_fused
     which = set(args.only.split(","))
 
     from transformers import AutoTokenizer
@@ -136,7 +130,7 @@ def main():
             fast = tinymath_generation(fixed, prompts)
             fast.pop("outputs")
             if state.is_main_process:
-                log(event="eval", name=f"tinymath_eval_defaults_{gpus}", arch="tinyllama", problems=len(prompts), fused_kernels=FUSED, **fast)
+                log(event="eval", name=f"tinymath_eval_defaults_{gpus}", arch="tinyllama", problems=len(prompts), **fast)
         if "smol" in which and args.gguf:
             smol_eval(args, f"smollm2_real_natural_stop_{gpus}", state.is_main_process)
         end_processes(state)
@@ -153,7 +147,7 @@ def main():
         fast = tinymath_generation(fixed, prompts)
         ref = fast.pop("outputs")
         extra = {"ratio_vs_seed": round(seed["est_full_test_s"] / fast["generation_s"], 1)} if "seed" in which else {}
-        log(event="eval", name="tinymath_eval_defaults", arch="tinyllama", problems=len(prompts), fused_kernels=FUSED, **extra, **fast)
+        log(event="eval", name="tinymath_eval_defaults", arch="tinyllama", problems=len(prompts), **extra, **fast)
     if "smol" in which and args.gguf:
         smol_eval(args, "smollm2_real_natural_stop", True)
     if "equal" in which and args.gguf:

@@ -241,33 +241,3 @@ def test_fused_kernels_train_like_the_plain_layers(gpu_model, tmp_path):
     assert losses["--fused-kernels"][0] == pytest.approx(losses["--no-fused-kernels"][0], rel=2e-3)  # same weights
     assert losses["--fused-kernels"] == pytest.approx(losses["--no-fused-kernels"], rel=2e-2)
     assert losses["--fused-kernels"][-1] < losses["--fused-kernels"][0]  # it learns
-
-
-FUSED_DECODING = """
-import json, sys, torch
-from tinymath.base.prompts import build_prompt, encode_prompt
-from tinymath.lib.generate import GenerationSettings, generate_batch, load_for_inference
-inference = load_for_inference(sys.argv[1])
-inference.model.to(torch.float32)
-questions = ["What is 3 + 4?", "A box holds 6 eggs. How many eggs are in 4 boxes?", "Tom has 5 apples."]
-prompts = [encode_prompt(inference.tokenizer, build_prompt(inference.tokenizer, q)) for q in questions]
-plain = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=False))
-fused = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=True, fused_kernels=True))
-print(json.dumps({"plain": plain, "fused": fused, "marked": inference.model.tinymath_fused_kernels}))
-"""
-
-
-def test_fused_kernels_decode_like_plain_generate(gpu_model):
-    """Evaluation's decode loop with Liger's kernels picks the tokens plain ``generate`` picks (fp32;
-    in its own process: the rotary swap is process-wide)."""
-    import json
-    import subprocess
-    import sys
-
-    pytest.importorskip("liger_kernel")
-    done = subprocess.run([sys.executable, "-c", FUSED_DECODING, str(gpu_model)], capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["marked"] is True
-    assert result["fused"] == result["plain"]

@@ -361,8 +361,7 @@ def _tinymath_gsm8k(o: dict) -> None:
                        merge_base=o["merge_base"].value, overwrite=o["overwrite"],
                        trust_remote_code=o["trust_remote_code"], show_progress=not o["json_out"],
                        calculator=o["calculator"], samples=o["samples"], temperature=o["temperature"],
-                       seed=o["seed"], protocol=o["protocol"].value, compile=o["compile"],
-                       fused_kernels=o["fused_kernels"])
+                       seed=o["seed"], protocol=o["protocol"].value, compile=o["compile"])
     state = process_state()
     end_processes(state)
     if not state.is_main_process:  # under accelerate launch: one report, rank 0's
@@ -463,7 +462,6 @@ def eval_cmd(
     backend: Annotated[Backend, typer.Option(help="tinymath: its own fast generation. lm-eval: lm-evaluation-harness's gsm8k task itself (pip install 'tinymath[lm-eval]').", rich_help_panel="What to measure")] = Backend.tinymath,
     calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep). Default: as the model was trained (on for a GRPO --calculator run).", show_default=False, rich_help_panel="Decoding")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fast decoding: a static KV cache, each step replayed from a CUDA graph (torch.compile instead where stop strings or --calculator need transformers' generate; --no-compile: plain generate). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False)] = None,
-    fused_kernels: Annotated[Optional[bool], typer.Option("--fused-kernels/--no-fused-kernels", help="In the fast decoding loop: Liger's fused RMSNorm, rotary and SwiGLU kernels (pip install 'tinymath[gpu]'). [default: on where installed]", rich_help_panel="Decoding", show_default=False)] = None,
     samples: Annotated[int, typer.Option(help="Samples per problem; > 1 scores the majority answer (maj@K), also pass@K.", rich_help_panel="Decoding")] = 1,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (needed with --samples > 1).", rich_help_panel="Decoding")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.", rich_help_panel="Decoding")] = 0,

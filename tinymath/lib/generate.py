@@ -2,8 +2,7 @@
 sampled generation, and token streaming.
 
 Evaluations and GRPO sampling on a GPU decode with `tinymath.lib.decode` (a static KV cache,
-steps replayed from a CUDA graph; for evaluations, Liger's fused norm, rotary and SwiGLU kernels
-where liger-kernel is installed); stop strings and the calculator go through transformers'
+steps replayed from a CUDA graph); stop strings and the calculator go through transformers'
 ``generate``. Inference never needs the 4-bit base: a run's adapter is merged into 16-bit weights in memory
 (`tinymath.lora.load_merged_model`) before generating, which is both faster and exact; decode steps
 use `tinymath.attention`'s grouped-query SDPA (no copy of the KV cache per query head).
@@ -28,9 +27,6 @@ class GenerationSettings:
     static_cache: bool | None = None  # None: on CUDA for MIN_STATIC_PROMPTS or more prompts (see generate_ids)
     stop: tuple[str, ...] = ()  # stop strings (cut from the text)
     calculator: bool = False  # complete <<expr= annotations with tinymath.calculator
-    # tinymath's decode loop on a GPU runs Liger's fused kernels where installed (`tinymath eval` asks
-    # for them; training's validation and GRPO's sampling keep the layers their training runs)
-    fused_kernels: bool = False
 
     def validate(self) -> None:
         import math
@@ -201,11 +197,6 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     static = use_static_cache(settings, device.type, len(prompts))
     compiled = static and compiles(model, settings, stopping)
     own = static and not compiled
-    if own and settings.fused_kernels and device.type == "cuda":
-        from tinymath.lib.speed import fuse_kernels, liger_supports
-
-        if liger_supports(model):
-            fuse_kernels(model)
     if compiled:
         from tinymath.lib.speed import use_compile_cache
 

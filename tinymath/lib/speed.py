@@ -154,18 +154,13 @@ def compile_by_default(device: str, config: TrainConfig, total_tokens: float | N
     return torch.cuda.get_device_capability(device) >= (7, 0) and has_triton()
 
 
-def _transformers_model(model):
-    """The transformers model itself, whether ``model`` is one or a PEFT model around one."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def liger_supports(model) -> bool:
+def liger_supports(peft_model) -> bool:
     """Whether liger-kernel is installed and has fused kernels for this model's architecture."""
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:  # not installed, or no Triton (a CPU-only torch)
         return False
-    return getattr(_transformers_model(model).config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
+    return getattr(peft_model.get_base_model().config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 def use_fused_kernels(config: TrainConfig, device: str, compiled: bool, peft_model) -> bool:
@@ -190,23 +185,18 @@ def use_fused_kernels(config: TrainConfig, device: str, compiled: bool, peft_mod
     return reason is None
 
 
-def fuse_kernels(model) -> None:
+def fuse_kernels(peft_model) -> None:
     """Swap the decoder layers' RMSNorm, rotary embedding and SwiGLU for Liger's Triton kernels
     (each a single fused kernel forward and backward, instead of several PyTorch ones): the
-    layers' norms and MLPs of ``model`` (a transformers or PEFT model), and the architecture's
-    rotary function in this process. The LM head and loss stay tinymath's
-    (`tinymath.lib.batching`). Once per model; the model records it (``tinymath_fused_kernels``)."""
+    layers' norms and MLPs of this model, and the architecture's rotary function in this process.
+    The LM head and loss stay tinymath's (`tinymath.lib.batching`)."""
     import logging
 
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    causal_lm = _transformers_model(model)
-    if getattr(causal_lm, "tinymath_fused_kernels", False):
-        return
     logging.getLogger("liger_kernel").setLevel(logging.WARNING)
-    _apply_liger_kernel_to_instance(model=causal_lm, rope=True, rms_norm=True, swiglu=True,
+    _apply_liger_kernel_to_instance(model=peft_model.get_base_model(), rope=True, rms_norm=True, swiglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=False)
-    causal_lm.tinymath_fused_kernels = True
 
 
 @contextmanager

@@ -17,17 +17,8 @@ from tinymath.base.runs import PREDICTIONS, SUMMARY
 from tinymath.lib.scoring import PROTOCOLS
 
 
-def _check_options(limit, protocol, samples, temperature, fused_kernels=None) -> None:
+def _check_options(limit, protocol, samples, temperature) -> None:
     problems = choice("--protocol", protocol, PROTOCOLS)
-    if fused_kernels:
-        import importlib.util
-
-        import torch
-
-        if not torch.cuda.is_available():
-            problems.append("--fused-kernels: they run on a GPU only")
-        elif importlib.util.find_spec("liger_kernel") is None:
-            problems.append("--fused-kernels: liger-kernel is not installed (pip install 'tinymath[gpu]')")
     if limit is not None and limit <= 0:
         problems.append(f"--limit {limit} must be a positive number of problems")
     if samples < 1:
@@ -43,15 +34,13 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
              system_prompt: str | None = None, merge_base: str = "dequantized", overwrite: bool = False,
              trust_remote_code: bool = False, show_progress: bool = False, calculator: bool | None = None,
              samples: int = 1, temperature: float | None = None, seed: int = 0,
-             protocol: str = "default", compile: bool | None = None, fused_kernels: bool | None = None) -> dict:
+             protocol: str = "default", compile: bool | None = None) -> dict:
     """Evaluate on ``split`` of ``data``; returns the summary (also written to ``OUT/summary.json``).
 
     ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
     strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
     ``compile``: fast decoding with a static KV cache (`tinymath.lib.decode`, or transformers' compiled
     ``generate`` where stop strings or the calculator need it); None: on a GPU when there is enough work.
-    ``fused_kernels``: Liger's fused kernels in that decoding loop on a GPU; None: where installed;
-    True where they cannot run is refused.
     ``calculator`` None: as the model was trained (a GRPO ``--calculator`` run answers with it).
     """
     import torch
@@ -65,11 +54,10 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     from tinymath.lib.gsm8k import read_gsm8k
     from tinymath.lib.speed import compile_seconds
 
-    _check_options(limit, protocol, samples, temperature, fused_kernels)
+    _check_options(limit, protocol, samples, temperature)
     chosen = PROTOCOLS[protocol]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature or 0.0,
-                                  calculator=bool(calculator), stop=chosen.stop, static_cache=compile,
-                                  fused_kernels=compile is not False and fused_kernels is not False)
+                                  calculator=bool(calculator), stop=chosen.stop, static_cache=compile)
     settings.validate()
     if out is not None:
         check_output_dir(out, overwrite, marker=SUMMARY)
@@ -102,7 +90,6 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
         tokens_per_s=round(tokens / seconds, 1) if seconds else None,
         compile_seconds=round(compile_seconds() - compiled_before, 3),
         graph_capture_seconds=round(decoding.pop("capture_seconds"), 3), decoding=decoding,
-        fused_kernels=getattr(inference.model, "tinymath_fused_kernels", False),
         settings={"data": data, "split": split, "limit": limit, "format": inference.format,
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
