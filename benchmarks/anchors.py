@@ -133,7 +133,8 @@ def tinymath_run(args, out: Path) -> tuple[list[str], callable]:
         return {"step_s": [r["tokens"] / r["tokens_per_s"] for r in rows], "step_tokens": [r["tokens"] for r in rows],
                 "peak_gib": result.get("peak_memory_gib"), "train_tokens": run["data_stats"]["train"]["tokens"],
                 "batch_size": run["batch_size"], "compiled": result["compiled"], "cuda_graphs": result["cuda_graphs"],
-                "micro_batch_tokens": result["micro_batch_tokens"], "run_setup_s": result["setup_seconds"]}
+                "micro_batch_tokens": result["micro_batch_tokens"], "run_setup_s": result["setup_seconds"],
+                "fused_kernels": result.get("fused_kernels")}
     return cmd, read
 
 
