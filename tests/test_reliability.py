@@ -272,3 +272,42 @@ def test_an_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be created
     with pytest.raises(TinymathError, match="TINYMATH_CACHE"):
         gguf_to_folder(gguf)
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_message(tmp_path):
+    """Offline, a hub id that is not cached (a typo, say) ends with one message naming the cause,
+    instead of the libraries retrying the network for most of a minute; nothing is written."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))  # .invalid never resolves
+    for args in (["eval", "--model", "nobody/no-such-model", "--data", str(Path(__file__).parent / "fixtures" / "gsm8k"),
+                  "--out", str(tmp_path / "ev")],
+                 ["prepare-data", "--data", "nobody/no-such-data", "--out", str(tmp_path / "prep")]):
+        done = subprocess.run([sys.executable, "-m", "tinymath", *args], capture_output=True, text=True, env=env,
+                              timeout=300, check=False)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "hub.invalid cannot be reached from this machine" in done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "prep").exists()
+
+
+def test_the_hub_probe_respects_the_users_choices(monkeypatch):
+    """HF_HUB_OFFLINE set, or a proxy in the way: no probe, no change; unreachable: offline mode on,
+    in the environment and in huggingface_hub's already imported setting."""
+    import huggingface_hub.constants
+
+    from tinymath.lib import hub
+
+    monkeypatch.setattr(hub, "_OFFLINE_BY_US", [])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub.offline_unless_reachable()  # the user's own setting: nothing probed
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert not hub.offline_unless_reachable() and "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.delenv("HTTPS_PROXY")
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert hub.offline_unless_reachable()
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE is True
+    assert "hub.invalid cannot be reached" in hub.unreachable_hint()

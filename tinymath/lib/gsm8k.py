@@ -111,11 +111,15 @@ def read_gsm8k(data: str = DEFAULT_DATA, split: str = "train", limit: int | None
 def _read_hub(data: str, split: str) -> list[dict]:
     import datasets
 
+    from tinymath.lib.hub import offline_unless_reachable, unreachable_hint
+
+    offline_unless_reachable()
     try:
         name = "main" if data.rstrip("/").endswith("gsm8k") else None
         ds = datasets.load_dataset(data, name, split=split)
     except Exception as exc:  # network, missing dataset, missing split: all user-facing
-        raise TinymathError(f"could not load --data {data} (split {split}) from the Hugging Face hub: {exc}") from None
+        raise TinymathError(f"could not load --data {data} (split {split}) from the Hugging Face hub: {exc}"
+                            f"{unreachable_hint()}") from None
     missing = {"question", "answer"} - set(ds.column_names)
     if missing:
         raise TinymathError(f"--data {data} lacks column(s) {', '.join(sorted(missing))}")
