@@ -208,7 +208,8 @@ def _train_subprocess(args: list[str], out) -> tuple[list[float], dict]:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
     """Under `accelerate launch` on two GPUs, CUDA-graph replays with the gradients averaged after
-    them take the same steps as DDP's own (eager) averaging."""
+    them take the same steps as DDP's own (eager) averaging (with Liger's kernels where installed)."""
+    import importlib.util
     from pathlib import Path
 
     data = Path(__file__).parent / "fixtures"
@@ -219,6 +220,7 @@ def test_two_gpus_with_graphs_train_like_two_gpus_with_ddp(gpu_model, tmp_path):
     for flag in ("--cuda-graphs", "--no-cuda-graphs"):
         losses[flag], result = _train_subprocess([*common, flag], tmp_path / flag.strip("-"))
         graphs[flag] = result["cuda_graphs"]
+        assert result["fused_kernels"] == (importlib.util.find_spec("liger_kernel") is not None)  # the default
     assert graphs == {"--cuda-graphs": True, "--no-cuda-graphs": False}
     assert losses["--cuda-graphs"] == pytest.approx(losses["--no-cuda-graphs"], rel=2e-2)
     assert losses["--cuda-graphs"][-1] < losses["--cuda-graphs"][0]  # it learns

@@ -183,6 +183,8 @@ def test_fused_kernels_only_where_they_run():
         use_fused_kernels(asked, "cpu", compiled=False, peft_model=llama)
     with pytest.raises(TinymathError, match="pass --no-compile"):
         use_fused_kernels(asked, "cuda:0", compiled=True, peft_model=llama)
+    with pytest.raises(TinymathError, match="SFT only"):
+        use_fused_kernels(TrainConfig(method="grpo", fused_kernels=True), "cuda:0", compiled=False, peft_model=llama)
     if importlib.util.find_spec("liger_kernel") is None:  # as in CI: the [gpu] extra is not installed
         assert not use_fused_kernels(TrainConfig(), "cuda:0", compiled=False, peft_model=llama)
         with pytest.raises(TinymathError, match=r"pip install 'tinymath\[gpu\]'"):
@@ -215,3 +217,63 @@ def test_compiling_pays_later_where_fused_kernels_can_run():
         assert compile_by_default("cuda:0", TrainConfig(), total_tokens=17e6)
         assert not compile_by_default("cuda:0", TrainConfig(), total_tokens=17e6, fusable=True)
         assert compile_by_default("cuda:0", TrainConfig(), total_tokens=40e6, fusable=True)
+
+
+def test_layers_planned_from_what_was_asked_and_what_pays(monkeypatch):
+    """Liger's kernels where they can run (SFT on a GPU, installed), compiling only for runs long
+    enough to beat them; a flag wins; GRPO and the plain path keep plain layers."""
+    from unittest import mock
+
+    from tinymath.lib import speed
+
+    monkeypatch.setattr(speed, "liger_supports", lambda model: True)  # as with the [gpu] extra on a GPU
+    with mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)), \
+            mock.patch("torch.utils._triton.has_triton", return_value=True):
+        def plan(tokens, **settings):
+            return speed.plan_layers(TrainConfig(**settings), "cuda:0", tokens, peft_model=None)
+
+        assert plan(5e6) == (False, True)  # the default GSM8K run: fused, not compiled
+        assert plan(17e6) == (False, True)  # compiling would beat the plain layers here, not the fused ones
+        assert plan(40e6) == (True, False)
+        assert plan(40e6, fused_kernels=True) == (False, True)
+        assert plan(5e6, compile=True) == (True, False)
+        assert plan(17e6, fused_kernels=False) == (True, False)
+        assert plan(5e6, method="grpo") == (False, False)
+        assert plan(5e6, packing=False) == (False, False)
+        assert speed.plan_layers(TrainConfig(), "cpu", 5e6, None) == (False, False)
+        with pytest.raises(TinymathError, match="pass --no-compile"):
+            plan(5e6, compile=True, fused_kernels=True)
+
+
+def test_fused_kernels_are_undone_for_the_rest_of_the_process(tiny_model, monkeypatch):
+    """What Liger swaps in the architecture's module (its rotary function, norm and MLP classes) is
+    put back by the function `fuse_kernels` returns; the model itself keeps its fused layers."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    from tinymath.lib.lora import attach_lora, get_lora_config
+    from tinymath.lib.model import load_base_model
+    from tinymath.lib.speed import fuse_kernels
+
+    def fake_liger(model, **kinds):  # what liger-kernel's instance patch does to a Llama, in miniature
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None
+        modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (), {})
+        model.model.norm.forward = lambda x: x
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake._apply_liger_kernel_to_instance = fake_liger
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    originals = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", originals[0])  # restored after the test anyway
+    monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", originals[1])
+    model = attach_lora(load_base_model(str(tiny_model), "none", dtype=torch.float32, device="cpu"),
+                        get_lora_config(8, 16, 0.0, "all-linear"))
+    restore = fuse_kernels(model)
+    assert modeling_llama.apply_rotary_pos_emb is not originals[0]
+    restore()
+    assert (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm) == originals
+    assert "forward" in vars(model.get_base_model().model.norm)  # the run's own model stays fused

@@ -164,14 +164,16 @@ def liger_supports(peft_model) -> bool:
 
 
 def use_fused_kernels(config: TrainConfig, device: str, compiled: bool, peft_model) -> bool:
-    """Liger's fused RMSNorm, rotary and SwiGLU kernels: by default on a GPU with --packing when the
-    layers are not compiled (compiling fuses them itself) and liger-kernel supports the model;
-    ``--fused-kernels`` where they cannot run is refused with the reason."""
+    """Liger's fused RMSNorm, rotary and SwiGLU kernels: by default for SFT on a GPU with --packing
+    when the layers are not compiled (compiling fuses them itself) and liger-kernel supports the
+    model; ``--fused-kernels`` where they cannot run is refused with the reason."""
     wanted = config.fused_kernels
     if wanted is False:
         return False
     reason = None
-    if not device.startswith("cuda"):
+    if config.method != "sft":
+        reason = "SFT only (GRPO samples from a copy of the model, which must run the same layers)"
+    elif not device.startswith("cuda"):
         reason = "they run on a GPU only"
     elif not config.packing:
         reason = "they are part of the --packing path"
@@ -185,18 +187,44 @@ def use_fused_kernels(config: TrainConfig, device: str, compiled: bool, peft_mod
     return reason is None
 
 
-def fuse_kernels(peft_model) -> None:
+def plan_layers(config: TrainConfig, device: str, total_tokens: float, peft_model) -> tuple[bool, bool]:
+    """(compiled, fused kernels) for a run of ``total_tokens`` training tokens: what was asked for,
+    else compiling where it pays (`compile_by_default`; later where Liger's kernels can run
+    instead), else Liger's kernels where they can run. Refuses a combination that cannot run."""
+    if config.compile is not None:
+        compiled = config.compile
+    else:  # asked-for fused kernels replace compiling
+        fusable = config.fused_kernels is None and use_fused_kernels(config, device, False, peft_model)
+        compiled = config.fused_kernels is not True and compile_by_default(device, config, total_tokens, fusable)
+    return compiled, use_fused_kernels(config, device, compiled, peft_model)
+
+
+def fuse_kernels(peft_model):
     """Swap the decoder layers' RMSNorm, rotary embedding and SwiGLU for Liger's Triton kernels
-    (each a single fused kernel forward and backward, instead of several PyTorch ones): the
-    layers' norms and MLPs of this model, and the architecture's rotary function in this process.
-    The LM head and loss stay tinymath's (`tinymath.lib.batching`)."""
+    (each a single fused kernel forward and backward, instead of several PyTorch ones) in this
+    model. Liger swaps them in the architecture's module too (its rotary function, which the
+    layers look up there, and its norm and MLP classes), so for the process; returns the function
+    that puts that module back as it was (the run calls it when it ends, so that a model built
+    later in the process, an evaluation's say, is plain). The LM head and loss stay tinymath's
+    (`tinymath.lib.batching`)."""
     import logging
+    import sys
 
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
+    causal_lm = peft_model.get_base_model()
+    module = sys.modules[type(causal_lm).__module__]  # e.g. transformers.models.llama.modeling_llama
+    before = dict(vars(module))
     logging.getLogger("liger_kernel").setLevel(logging.WARNING)
-    _apply_liger_kernel_to_instance(model=peft_model.get_base_model(), rope=True, rms_norm=True, swiglu=True,
+    _apply_liger_kernel_to_instance(model=causal_lm, rope=True, rms_norm=True, swiglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=False)
+    swapped = {name: value for name, value in before.items() if vars(module).get(name) is not value}
+
+    def restore() -> None:
+        for name, value in swapped.items():
+            setattr(module, name, value)
+
+    return restore
 
 
 @contextmanager

@@ -86,6 +86,7 @@ class Trainer:
         self.step_metrics: dict = {}  # what a method adds to the step's metrics line
         self.first_step_seconds: float | None = None
         self.capture_seconds_before_fallback = 0.0  # captures made before graphs were given up, if they were
+        self.restore_process = lambda: None  # undoes what the run changed process-wide (Liger's swaps)
 
     # ------------------------------------------------------------ set-up
 
@@ -190,12 +191,11 @@ class Trainer:
 
         from tinymath.lib.speed import (
             CPU_MICRO_BATCH_TOKENS,
-            compile_by_default,
             compile_layers,
             fuse_kernels,
+            plan_layers,
             plan_micro_batch,
             use_compile_cache,
-            use_fused_kernels,
         )
 
         config, device = self.config, self.device
@@ -208,14 +208,9 @@ class Trainer:
                        config.gradient_checkpointing)
         # decided for this machine, not saved in the config: a run resumed elsewhere decides again
         tokens = total * per_step * sum(len(ex["input_ids"]) for ex in self.train_examples) / len(self.train_examples)
-        if config.compile is not None:
-            plan.compiled = config.compile
-        else:  # asked-for fused kernels replace compiling; where they can run, compiling must pay more
-            fusable = config.fused_kernels is None and use_fused_kernels(config, device, False, self.model)
-            plan.compiled = config.fused_kernels is not True and compile_by_default(device, config, tokens, fusable)
-        plan.fused_kernels = use_fused_kernels(config, device, plan.compiled, self.model)
+        plan.compiled, plan.fused_kernels = plan_layers(config, device, tokens, self.model)
         if plan.fused_kernels:  # before planning: the planner measures the memory of the kernels that run
-            fuse_kernels(self.model)
+            self.restore_process = fuse_kernels(self.model)
         if config.packing and plan.micro_batch_tokens is None and device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(device)
             budget = (parse_memory(config.max_memory) if config.max_memory

@@ -43,10 +43,13 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     trainer = METHODS[config.method](config, output.live, show_progress, resume)
     state = process_state()
     state.wait_for_everyone()  # every process has checked the folder before the main one changes it
-    if not state.is_main_process:  # the main process claims the folder and puts the result in place
-        return trainer.setup().fit()
-    with claimed_train_output(output, resume):
-        summary = trainer.setup().fit()
+    try:
+        if not state.is_main_process:  # the main process claims the folder and puts the result in place
+            return trainer.setup().fit()
+        with claimed_train_output(output, resume):
+            summary = trainer.setup().fit()
+    finally:
+        trainer.restore_process()  # a model built later in this process (an evaluation's, say) is plain
     if output.live != output.final:
         summary["out"] = str(output.final)
     return summary
