@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from conftest import run_cli
+
 from tinymath import train
 from tinymath.base.config import TrainConfig
 from tinymath.base.errors import TinymathError
@@ -187,7 +189,7 @@ def test_fused_kernels_only_where_they_run():
         use_fused_kernels(TrainConfig(method="grpo", fused_kernels=True), "cuda:0", compiled=False, peft_model=llama)
     if importlib.util.find_spec("liger_kernel") is None:  # as in CI: the [gpu] extra is not installed
         assert not use_fused_kernels(TrainConfig(), "cuda:0", compiled=False, peft_model=llama)
-        with pytest.raises(TinymathError, match=r"pip install 'tinymath\[gpu\]'"):
+        with pytest.raises(TinymathError, match="pip install liger-kernel"):
             use_fused_kernels(asked, "cuda:0", compiled=False, peft_model=llama)
 
 
@@ -200,9 +202,13 @@ def test_fused_kernels_asked_for_without_a_gpu_is_a_clear_error(tiny_model, gsm8
                            str(tiny_model), "--out", str(tmp_path / "run"), "--max-steps", "1", "--fused-kernels"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0
-    assert "--fused-kernels: they run on a GPU only" in done.stderr
+    assert "--fused-kernels: they run on a GPU only; without the flag they run wherever they can" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+    # refused before anything is loaded: a model that is not there is not even looked for
+    result = run_cli("train", "--data", gsm8k_dir, "--model", tmp_path / "missing", "--out", tmp_path / "run",
+                     "--fused-kernels")
+    assert result.exit_code == 1 and "--fused-kernels: they run on a GPU only" in result.stderr
 
 
 def test_compiling_pays_later_where_fused_kernels_can_run():
@@ -230,7 +236,7 @@ def test_layers_planned_from_what_was_asked_and_what_pays(monkeypatch):
     with mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)), \
             mock.patch("torch.utils._triton.has_triton", return_value=True):
         def plan(tokens, **settings):
-            return speed.plan_layers(TrainConfig(**settings), "cuda:0", tokens, peft_model=None)
+            return speed.plan_layers(TrainConfig(**settings), "cuda:0", tokens, peft_model=object())
 
         assert plan(5e6) == (False, True)  # the default GSM8K run: fused, not compiled
         assert plan(17e6) == (False, True)  # compiling would beat the plain layers here, not the fused ones
@@ -240,7 +246,7 @@ def test_layers_planned_from_what_was_asked_and_what_pays(monkeypatch):
         assert plan(17e6, fused_kernels=False) == (True, False)
         assert plan(5e6, method="grpo") == (False, False)
         assert plan(5e6, packing=False) == (False, False)
-        assert speed.plan_layers(TrainConfig(), "cpu", 5e6, None) == (False, False)
+        assert speed.plan_layers(TrainConfig(), "cpu", 5e6, object()) == (False, False)
         with pytest.raises(TinymathError, match="pass --no-compile"):
             plan(5e6, compile=True, fused_kernels=True)
 

@@ -249,6 +249,15 @@ def test_reported_tokens_per_second_is_the_steps_rate(tiny_model, gsm8k_dir, tmp
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     rate = sum(r["tokens"] for r in rows) / sum(r["tokens"] / r["tokens_per_s"] for r in rows)
     assert json.loads(result.stdout)["real_tokens_per_s"] == pytest.approx(rate, rel=0.01)
+    assert json.loads(result.stdout)["val_loss"] == rows[-1]["val_loss"] > 0  # the held-out loss is reported
+
+
+def test_the_done_line_reports_the_held_out_loss(tiny_model, gsm8k_dir, tmp_path):
+    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "run", "--quant", "none",
+                     "--batch-size", "2", "--max-steps", "2", "--val-size", "2")
+    assert result.exit_code == 0, result.output
+    val_loss = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+    assert f"validation loss {val_loss:.4f}" in result.stdout
 
 
 def test_only_a_lost_process_is_reported_as_one():

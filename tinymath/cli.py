@@ -287,8 +287,10 @@ def train_cmd(
         return
     if json_out:
         return _print_json(summary)
+    held_out = f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
     out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
-                      f"{summary['final_loss']:.4f}, {summary['real_tokens_per_s']:,.0f} tokens/s -> {summary['out']}")
+                      f"{summary['final_loss']:.4f}{held_out}, {summary['real_tokens_per_s']:,.0f} tokens/s -> "
+                      f"{summary['out']}")
 
 
 @app.command("merge-adapters")
@@ -459,7 +461,7 @@ def eval_cmd(
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).", rich_help_panel="Model and prompt")] = None,
     merge_base: Annotated[MergeBase, typer.Option(help="For --adapter: merge into dequantized NF4 or original weights.", rich_help_panel="Model and prompt")] = MergeBase.dequantized,
     task: Annotated[Task, typer.Option(help="gsm8k accuracy, or retention: drift from the base model on general prompts.", rich_help_panel="What to measure")] = Task.gsm8k,
-    backend: Annotated[Backend, typer.Option(help="tinymath: its own fast generation. lm-eval: lm-evaluation-harness's gsm8k task itself (pip install 'tinymath[lm-eval]').", rich_help_panel="What to measure")] = Backend.tinymath,
+    backend: Annotated[Backend, typer.Option(help="tinymath: its own fast generation. lm-eval: lm-evaluation-harness's gsm8k task itself (pip install lm-eval).", rich_help_panel="What to measure")] = Backend.tinymath,
     calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep). Default: as the model was trained (on for a GRPO --calculator run).", show_default=False, rich_help_panel="Decoding")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fast decoding: a static KV cache, each step replayed from a CUDA graph (torch.compile instead where stop strings or --calculator need transformers' generate; --no-compile: plain generate). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False)] = None,
     samples: Annotated[int, typer.Option(help="Samples per problem; > 1 scores the majority answer (maj@K), also pass@K.", rich_help_panel="Decoding")] = 1,

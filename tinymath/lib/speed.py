@@ -163,13 +163,31 @@ def liger_supports(peft_model) -> bool:
     return getattr(peft_model.get_base_model().config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
+def check_fused_kernels_asked(config: TrainConfig, device: str) -> None:
+    """``--fused-kernels`` where they cannot run, refused before anything is loaded (what needs the
+    model, its architecture, is checked again once it is loaded)."""
+    if config.fused_kernels:
+        reason = _fused_kernels_refusal(config, device, bool(config.compile), peft_model=None)
+        if reason:
+            raise TinymathError(f"--fused-kernels: {reason}; without the flag they run wherever they can")
+
+
 def use_fused_kernels(config: TrainConfig, device: str, compiled: bool, peft_model) -> bool:
     """Liger's fused RMSNorm, rotary and SwiGLU kernels: by default for SFT on a GPU with --packing
     when the layers are not compiled (compiling fuses them itself) and liger-kernel supports the
     model; ``--fused-kernels`` where they cannot run is refused with the reason."""
-    wanted = config.fused_kernels
-    if wanted is False:
+    if config.fused_kernels is False:
         return False
+    reason = _fused_kernels_refusal(config, device, compiled, peft_model)
+    if reason and config.fused_kernels:
+        raise TinymathError(f"--fused-kernels: {reason}")
+    return reason is None
+
+
+def _fused_kernels_refusal(config: TrainConfig, device: str, compiled: bool, peft_model) -> str | None:
+    """Why Liger's kernels cannot run (None: they can); ``peft_model`` None: installed is enough."""
+    import importlib.util
+
     reason = None
     if config.method != "sft":
         reason = "SFT only (GRPO samples from a copy of the model, which must run the same layers)"
@@ -179,12 +197,13 @@ def use_fused_kernels(config: TrainConfig, device: str, compiled: bool, peft_mod
         reason = "they are part of the --packing path"
     elif compiled:
         reason = "the compiled layers fuse these operations themselves; pass --no-compile"
-    elif not liger_supports(peft_model):
-        reason = ("liger-kernel is not installed (pip install 'tinymath[gpu]') or has no kernels for this "
-                  "model's architecture")
-    if reason and wanted:
-        raise TinymathError(f"--fused-kernels: {reason}")
-    return reason is None
+    elif peft_model is not None and liger_supports(peft_model):
+        pass  # installed, and it has kernels for this architecture
+    elif importlib.util.find_spec("liger_kernel") is None:
+        reason = "liger-kernel is not installed (pip install liger-kernel: the gpu extra)"
+    elif peft_model is not None:
+        reason = "liger-kernel has no kernels for this model's architecture (or cannot load: it needs Triton)"
+    return reason
 
 
 def plan_layers(config: TrainConfig, device: str, total_tokens: float, peft_model) -> tuple[bool, bool]:

@@ -60,6 +60,7 @@ class LoopState:
     start_step: int = 0
     best: dict = field(default_factory=lambda: {"accuracy": None, "step": None})
     last_loss: float = float("nan")
+    val_loss: float | None = None  # on the held-out problems, after the last step (with --val-size)
     real_tokens: int = 0
     step_seconds: float = 0.0  # the steps themselves (validation, retention and saving not counted)
     started: float = 0.0
@@ -526,7 +527,7 @@ class Trainer:
         best adapter with ``--keep best``); whether the step was evaluated."""
         config, total = self.config, self.plan.total_steps
         if "validation" in self.splits and done == total:
-            record["val_loss"] = round(self.validation_loss(self.splits["validation"]), 6)
+            record["val_loss"] = self.state.val_loss = round(self.validation_loss(self.splits["validation"]), 6)
         evaluating = bool(config.eval_every and (done % config.eval_every == 0 or done == total))
         if evaluating and self.is_main:
             record["val_accuracy"] = self.validation_accuracy()
@@ -600,7 +601,8 @@ class Trainer:
 
         state, plan = self.state, self.plan
         seconds = time.time() - state.started
-        summary = {"steps": plan.total_steps, "final_loss": state.last_loss, "train_seconds": round(seconds, 2),
+        summary = {"steps": plan.total_steps, "final_loss": state.last_loss, "val_loss": state.val_loss,
+                   "train_seconds": round(seconds, 2),
                    "process_start_to_setup_seconds": self._before_setup_seconds(),
                    "setup_seconds": round(self.setup_seconds, 2), "setup_phases": self.setup_phases,
                    "first_step_seconds": self.first_step_seconds,

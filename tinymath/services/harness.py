@@ -27,7 +27,7 @@ def _harness():
     try:
         import lm_eval
     except ImportError:
-        raise TinymathError("--backend lm-eval needs lm-evaluation-harness: pip install 'tinymath[lm-eval]'") from None
+        raise TinymathError("--backend lm-eval needs lm-evaluation-harness: pip install lm-eval (the lm-eval extra)") from None
     return lm_eval
 
 

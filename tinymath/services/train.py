@@ -30,12 +30,14 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     from tinymath.base.files import check_writable
     from tinymath.base.runs import claimed_train_output, plan_train_output
     from tinymath.base.errors import choice, raise_if_problems
-    from tinymath.lib.distributed import process_state
+    from tinymath.lib.distributed import default_device, process_state
     from tinymath.lib.grpo import METHODS
+    from tinymath.lib.speed import check_fused_kernels_asked
 
     config.validate()
     raise_if_problems(choice("--method", config.method, METHODS))
     _check_reporter(config)
+    check_fused_kernels_asked(config, default_device())
     output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
     check_writable(output.live.absolute().parent)
     if resume and not output.live.is_dir():
