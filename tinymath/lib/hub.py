@@ -68,3 +68,12 @@ def unreachable_hint() -> str:
         return ""
     return (f" ({_OFFLINE_BY_US[0]} cannot be reached from this machine, so only the local Hugging Face cache "
             "was searched; check the name, or download it where there is a network)")
+
+
+def missing_files_reason(exc: Exception) -> str:
+    """The reason to give for a load that found files missing: with the hub unreachable, that it is
+    not in the local cache (the libraries' own text is about connecting); else the library's."""
+    if _OFFLINE_BY_US and isinstance(exc, OSError):
+        return (f"not in the local Hugging Face cache, and {_OFFLINE_BY_US[0]} cannot be reached from this machine "
+                "(check the name, or download it where there is a network)")
+    return str(exc) + unreachable_hint()

@@ -18,7 +18,7 @@ from tinymath.base.errors import TinymathError
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import RUN_FILE
 from tinymath.lib.distributed import default_device
-from tinymath.lib.hub import offline_unless_reachable, unreachable_hint
+from tinymath.lib.hub import missing_files_reason, offline_unless_reachable
 
 
 def cache_dir() -> Path:
@@ -172,7 +172,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # missing files, unknown architectures, remote code refused
-        raise TinymathError(f"could not load the tokenizer of {source}: {exc}{unreachable_hint()}") from exc
+        raise TinymathError(f"could not load the tokenizer of {source}: {missing_files_reason(exc)}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -211,7 +211,7 @@ def load_base_model(source: str, quant: str = "nf4", dtype=None, device: str | N
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as exc:  # missing files, unknown architectures, remote code refused
-        raise TinymathError(f"could not load model {source}: {exc}{unreachable_hint()}") from exc
+        raise TinymathError(f"could not load model {source}: {missing_files_reason(exc)}") from exc
     return model
 
 
