@@ -71,14 +71,16 @@ def test_missing_base_model_is_explained(trained_run, tmp_path):
     assert result.exit_code == 1 and "base model of run" in result.stderr and "does not exist" in result.stderr
 
 
-def test_eval_writes_predictions_and_summary(trained_run, gsm8k_dir, tmp_path):
+def test_eval_writes_predictions_and_summary(trained_run, gsm8k_dir, tmp_path, monkeypatch):
     out = tmp_path / "ev"
-    result = run_cli("eval", "--adapter", trained_run, "--data", gsm8k_dir, "--split", "test", "--limit", 2,
+    monkeypatch.chdir(gsm8k_dir.parent)  # --data given relative: the summary records where it is
+    result = run_cli("eval", "--adapter", trained_run, "--data", gsm8k_dir.name, "--split", "test", "--limit", 2,
                      "--max-new-tokens", 16, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # nothing but the summary on stdout
     assert summary["n"] == 2 and 0 <= summary["accuracy"] <= 1
     assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["data"] == str(gsm8k_dir.absolute())  # readable from any folder
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["question"][:3] for r in rows] == ["Sam", "A p"]
     assert {"question", "gold", "completion", "extracted", "correct"} <= set(rows[0])

@@ -264,7 +264,7 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         saved = load_config_file(saved_path)
         if config_file:
             raise TinymathError("--resume continues a run with its saved settings; drop --config")
-        absolute = _absolute_paths(given)  # a path given again, relative or not, is the same setting
+        absolute = absolute_paths(given)  # a path given again, relative or not, is the same setting
         conflicts = [k for k, v in given.items()
                      if k not in RESUME_SAFE and k != "out" and saved.get(k) not in (v, absolute[k])]
         if conflicts:
@@ -283,19 +283,20 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
     settings = {**defaults, **settings}
     if settings.get("init_adapter"):
         settings.update(_from_init_adapter(settings["init_adapter"], settings))
-    return TrainConfig(**_absolute_paths(settings))
+    return TrainConfig(**absolute_paths(settings))
 
 
 PATH_SETTINGS = ("data", "model", "init_adapter")
 
 
-def _absolute_paths(settings: dict) -> dict:
-    """Local paths as absolute ones, so that the run.json they are saved in works from any folder
-    (eval, chat, merge-adapters, --resume); a hub id (no such local path) stays as given."""
+def absolute_paths(settings: dict, keys: tuple[str, ...] = PATH_SETTINGS) -> dict:
+    """Local paths (the settings ``keys``) as absolute ones, so that the run.json or summary.json
+    they are saved in works from any folder (eval, chat, merge-adapters, --resume); a hub id (no
+    such local path) stays as given."""
     import os
 
     return {key: os.path.abspath(os.path.expanduser(value))
-            if key in PATH_SETTINGS and isinstance(value, str) and value and Path(value).expanduser().exists()
+            if key in keys and isinstance(value, str) and value and Path(value).expanduser().exists()
             else value for key, value in settings.items()}
 
 
@@ -306,7 +307,7 @@ def _from_init_adapter(run_dir: str, settings: dict) -> dict:
 
     run = load_run(run_dir).config
     taken = {key: run.get(key) for key in INIT_KEYS if key in run}
-    absolute = _absolute_paths(settings)  # a path given relative is the same as the run's absolute one
+    absolute = absolute_paths(settings)  # a path given relative is the same as the run's absolute one
     clash = [key for key, value in taken.items() if key in settings and value not in (settings[key], absolute[key])]
     if clash:
         names = ", ".join(f"--{k.replace('_', '-')} {settings[k]}" for k in clash)

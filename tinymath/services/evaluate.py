@@ -45,6 +45,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     """
     import torch
 
+    from tinymath.base.config import absolute_paths
     from tinymath.base.files import check_output_dir
     from tinymath.base.progress import progress_bar
     from tinymath.base.runs import load_run
@@ -90,11 +91,11 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
         tokens_per_s=round(tokens / seconds, 1) if seconds else None,
         compile_seconds=round(compile_seconds() - compiled_before, 3),
         graph_capture_seconds=round(decoding.pop("capture_seconds"), 3), decoding=decoding,
-        settings={"data": data, "split": split, "limit": limit, "format": inference.format,
+        settings=absolute_paths({"data": data, "split": split, "limit": limit, "format": inference.format,
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
                   "samples": samples, "temperature": temperature, "seed": seed, "compile": compile,
-                  "processes": state.num_processes, **inference.source},
+                  "processes": state.num_processes, **inference.source}, keys=("data", "model", "adapter")),
     )
     if out is not None and state.is_main_process:
         _write_eval(out, rows, outputs, scored["rows"], summary)
