@@ -69,7 +69,8 @@ def main(
     accelerate launch --num_processes 2 -m tinymath train --data prep --out run
     ```
 
-    Each command's --help has its own examples.
+    Each command's --help has its own examples. On a GPU, `pip install liger-kernel` (the gpu
+    extra) gives training Liger's fused kernels (about 1.3x faster).
     """
 
 
