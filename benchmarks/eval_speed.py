@@ -83,7 +83,6 @@ def tinymath_generation(model_dir: Path, prompts: list[list[int]], **settings) -
 def smol_eval(args, name: str, main_process: bool) -> None:
     """`tinymath eval` defaults on the real SmolLM2, full test set, natural stopping; run twice (the
     first run pays for compilation), the second is the figure."""
-    from tinymath.lib import generate
     from tinymath.services.evaluate import evaluate
 
     for attempt in ("cold", "warm"):
@@ -92,7 +91,6 @@ def smol_eval(args, name: str, main_process: bool) -> None:
                            overwrite=True)
         if main_process:
             log(event="eval", name=f"{name}_{attempt}", wall_s=round(time.time() - t, 1),
-                decode_streams=generate.DECODE_STREAMS,
                 **{k: summary[k] for k in ("accuracy", "accuracy_strict", "n", "tokens_generated",
                                            "generation_seconds", "tokens_per_s")})
 
@@ -104,15 +102,8 @@ def main():
     parser.add_argument("--gguf", default=None, help="real SmolLM2-135M-Instruct GGUF")
     parser.add_argument("--only", default="seed,tiny,smol,equal")
     parser.add_argument("--equal-sample", type=int, default=16)
-    parser.add_argument("--streams", type=int, default=None,
-                        help="batches the decode loop runs at once, one CUDA stream each (default: tinymath's)")
     args = parser.parse_args()
     which = set(args.only.split(","))
-    import tinymath.lib.generate as generate
-
-    if args.streams is not None:
-        generate.DECODE_STREAMS = args.streams
-    streams = {"decode_streams": generate.DECODE_STREAMS}
 
     from transformers import AutoTokenizer
 
@@ -139,8 +130,7 @@ def main():
             fast = tinymath_generation(fixed, prompts)
             fast.pop("outputs")
             if state.is_main_process:
-                log(event="eval", name=f"tinymath_eval_defaults_{gpus}", arch="tinyllama", problems=len(prompts),
-                    **streams, **fast)
+                log(event="eval", name=f"tinymath_eval_defaults_{gpus}", arch="tinyllama", problems=len(prompts), **fast)
         if "smol" in which and args.gguf:
             smol_eval(args, f"smollm2_real_natural_stop_{gpus}", state.is_main_process)
         end_processes(state)
@@ -157,8 +147,7 @@ def main():
         fast = tinymath_generation(fixed, prompts)
         ref = fast.pop("outputs")
         extra = {"ratio_vs_seed": round(seed["est_full_test_s"] / fast["generation_s"], 1)} if "seed" in which else {}
-        log(event="eval", name="tinymath_eval_defaults", arch="tinyllama", problems=len(prompts), **streams, **extra,
-            **fast)
+        log(event="eval", name="tinymath_eval_defaults", arch="tinyllama", problems=len(prompts), **extra, **fast)
     if "smol" in which and args.gguf:
         smol_eval(args, "smollm2_real_natural_stop", True)
     if "equal" in which and args.gguf:

@@ -113,26 +113,3 @@ def test_what_the_loop_does_not_do_goes_to_generate(inference, monkeypatch):
     layers = inference.model.config.num_hidden_layers
     monkeypatch.setattr(inference.model.config, "layer_types", ["sliding_attention"] * layers, raising=False)
     assert compiles(inference.model, GenerationSettings())  # a window the loop's one mask would not keep
-
-
-def test_batches_decoded_together_give_what_each_gives_alone(inference):
-    """`decode_together` runs several batches in lockstep (on a GPU, one CUDA stream each): every
-    batch gets the tokens it gets decoded alone, and one whose rows have all finished stops there
-    while the others go on."""
-    import torch
-
-    from tinymath.lib.decode import decode, decode_together
-    from tinymath.lib.generate import _left_padded
-
-    tok, model = inference.tokenizer, inference.model
-    prompts = _prompts(inference)
-    batches = [_left_padded([0, 1], prompts, 2, False, tok.pad_token_id),
-               _left_padded([2], prompts, 1, False, tok.pad_token_id)]
-    alone = [decode(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id) for ids, mask in batches]
-    eos = int(alone[1][0, batches[1][0].shape[1] + 3])  # the second batch "finishes" at its 4th new token
-    alone = [decode(model, ids, mask, 24, eos, tok.pad_token_id) for ids, mask in batches]
-    together = decode_together(model, batches, 24, eos, tok.pad_token_id)
-    assert [t.tolist() for t in together] == [a.tolist() for a in alone]
-    widths = [ids.shape[1] for ids, _ in batches]
-    assert together[1].shape[1] - widths[1] < 24 - 8  # stopped at the first check after its EOS
-    assert torch.equal(together[1], alone[1])

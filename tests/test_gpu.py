@@ -149,33 +149,6 @@ def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch):
     assert replayed and all(replayed[decode._Step.EAGER_STEPS:])  # tinymath's loop ran, from a graph
 
 
-def test_batches_on_their_own_streams_decode_what_each_decodes_alone(gpu_model):
-    """On a GPU, `decode_together` replays each batch's steps on its own CUDA stream: the tokens are
-    each batch's own, decoded alone (bf16, where any mix-up between streams would show); sampled, the
-    same seed gives the same samples."""
-    from tinymath.base.prompts import build_prompt, encode_prompt
-    from tinymath.lib.decode import decode, decode_together
-    from tinymath.lib.generate import _left_padded, load_for_inference
-
-    inference = load_for_inference(str(gpu_model))
-    tok, model = inference.tokenizer, inference.model
-    questions = [f"Tom has {n} apples and buys {n + 3} more. How many apples does he have?" for n in range(40)]
-    prompts = [encode_prompt(tok, build_prompt(tok, q)) for q in questions]
-    batches = [tuple(t.cuda() for t in _left_padded(list(range(a, a + 10)), prompts, 10, False, tok.pad_token_id))
-               for a in range(0, 40, 10)]
-    for sample in (None, {"temperature": 1.0, "top_p": 1.0}):
-        torch.manual_seed(0)
-        alone = [decode(model, ids, mask, 40, -1, tok.pad_token_id, sample) for ids, mask in batches]
-        torch.manual_seed(0)
-        together = decode_together(model, batches, 40, -1, tok.pad_token_id, sample)
-        if sample is None:
-            assert all(torch.equal(a, b) for a, b in zip(alone, together))
-        else:  # the random draws interleave between the batches, in the same order every time (exact resume)
-            torch.manual_seed(0)
-            again = decode_together(model, batches, 40, -1, tok.pad_token_id, sample)
-            assert all(torch.equal(a, b) for a, b in zip(together, again))
-
-
 def test_decode_steps_use_the_faster_kernel_timed_once():
     """In tinymath's decode loop a step's attention runs on the memory-efficient kernel only where it
     was timed clearly faster than SDPA's own choice: timed once per shape, then remembered; outside

@@ -95,104 +95,40 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad:
     per row ([rows, width + new], rows that finished padded with ``pad``), as ``generate`` returns.
     ``sample``: {"temperature", "top_p"} to sample, None for greedy. ``graphs``: replay decode
     steps from a CUDA graph (None: on a GPU)."""
-    return decode_together(model, [(input_ids, attention_mask)], max_new_tokens, eos, pad, sample, graphs)[0]
-
-
-def decode_together(model, batches: list, max_new_tokens: int, eos: int, pad: int,
-                    sample: dict | None = None, graphs: bool | None = None) -> list:
-    """`decode` for several left-padded batches [(input_ids, attention_mask), ...] at once, in
-    lockstep: on a GPU each batch on its own CUDA stream, so that while one batch's step waits on
-    its many small kernels the others' kernels fill the idle GPU. Each batch stops when its own
-    rows have finished. Returns each batch's output as `decode` does."""
     import torch
+    from transformers import StaticCache
 
-    device = batches[0][0].device
+    rows, width = input_ids.shape
+    device = input_ids.device
     graphs = device.type == "cuda" if graphs is None else graphs
-    streams = device.type == "cuda" and len(batches) > 1
-    if streams:  # the inputs were made on the current stream
-        current = torch.cuda.current_stream(device)
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    processors = _processors(model, sample, width, eos, device)
     with torch.no_grad(), choosing_decode_kernels():
-        states = []
-        for input_ids, attention_mask in batches:
-            stream = torch.cuda.Stream(device) if streams else None
-            if stream is not None:
-                stream.wait_stream(current)
-            with _on(stream):
-                states.append(_Batch(model, input_ids, attention_mask, max_new_tokens, eos, sample, stream))
-        active = list(states)
+        step = _Step(model, cache, attention_mask, positions[:, -1:], width + max_new_tokens)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       cache_position=torch.arange(width, device=device), logits_to_keep=1,
+                       **{step.cache_name: cache, "use_cache": True}).logits[:, -1]
+        seen = input_ids
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        new = []
         for t in range(max_new_tokens):
-            for state in active:
-                with _on(state.stream):
-                    state.choose(pad, eos)
-            if t == max_new_tokens - 1:
-                break
+            scores = processors(seen, logits.float()) if processors else logits.float()
+            if sample:
+                chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                chosen = scores.argmax(dim=-1)
+            chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
+            finished |= chosen == eos
+            new.append(chosen)
+            if processors:  # they read the tokens so far (min_new_tokens counts them)
+                seen = torch.cat([seen, chosen[:, None]], dim=1)
             # sampling checks every step: a step after all rows finished would draw random numbers
             # that `generate` does not, and the next batch's samples would differ from its
-            if sample or (t + 1) % CHECK_EVERY == 0:
-                active = [state for state in active if not bool(state.finished.all())]
-                if not active:
-                    break
-            for state in active:
-                with _on(state.stream):
-                    state.advance(t, graphs)
-        outputs = []
-        for state in states:
-            with _on(state.stream):
-                outputs.append(torch.cat([state.input_ids, torch.stack(state.new, dim=1)], dim=1))
-        if streams:  # the outputs are read on other streams, and the streams' memory is reused
-            torch.cuda.synchronize(device)
-    return outputs
-
-
-def _on(stream):
-    """Run on ``stream`` (None: where we are)."""
-    import contextlib
-
-    import torch
-
-    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
-
-
-class _Batch:
-    """One batch of `decode_together`: its cache, its prefill logits, the tokens chosen so far."""
-
-    def __init__(self, model, input_ids, attention_mask, max_new_tokens: int, eos: int, sample, stream):
-        import torch
-        from transformers import StaticCache
-
-        rows, width = input_ids.shape
-        device = input_ids.device
-        self.input_ids, self.width, self.sample, self.stream = input_ids, width, sample, stream
-        cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        self.processors = _processors(model, sample, width, eos, device)
-        self.step = _Step(model, cache, attention_mask, positions[:, -1:], width + max_new_tokens)
-        self.logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                            cache_position=torch.arange(width, device=device), logits_to_keep=1,
-                            **{self.step.cache_name: cache, "use_cache": True}).logits[:, -1]
-        self.seen = input_ids
-        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.new = []
-
-    def choose(self, pad: int, eos: int) -> None:
-        """The next token of every row from the last logits (``pad`` for rows that finished)."""
-        import torch
-
-        logits = self.logits.float()
-        scores = self.processors(self.seen, logits) if self.processors else logits
-        if self.sample:
-            chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            chosen = scores.argmax(dim=-1)
-        chosen = torch.where(self.finished, torch.full_like(chosen, pad), chosen)
-        self.finished |= chosen == eos
-        self.new.append(chosen)
-        if self.processors:  # they read the tokens so far (min_new_tokens counts them)
-            self.seen = torch.cat([self.seen, chosen[:, None]], dim=1)
-
-    def advance(self, t: int, graphs: bool) -> None:
-        """Run the step that feeds the token chosen at new position ``t``."""
-        self.logits = self.step(self.new[-1], self.width + t, graphs)
+            if t == max_new_tokens - 1 or ((sample or (t + 1) % CHECK_EVERY == 0) and bool(finished.all())):
+                break
+            logits = step(chosen, width + t, graphs)
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
 
 class _Step:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tinymath.base.errors import TinymathError, raise_if_problems
 from tinymath.base.runs import MERGE_MARKER
-from tinymath.lib.decode import decode_together
+from tinymath.lib.decode import decode
 from tinymath.lib.decode import supported as decode_supported
 
 
@@ -206,64 +206,31 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
-    batch_size, together = _batching(model, prompts, settings, compiled, own and device.type == "cuda")
+    batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
+    if compiled and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies from
+        batch_size -= batch_size % ROW_BUCKET  # call to call: a multiple of the bucket keeps the shapes few
     sample = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.temperature > 0 else None
-    chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    for first in range(0, len(chunks), together):
-        group = chunks[first:first + together]
-        batches = [_left_padded(chunk, prompts, batch_size, compiled, tokenizer.pad_token_id) for chunk in group]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        rows = _batch_shape(chunk, prompts, batch_size, compiled)
+        width = max(len(prompts[i]) for i in chunk)
+        if compiled:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
+            width = _bucket(width, WIDTH_BUCKET)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, i in enumerate(rows):  # left padding: every row's answer starts at the same column
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
         with torch.no_grad():
             if own:
-                outs = decode_together(model, [(ids.to(device), mask.to(device)) for ids, mask in batches],
-                                       settings.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                       sample)
+                out = decode(model, ids.to(device), mask.to(device), settings.max_new_tokens,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, sample)
             else:
-                outs = [model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-                        for ids, mask in batches]
-        for chunk, (ids, _), out in zip(group, batches, outs):
-            width = ids.shape[1]
-            for row, i in enumerate(chunk):  # rows beyond the chunk were filler
-                results[i] = out[row, width:].cpu()
-            update(len(chunk))
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        for row, i in enumerate(chunk):  # rows beyond the chunk were filler
+            results[i] = out[row, width:].cpu()
+        update(len(chunk))
     return results
-
-
-def _left_padded(chunk: list[int], prompts: list[list[int]], batch_size: int, compiled: bool, pad: int):
-    """A batch's input ids and attention mask, left-padded: every row's answer starts at the same column."""
-    import torch
-
-    rows = _batch_shape(chunk, prompts, batch_size, compiled)
-    width = max(len(prompts[i]) for i in chunk)
-    if compiled:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
-        width = _bucket(width, WIDTH_BUCKET)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, i in enumerate(rows):
-        ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-        mask[row, width - len(prompts[i]):] = 1
-    return ids, mask
-
-
-DECODE_STREAMS = 2  # tinymath's decode loop on a GPU: batches decoded at once, each on its own stream
-MIN_STREAM_ROWS = 128  # ... when each gets at least this many rows (fewer: one batch is as fast)
-
-
-def _batching(model, prompts: list[list[int]], settings: GenerationSettings, compiled: bool,
-              streams: bool) -> tuple[int, int]:
-    """Rows per batch, and how many batches decode at once (`decode_together`; with ``streams``,
-    the graph-replayed loop on a GPU). At once they hold no more rows than memory allows
-    (`auto_batch_size`); ``--batch-size`` fixes the rows of each batch."""
-    if not streams:
-        batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
-        if compiled and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies
-            batch_size -= batch_size % ROW_BUCKET  # from call to call: a multiple of the bucket keeps shapes few
-        return batch_size, 1
-    fits = auto_batch_size(model, prompts, settings.max_new_tokens)
-    if settings.batch_size:
-        return settings.batch_size, max(1, min(DECODE_STREAMS, fits // settings.batch_size))
-    rows = min(fits, len(prompts))
-    together = max(1, min(DECODE_STREAMS, rows // MIN_STREAM_ROWS))
-    return -(-rows // together), together
 
 
 WIDTH_BUCKET = 64  # compiled decoding: prompt widths are padded to a multiple of this
