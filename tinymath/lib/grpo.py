@@ -11,10 +11,6 @@ from:
   deviation (Dr. GRPO, Liu et al. 2025: the division over-weights questions that are almost always
   or almost never solved); groups whose solutions all earn the same reward teach nothing and are
   not run through the model (DAPO's dynamic sampling, Yu et al. 2025, without re-sampling);
-  ``--baseline greedy`` compares each solution with the policy's greedy answer to its question
-  instead (self-critical sequence training, Rennie et al. 2017; ReMax, Li et al. 2023): a sample
-  that beats the greedy answer is pushed up, one that loses to it down, so the update aims at the
-  answer greedy evaluation gives; solutions that score what the greedy answer scores teach nothing;
 - token-level normalisation: the step's loss is the sum over the solution tokens of the groups
   that teach something of -advantage x log-probability, divided by the number of those tokens
   (DAPO's loss after its dynamic-sampling filter; TRL's ``dapo`` loss), so long solutions are not
@@ -54,15 +50,11 @@ def reward(completion: str, gold: str, format_reward: float = 0.0) -> float:
     return float(is_correct(completion, gold, strict=True)) + (format_reward if answered else 0.0)
 
 
-def group_advantages(rewards: list[float], group: int, baselines: list[float] | None = None) -> list[float]:
-    """Each reward minus its baseline: the mean reward of its group (consecutive runs of ``group``
-    samples), or ``baselines[g]`` for group g (its greedy answer's reward, ``--baseline greedy``)."""
+def group_advantages(rewards: list[float], group: int) -> list[float]:
+    """Each reward minus the mean reward of its group (consecutive runs of ``group`` samples)."""
     out = []
-    for g, start in enumerate(range(0, len(rewards), group)):
+    for start in range(0, len(rewards), group):
         chunk = rewards[start:start + group]
-        if baselines is not None:
-            out += [r - baselines[g] if abs(r - baselines[g]) >= 1e-9 else 0.0 for r in chunk]
-            continue
         mean = sum(chunk) / len(chunk)
         unanimous = max(chunk) - min(chunk) < 1e-9  # exactly 0, not float noise: nothing to learn
         out += [0.0 if unanimous else r - mean for r in chunk]
@@ -150,19 +142,16 @@ class GRPOTrainer(Trainer):
         questions = self.step_examples(step)
         local = questions[self.accelerator.process_index::self.plan.world]
         started = time.time()
-        self.greedy_reward_sum = 0.0
         examples, rewards = self.rollout(local)
         generation_s = time.time() - started
         teaching = [ex for ex in examples if ex["weights"][-1] != 0]
         counts = [count_label_tokens(examples), count_label_tokens(teaching), sum(rewards), len(rewards),
-                  self._groups_solved(rewards), self.greedy_reward_sum]
-        generated, step_tokens, reward_sum, n, solved, greedy_sum = self._sum_over_processes(counts)
+                  self._groups_solved(rewards)]
+        generated, step_tokens, reward_sum, n, solved = self._sum_over_processes(counts)
         self.step_metrics = {"reward": round(reward_sum / max(n, 1), 4),
                              "groups_solved": round(solved / max(len(questions), 1), 4),
                              "generated_tokens": int(generated), "learning_tokens": int(step_tokens),
                              "generation_s": round(generation_s, 2)}
-        if self.config.baseline == "greedy":  # the greedy answers' reward: accuracy on this step's questions
-            self.step_metrics["greedy_reward"] = round(greedy_sum / max(len(questions), 1), 4)
         # unanimous groups teach nothing: skipped, except under several processes, where every rank
         # must run the same number of backward passes (DDP reduces gradients in each)
         learning = teaching if self.plan.world == 1 else examples
@@ -184,23 +173,10 @@ class GRPOTrainer(Trainer):
         self.policy.sync()
         solutions, texts = self.sample(flat, settings)
         rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
-        baselines = self.greedy_rewards(questions, prompts, settings) if config.baseline == "greedy" else None
-        advantages = group_advantages(rewards, k, baselines)
         examples = [{"input_ids": prompt + sol, "labels": [-100] * len(prompt) + sol,
                      "weights": [0.0] * len(prompt) + [advantage] * len(sol)}
-                    for prompt, sol, advantage in zip(flat, solutions, advantages) if sol]
+                    for prompt, sol, advantage in zip(flat, solutions, group_advantages(rewards, k)) if sol]
         return examples, rewards
-
-    def greedy_rewards(self, questions: list[dict], prompts: list[list[int]], settings) -> list[float]:
-        """The reward of the policy's greedy answer to each question (``--baseline greedy``), decoded
-        as the samples are (static cache on a GPU, even for a few questions); their mean is logged."""
-        from dataclasses import replace
-
-        static = self._static_cache if self._static_cache is not None else str(self.device).startswith("cuda")
-        _, texts = self.sample(prompts, replace(settings, temperature=0.0, static_cache=static))
-        rewards = [reward(text, q["answer"], self.config.format_reward) for text, q in zip(texts, questions)]
-        self.greedy_reward_sum = sum(rewards)
-        return rewards
 
     def sample(self, prompts: list[list[int]], settings) -> tuple[list[list[int]], list[str]]:
         """Each prompt's solution: its token ids and its text. With ``--calculator`` a solution is
