@@ -1,7 +1,7 @@
 """GRPO after SFT on the real SmolLM2-135M-Instruct, through the installed CLI as a user runs it.
 
 Phases (each skipped when its output exists, so a long run can continue in a later process):
-prepare-data with 200 problems held out of the TRAIN split (validation) -> SFT with the defaults ->
+prepare-data with 200 problems (`--val-size`) held out of the TRAIN split (validation) -> SFT with the defaults ->
 GRPO from the SFT run (validation accuracy on the held-out problems picks the kept adapter) ->
 the full test set, greedy, for both -> the paired comparison (`tinymath eval --compare`). Prints
 each phase's wall time and the figures, and appends them to $OUT/results.jsonl.
@@ -41,6 +41,7 @@ def main():
     parser.add_argument("--model", required=True, help="SmolLM2-135M-Instruct GGUF (or any model)")
     parser.add_argument("--data", required=True, help="GSM8K folder with train.jsonl and test.jsonl")
     parser.add_argument("--work", default="/tmp/rl")
+    parser.add_argument("--val-size", default="200", help="TRAIN problems held out for validation")
     parser.add_argument("--rl-args", default="", help="extra `tinymath train --method grpo` flags")
     parser.add_argument("--only", default="prepare,sft,rl,eval", help="phases to run")
     args = parser.parse_args()
@@ -50,7 +51,7 @@ def main():
 
     if "prepare" in which and not prep.exists():
         r = tinymath("prepare-data", "--data", args.data, "--model", args.model, "--out", str(prep),
-                     "--val-size", "200")
+                     "--val-size", args.val_size)
         log(event="rl_bench", phase="prepare", wall_s=r["wall_s"])
     if "sft" in which and not (sft / "run.json").exists():
         r = tinymath("train", "--data", str(prep), "--model", args.model, "--out", str(sft))
