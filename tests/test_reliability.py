@@ -57,6 +57,52 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_model, gsm8k_dir, tm
     assert (cut / "run.json").exists()
 
 
+def _signal_after_step(monkeypatch, step: int, resumed: bool = False):
+    """Ctrl-C arrives during ``step`` of a run (``resumed``: of a resumed run): the signal
+    handler's flag is set before the step's end."""
+    from tinymath.lib import trainer
+
+    after_step = trainer.Trainer.after_step
+
+    def signalled(self, done, *args):
+        if done == step and self.resume == resumed:
+            self.stop["signal"] = "SIGINT"
+        return after_step(self, done, *args)
+
+    monkeypatch.setattr(trainer.Trainer, "after_step", signalled)
+
+
+def test_ctrl_c_during_the_last_step_finishes_the_run(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """Stopping there would leave a checkpoint at the run's end, which --resume cannot continue: the
+    run is finished instead, and complete."""
+    _signal_after_step(monkeypatch, 3)
+    out = tmp_path / "run"
+    result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["result"]["steps"] == 3
+    assert len(_losses(out)) == 3
+
+
+def test_a_checkpoint_saved_after_a_damaged_newer_one_is_the_one_kept(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """Resumed from step 2 because step 4's checkpoint is damaged, then stopped at step 3 keeping one
+    checkpoint: step 3's is kept (step 4's belongs to steps being run again), so the run resumes."""
+    out = tmp_path / "run"
+    assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "3",
+                  "--lora-dropout", "0.1").exit_code == 0
+    whole = _losses(out)
+    (out / "run.json").unlink()
+    (out / "checkpoints" / "step-000004" / "adapter_model.safetensors").write_text("cut short")
+    _signal_after_step(monkeypatch, 3, resumed=True)
+    stopped = run_cli("train", "--resume", out, "--keep-checkpoints", "1")
+    assert stopped.exit_code == 130, stopped.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
+    monkeypatch.undo()
+    result = run_cli("train", "--resume", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["resumed_from_step"] == 3
+    assert _losses(out) == pytest.approx(whole, rel=1e-5)
+
+
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     import tinymath.lib.batching as train_module
 

@@ -100,6 +100,17 @@ def test_overwrite_refuses_folders_that_are_not_runs(tiny_model, gsm8k_dir, tmp_
     assert (mine / "thesis.tex").read_text() == "years of work"
 
 
+def test_overwrite_refuses_a_foreign_folder_where_the_new_run_would_train(tiny_model, gsm8k_dir, run_copy):
+    """A run replacing RUN trains in .RUN.partial beside it; a folder of that name with someone
+    else's files in it is one message, and both it and RUN stay as they were."""
+    partial = run_copy.with_name(f".{run_copy.name}.partial")
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    before = (run_copy / "run.json").read_text()
+    _clean_error(_train(tiny_model, gsm8k_dir, run_copy, "--max-steps", "1", "--overwrite"), "did not write")
+    assert (partial / "notes.txt").read_text() == "mine" and (run_copy / "run.json").read_text() == before
+
+
 def test_overwrite_refuses_the_working_directory(tiny_model, gsm8k_dir, run_copy, monkeypatch):
     before = sorted(p.name for p in run_copy.iterdir())
     monkeypatch.chdir(run_copy)

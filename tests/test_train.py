@@ -211,6 +211,53 @@ def test_two_machines_train_like_one_process(tiny_model, gsm8k_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2
 
 
+def test_two_processes_resume_exactly_and_only_as_two(tiny_model, gsm8k_dir, tmp_path):
+    """Each process's random numbers are saved and put back (LoRA dropout differs per process), so a
+    two-process run resumed from its step-2 checkpoint retakes steps 3-4 exactly; resuming it with
+    one process is refused (the global batch and the data position depend on the count)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tinymath"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*launch, "train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--quant", "none",
+                            "--lr", "0.02", "--warmup", "0", "--lora-r", "8", "--lora-dropout", "0.1", "--batch-size",
+                            "2", "--max-steps", "4", "--save-every", "2", "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    whole = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000002").glob("rng*.pt")) == ["rng-rank1.pt",
+                                                                                                 "rng.pt"]
+    alone = run_cli("train", "--resume", out)
+    assert alone.exit_code == 1 and "trained with 2 process(es)" in alone.stderr, alone.output
+    assert (out / "run.json").exists()  # the refusal changed nothing
+    again = subprocess.run([*launch, "train", "--resume", str(out)], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()] == pytest.approx(whole, rel=1e-5)
+
+
+def test_when_the_first_machine_cannot_claim_the_folder_every_machine_says_so(tiny_model, gsm8k_dir, tmp_path):
+    """The run folder is locked by another run: the first machine refuses, and the second learns it
+    at once and stops with one message too, instead of a traceback or a wait on the first."""
+    from tinymath.base.runs import run_lock
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--quant", "none", "--max-steps", "2",
+            "--batch-size", "2", "--out", str(out)]
+    with run_lock(out):
+        port = _free_port()
+        nodes = [_launch(n, 2, port, *args) for n in (0, 1)]
+        errors = [node.communicate(timeout=240)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [1, 1], errors
+    assert "error: another training run" in errors[0]
+    assert "error: the run's main process could not start it: another training run" in errors[1], errors[1][-2000:]
+    ours = [err.split("torch/distributed/elastic")[0] for err in errors]  # before the launcher's own report
+    assert not any("Traceback" in err for err in ours), ours
+
+
 def test_a_process_that_dies_ends_the_others_promptly_with_one_message(tiny_model, gsm8k_dir, tmp_path):
     """Killing the process of one machine mid-run: the other machine's process exits within seconds
     with one tinymath message (not a traceback), instead of waiting on a collective."""

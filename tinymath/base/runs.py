@@ -175,7 +175,20 @@ def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOu
         raise TinymathError(f"--out {out} holds files that tinymath did not write (no {RUN_FILE} of a run); "
                             "choose another --out, or empty it yourself")
     check_not_working_dir(out)
+    _check_partial_is_ours(partial_folder(out), out)
     return TrainOutput(live=partial_folder(out), final=out)
+
+
+def _ours_to_replace(partial: Path) -> bool:
+    """Whether ``partial`` (beside the run it would replace) may be cleared: empty, or an earlier
+    attempt at the replacement (marked by ``.replaces``), or a tinymath run."""
+    return not any(partial.iterdir()) or (partial / REPLACES).exists() or is_tinymath_run(partial)
+
+
+def _check_partial_is_ours(partial: Path, out: Path) -> None:
+    if partial.exists() and not (partial.is_dir() and _ours_to_replace(partial)):
+        raise TinymathError(f"{partial}, where a run replacing --out {out} trains until it is complete, holds files "
+                            "tinymath did not write; move or delete it, then run the command again")
 
 
 @contextmanager
@@ -189,8 +202,8 @@ def claimed_train_output(output: TrainOutput, resume: bool):
     created = not output.live.exists()
     with run_lock(output.final):
         if output.live != output.final and not resume:
-            if output.live.exists() and (not any(output.live.iterdir()) or (output.live / REPLACES).exists()
-                                         or is_tinymath_run(output.live)):
+            _check_partial_is_ours(output.live, output.final)  # again, now that the run's lock is held
+            if output.live.exists():
                 shutil.rmtree(output.live)  # an earlier attempt at this replacement
             output.live.mkdir(parents=True)
             (output.live / REPLACES).write_text(output.final.name, encoding="utf-8")

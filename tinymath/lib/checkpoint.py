@@ -2,8 +2,8 @@
 SIGINT/SIGTERM into "save and stop". (The lock that keeps two runs out of one folder is the run
 folder's: `tinymath.base.runs.run_lock`.)
 
-A checkpoint is ``RUN/checkpoints/step-000123/``: the adapter, optimizer and scheduler state, RNG
-states, ``state.json`` (step, epoch position, best accuracy) and, with ``--keep best``, a copy of
+A checkpoint is ``RUN/checkpoints/step-000123/``: the adapter, optimizer and scheduler state, every
+process's RNG states, ``state.json`` (step, number of processes, best accuracy) and, with ``--keep best``, a copy of
 ``RUN/best/`` as it was then (resuming puts it back: a later best belongs to steps that run again).
 It is written to a temporary folder and renamed, so a crash mid-save never damages the last good
 one; and a checkpoint damaged anyway (a disk error, a copy cut short) is passed over for the newest
@@ -36,34 +36,68 @@ def latest_checkpoint(run: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run: Path, step: int, peft_model, optimizer, scheduler, extra: dict, keep: int) -> Path:
-    """Save everything needed to continue after ``step``; keep only the newest ``keep`` checkpoints."""
+def rng_state() -> dict:
+    """This process's random number generators (Python's, torch's CPU and CUDA ones)."""
     import random
 
     import torch
 
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def save_checkpoint(run: Path, step: int, peft_model, optimizer, scheduler, extra: dict, keep: int,
+                    rng_states: list[dict] | None = None) -> Path:
+    """Save everything needed to continue after ``step``; keep only the newest ``keep`` checkpoints.
+    ``rng_states``: every process's `rng_state`, in rank order (None: this process alone). The
+    number of processes is recorded: a resume must run as many (`check_processes`).
+
+    Checkpoints after ``step`` are removed: they belong to steps being run again (a resume from an
+    older checkpoint because the newest was damaged), and are never kept in place of this one."""
+    import torch
+
     from tinymath.base.files import atomic_output_dir, write_json
 
+    rng_states = rng_states or [rng_state()]
     target = Path(run) / CHECKPOINTS / f"step-{step:06d}"
     with atomic_output_dir(target) as tmp:
         peft_model.save_pretrained(str(tmp))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, tmp / _rng_file(rank))
         best_saved = (Path(run) / BEST).is_dir()
         if best_saved:
             shutil.copytree(Path(run) / BEST, tmp / BEST)
-        write_json(tmp / "state.json", {"step": step, **extra, "best_saved": best_saved})
-    for old in checkpoint_dirs(run)[:-keep]:
+        write_json(tmp / "state.json", {"step": step, **extra, "best_saved": best_saved,
+                                        "processes": len(rng_states)})
+    found = checkpoint_dirs(run)  # zero-padded step numbers: names sort by step
+    later = [p for p in found if p.name > target.name]
+    for old in later + [p for p in found if p.name <= target.name][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG states; returns state.json."""
+def check_processes(state: dict, processes: int, run: Path) -> None:
+    """A run resumes with as many processes as it trained with: the global batch, the data position
+    and each process's random numbers depend on it."""
+    saved = state.get("processes")
+    if saved is not None and saved != processes:
+        launch = (f"accelerate launch --num_processes {saved} -m tinymath train --resume {run}" if saved > 1
+                  else f"tinymath train --resume {run} (one process)")
+        raise TinymathError(f"--resume {run}: the run trained with {saved} process(es), this launch has {processes}; "
+                            f"resume it as it ran: {launch}")
+
+
+def load_checkpoint(path: Path, peft_model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore adapter weights, optimizer, scheduler and this process's (``rank``) RNG states;
+    returns state.json."""
     import random
 
     import torch
@@ -75,8 +109,9 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> dict:
     if not isinstance(state.get("step"), int):
         raise TinymathError(f"{path / 'state.json'} has no step number")
     weights = load_safetensors(path / "adapter_model.safetensors")
+    rng_file = _rng_file(rank) if (path / _rng_file(rank)).is_file() else _rng_file(0)  # older: one file
     optimizer_state, scheduler_state, rng = (torch_load(path / name) for name in ("optimizer.pt", "scheduler.pt",
-                                                                                  "rng.pt"))
+                                                                                  rng_file))
     set_peft_model_state_dict(peft_model, weights)
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
@@ -93,9 +128,11 @@ def _python_rng_state(saved) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def load_latest_checkpoint(run: Path, peft_model, optimizer, scheduler, say=print) -> tuple[Path, dict]:
-    """Restore the newest checkpoint of ``run`` that reads back whole; a damaged newer one is
-    reported with ``say`` and passed over. An error when none is intact."""
+def load_latest_checkpoint(run: Path, peft_model, optimizer, scheduler, say=print,
+                           rank: int = 0) -> tuple[Path, dict]:
+    """Restore the newest checkpoint of ``run`` that reads back whole (``rank``: this process's
+    random numbers); a damaged newer one is reported with ``say`` and passed over. An error when
+    none is intact."""
     found = checkpoint_dirs(run)
     if not found:
         raise TinymathError(f"--resume {run}: no checkpoint to resume from (train with --save-every N, "
@@ -103,8 +140,8 @@ def load_latest_checkpoint(run: Path, peft_model, optimizer, scheduler, say=prin
     problems = []
     for path in reversed(found):
         try:
-            return path, load_checkpoint(path, peft_model, optimizer, scheduler)
-        except (TinymathError, KeyError, ValueError, TypeError) as exc:
+            return path, load_checkpoint(path, peft_model, optimizer, scheduler, rank)
+        except (TinymathError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: wrong shapes
             problems.append(f"{path.name}: {exc}")
             say(f"tinymath: checkpoint {path} is damaged ({exc}); trying an older one")
     raise TinymathError(f"--resume {run}: no intact checkpoint ({'; '.join(problems)})")

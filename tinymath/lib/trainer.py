@@ -238,11 +238,13 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, self.plan.warmup_steps, self.plan.total_steps)
 
     def _restore(self) -> None:
-        from tinymath.lib.checkpoint import load_latest_checkpoint
+        from tinymath.lib.checkpoint import check_processes, load_latest_checkpoint
 
         state = self.state
         state.checkpoint, state.saved_state = load_latest_checkpoint(self.out, self.model, self.optimizer,
-                                                                     self.scheduler, say=self.say)
+                                                                     self.scheduler, say=self.say,
+                                                                     rank=self.accelerator.process_index)
+        check_processes(state.saved_state, self.plan.world, self.out)
         state.start_step, state.best = state.saved_state["step"], state.saved_state.get("best", state.best)
         if state.start_step >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the checkpoint is at step {state.start_step}, the run ends at "
@@ -561,6 +563,10 @@ class Trainer:
         return total / max(count_label_tokens(examples), 1)
 
     def _stop_if_asked(self, done: int, stop_votes: float) -> None:
+        """Save and stop after this step when Ctrl-C (or SIGTERM) came; after the last step the run
+        finishes instead (its result is written next, and a checkpoint there could not be resumed)."""
+        if done == self.plan.total_steps:
+            return
         if self.plan.world == 1:
             stopping = self.stop["signal"]
         else:  # only the agreed vote counts: a signal that came after it waits for the next step
@@ -573,12 +579,18 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """A resumable checkpoint after ``step`` (the main process writes; all wait)."""
-        from tinymath.lib.checkpoint import save_checkpoint
+        from tinymath.lib.checkpoint import rng_state, save_checkpoint
 
         self._check_weights_finite(step)
+        rng_states = [rng_state()]
+        if self.plan.world > 1:  # each process's own: its dropout masks and samples continue exactly
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object(rng_states)
         if self.is_main:
             save_checkpoint(self.out, step, self.accelerator.unwrap_model(self.loss_model).peft_model,
-                            self.optimizer, self.scheduler, {"best": self.state.best}, self.config.keep_checkpoints)
+                            self.optimizer, self.scheduler, {"best": self.state.best}, self.config.keep_checkpoints,
+                            rng_states)
         self.accelerator.wait_for_everyone()
 
     def _check_weights_finite(self, step: int) -> None:

@@ -8,6 +8,8 @@ takes its place only when complete) and runs the method's phased recipe (`tinyma
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 from tinymath.base.config import TrainConfig
 from tinymath.base.errors import TinymathError
 
@@ -28,9 +30,9 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     ``resume``: continue the run in ``config.out`` from its latest intact checkpoint.
     """
     from tinymath.base.files import check_writable
-    from tinymath.base.runs import claimed_train_output, plan_train_output
+    from tinymath.base.runs import plan_train_output
     from tinymath.base.errors import choice, raise_if_problems
-    from tinymath.lib.distributed import default_device, process_state
+    from tinymath.lib.distributed import default_device, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
     from tinymath.lib.speed import check_fused_kernels_asked
 
@@ -46,15 +48,41 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     state = process_state()
     state.wait_for_everyone()  # every process has checked the folder before the main one changes it
     try:
-        if not state.is_main_process:  # the main process claims the folder and puts the result in place
-            return trainer.setup().fit()
-        with claimed_train_output(output, resume):
+        with peers_lost_as_error(state.num_processes), ExitStack() as held:
+            # the main process claims the folder (and puts the result in place); the others learn
+            # whether it could before they start, so none waits on a process that has stopped
+            claimed = _claim(held, output, resume) if state.is_main_process else None
+            _agree_on_claim(state, claimed)
             summary = trainer.setup().fit()
     finally:
         trainer.restore_process()  # a model built later in this process (an evaluation's, say) is plain
-    if output.live != output.final:
+    if state.is_main_process and output.live != output.final:
         summary["out"] = str(output.final)
     return summary
+
+
+def _claim(held: ExitStack, output, resume: bool) -> TinymathError | None:
+    """Claim the run folder for the rest of ``held``; the refusal, if it could not."""
+    from tinymath.base.runs import claimed_train_output
+
+    try:
+        held.enter_context(claimed_train_output(output, resume))
+    except TinymathError as exc:
+        return exc
+    return None
+
+
+def _agree_on_claim(state, refusal: TinymathError | None) -> None:
+    """Raise the main process's refusal to claim the folder on every process (one process: its own)."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        said = [str(refusal) if refusal is not None else None]
+        broadcast_object_list(said, from_process=0)
+        if said[0] is not None and not state.is_main_process:
+            raise TinymathError(f"the run's main process could not start it: {said[0]}")
+    if refusal is not None:
+        raise refusal
 
 
 def dry_run_report(config: TrainConfig) -> dict:
