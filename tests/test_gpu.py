@@ -1,8 +1,11 @@
 """The CUDA-only paths, checked against their plain references on a GPU (skipped elsewhere):
 variable-length packed attention against per-example SDPA, CUDA-graph replay against eager
-forward/backward, static-cache decoding against plain ``generate``. Run with ``pytest -m gpu``."""
+forward/backward, static-cache decoding against plain ``generate``; on two GPUs, training and resuming
+against their one-process references. Run with ``pytest -m gpu``."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from conftest import build_tiny_model
@@ -243,3 +246,27 @@ def test_fused_kernels_train_like_the_plain_layers(gpu_model, tmp_path):
     assert losses["--fused-kernels"][0] == pytest.approx(losses["--no-fused-kernels"][0], rel=2e-3)  # same weights
     assert losses["--fused-kernels"] == pytest.approx(losses["--no-fused-kernels"], rel=2e-2)
     assert losses["--fused-kernels"][-1] < losses["--fused-kernels"][0]  # it learns
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_resume_like_the_run_went_on(gpu_model, tmp_path):
+    """Two processes (NCCL), LoRA dropout on: resumed from the step-3 checkpoint (every process's
+    random numbers put back), steps 4-6 are what the uninterrupted run took."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = Path(__file__).parent / "fixtures"
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tinymath", "train"]
+    out = tmp_path / "run"
+    whole, _ = _train_subprocess([*launch, "--data", str(data / "gsm8k"), "--model", str(gpu_model), "--quant", "none",
+                                  "--lr", "0.002", "--warmup", "0", "--batch-size", "4", "--max-steps", "6",
+                                  "--save-every", "3", "--lora-dropout", "0.1", "--no-compile", "--json"], out)
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000003").glob("rng*.pt")) == ["rng-rank1.pt", "rng.pt"]
+    (out / "run.json").unlink()
+    again = subprocess.run([sys.executable, *launch, "--resume", str(out), "--json"], capture_output=True, text=True,
+                           env=os.environ, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+    assert resumed == pytest.approx(whole, rel=1e-3)
