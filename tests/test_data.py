@@ -30,6 +30,24 @@ def test_single_file_and_limit(gsm8k_dir):
     assert len(rows) == 3 and rows[0]["answer"].endswith("#### 12")
 
 
+def test_a_single_file_is_prepared_as_training_data_only(tiny_model, gsm8k_dir, tmp_path):
+    """Made its test split too, it would score a model on the problems it trained on."""
+    out = tmp_path / "prep"
+    result = run_cli("prepare-data", "--data", gsm8k_dir / "train.jsonl", "--model", tiny_model, "--out", out,
+                     "--val-size", 2, "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert sorted(manifest["splits"]) == ["train", "validation"]
+    assert manifest["data"] == str((gsm8k_dir / "train.jsonl").absolute())  # works from any folder later
+
+
+@pytest.mark.parametrize("command", ["prepare-data", "train"])
+def test_a_val_size_that_is_neither_a_count_nor_a_fraction_is_refused(tiny_model, gsm8k_dir, tmp_path, command):
+    result = run_cli(command, "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "out", "--val-size", 1.5)
+    assert result.exit_code == 1 and "--val-size 1.5 must be a whole count" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_parquet_and_json_files(tmp_path, gsm8k_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -124,6 +124,7 @@ def test_grpo_run_folder_resume_eval_and_merge(tiny_model, gsm8k_dir, sft_run, t
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all({"reward", "groups_solved", "generated_tokens", "generation_s", "update_s"} <= r.keys() for r in rows)
     assert any(r["loss"] != 0 for r in rows)  # mixed rewards: the policy was updated
+    assert run["result"]["first_step_seconds"] >= rows[0]["generation_s"]  # a step's sampling is part of it
 
     again = tmp_path / "again"  # resumed from step 2: the same samples, rewards and losses as straight through
     shutil.copytree(out, again)

@@ -103,6 +103,24 @@ def test_a_checkpoint_saved_after_a_damaged_newer_one_is_the_one_kept(tiny_model
     assert _losses(out) == pytest.approx(whole, rel=1e-5)
 
 
+def test_sigterm_while_the_run_sets_up_leaves_nothing_behind(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's stop, `kill`) while the model loads: the command ends as interrupted
+    and the run folder it created is gone, not left holding a lock and nothing to resume."""
+    from tinymath.lib import trainer
+
+    load = trainer.Trainer._load_model
+
+    def terminated_while_loading(self):
+        load(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer.Trainer, "_load_model", terminated_while_loading)
+    out = tmp_path / "run"
+    result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "3")
+    assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
+    assert not out.exists()
+
+
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     import tinymath.lib.batching as train_module
 

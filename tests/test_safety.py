@@ -346,3 +346,9 @@ def test_a_replacement_resumes_into_its_own_sibling_only(tiny_model, gsm8k_dir, 
     result = _train(tiny_model, gsm8k_dir, run_copy, "--max-steps", "1", "--overwrite")
     assert result.exit_code == 0, result.output
     assert (elsewhere / "run" / "notes.txt").read_text() == "mine" and not partial.exists()
+
+
+def test_compare_with_a_folder_that_does_not_exist(tmp_path):
+    (tmp_path / "a").mkdir()
+    _clean_error(run_cli("eval", "--compare", tmp_path / "missing", tmp_path / "a"), "missing does not exist")
+    _clean_error(run_cli("eval", "--compare", tmp_path / "a", tmp_path / "b"), "not a `tinymath eval --out` folder")

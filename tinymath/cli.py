@@ -297,7 +297,7 @@ def train_cmd(
 @app.command("merge-adapters")
 @command
 def merge_cmd(
-    run: Annotated[Path, typer.Argument(help="A `tinymath train` run folder.")],
+    run: Annotated[Path, typer.Argument(help="A `tinymath train` run folder.", metavar="RUN")],
     out: Annotated[Path, typer.Option(help="Folder for the merged model.")] = Path("merged"),
     dtype: Annotated[DType, typer.Option(help="Weight dtype of the merged model.")] = DType.bf16,
     merge_base: Annotated[MergeBase, typer.Option(help="Merge into the NF4-dequantized base (what the adapter was trained against) or the original weights.")] = MergeBase.dequantized,

@@ -148,9 +148,10 @@ class TrainConfig:
                                      "retention_every", "max_length"), optional=True)
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora-dropout {self.lora_dropout} must be in [0, 1)")
-        for name in ("warmup", "weight_decay", "val_size"):
+        for name in ("warmup", "weight_decay"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0")
+        problems += val_size_problems(self.val_size)
         if self.max_memory is not None:
             try:
                 parse_memory(self.max_memory)
@@ -287,6 +288,15 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
 
 
 PATH_SETTINGS = ("data", "model", "init_adapter")
+
+
+def val_size_problems(val_size: float) -> list[str]:
+    """``--val-size``: a whole count (>= 1) of problems to hold out, or a fraction below 1."""
+    if val_size < 0:
+        return [f"--val-size {val_size} must be >= 0 (a count, or a fraction below 1)"]
+    if val_size >= 1 and val_size != int(val_size):
+        return [f"--val-size {val_size} must be a whole count of problems, or a fraction below 1"]
+    return []
 
 
 def absolute_paths(settings: dict, keys: tuple[str, ...] = PATH_SETTINGS) -> dict:

@@ -27,3 +27,16 @@ def progress_bar(description: str, total: int | None, enabled: bool = True, fiel
     with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task(description, total=total, **initial)
         yield lambda advance=1, **values: progress.update(task, advance=advance, **values)
+
+
+@contextmanager
+def status_line(text: str, enabled: bool = True):
+    """A spinner with ``text`` on stderr for work of unknown length; yields ``say(text)`` to change
+    the text. A no-op when not ``enabled``."""
+    if not enabled:
+        yield lambda text: None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text, spinner="dots") as status:
+        yield status.update

@@ -1,5 +1,5 @@
 """What makes a long run safe: checkpoints (save, keep the last K, find, restore) and turning
-SIGINT/SIGTERM into "save and stop". (The lock that keeps two runs out of one folder is the run
+SIGINT/SIGTERM into "save and stop" (and, while a run sets up, SIGTERM into an interrupt). (The lock that keeps two runs out of one folder is the run
 folder's: `tinymath.base.runs.run_lock`.)
 
 A checkpoint is ``RUN/checkpoints/step-000123/``: the adapter, optimizer and scheduler state, every
@@ -157,6 +157,24 @@ def restore_best(path: Path, run: Path, state: dict) -> None:
     shutil.rmtree(best, ignore_errors=True)
     if (Path(path) / BEST).is_dir():
         shutil.copytree(Path(path) / BEST, best)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM interrupts as Ctrl-C does (a KeyboardInterrupt), until `stop_on_signals` takes over
+    for the training loop: a run stopped while it loads cleans up after itself, not killed mid-way."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

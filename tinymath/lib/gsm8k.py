@@ -2,8 +2,8 @@
 answer-only loss mask and a learned EOS, and reading a prepare-data folder back.
 
 Sources: a hub id (``openai/gsm8k``), a folder holding ``train.jsonl`` / ``test.jsonl`` (the
-original GSM8K layout), or a single ``.jsonl`` / ``.json`` / ``.parquet`` file (treated as every
-split). Every row needs ``question`` and ``answer``; a bad row is reported by file and line.
+original GSM8K layout), or a single ``.jsonl`` / ``.json`` / ``.parquet`` file (read as whichever
+split is asked for; prepare-data makes it the train split only). Every row needs ``question`` and ``answer``; a bad row is reported by file and line.
 
 Output folder: ``train/``, ``validation/`` (with ``--val-size``), ``test/`` (datasets
 ``save_to_disk``; columns question, answer, input_ids, labels) and ``prepare.json`` (settings,
@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tinymath.base.config import DEFAULT_DATA
+from tinymath.base.config import DEFAULT_DATA, val_size_problems
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
 from tinymath.base.files import read_json, read_json_object, read_jsonl
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
@@ -83,13 +83,15 @@ def local_split_file(data: str, split: str) -> Path | None:
 
 
 def available_splits(data: str) -> list[str]:
-    """The GSM8K splits a source has (a single file counts as every split)."""
+    """The GSM8K splits prepare-data makes of a source: a folder's or the hub's train and test; a
+    single file is training data only (as its test split too, it would score the model on the
+    problems it trained on)."""
     path = Path(data).expanduser()
     if path.is_dir() and (path / MANIFEST).exists():
         raise TinymathError(f"--data {data} is already a prepare-data output; give the raw GSM8K files")
     if path.is_dir():
         return [s for s in ("train", "test") if any((path / f"{s}{x}").exists() for x in FILE_SUFFIXES)]
-    return ["train", "test"]
+    return ["train"] if path.is_file() else ["train", "test"]
 
 
 def read_gsm8k(data: str = DEFAULT_DATA, split: str = "train", limit: int | None = None) -> list[dict]:
@@ -159,8 +161,7 @@ def validate_prepare_options(fmt: str, max_length: int, calc_annotations: str, v
     problems = choice("--format", fmt, FORMATS) + choice("--calc-annotations", calc_annotations, CALC_ANNOTATIONS)
     if max_length < 16:
         problems.append(f"--max-length {max_length} is too small; use at least 16 (GSM8K needs ~400)")
-    if val_size < 0:
-        problems.append(f"--val-size {val_size} must be >= 0 (a count, or a fraction below 1)")
+    problems += val_size_problems(val_size)
     if limit is not None and limit <= 0:
         problems.append(f"--limit {limit} must be a positive number of examples")
     raise_if_problems(problems)

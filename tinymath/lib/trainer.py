@@ -23,17 +23,25 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from tinymath.base.config import TrainConfig, parse_memory
 from tinymath.base.errors import Stopped, TinymathError
+from tinymath.base.progress import status_line
 from tinymath.base.runs import BEST, CONFIG_FILE, METRICS, RUN_FILE
 from tinymath.lib.batching import count_label_tokens, micro_batches, process_examples, to_device
 from tinymath.lib.distributed import peers_lost_as_error
 from tinymath.lib.speed import eager, inference_mode
+
+
+# what the progress line says while each set-up phase runs
+SETUP_WORDS = {"accelerator": "starting", "data": "reading the data", "model": "loading the model",
+               "plan": "planning memory and speed", "optimizer": "building the optimizer",
+               "restore": "restoring the checkpoint", "prepare": "preparing the model",
+               "run_folder": "writing the run folder"}
 
 
 @dataclass
@@ -86,6 +94,7 @@ class Trainer:
         self.retention = None
         self.step_metrics: dict = {}  # what a method adds to the step's metrics line
         self.first_step_seconds: float | None = None
+        self.first_batches_seconds = 0.0
         self.capture_seconds_before_fallback = 0.0  # captures made before graphs were given up, if they were
         self.restore_process = lambda: None  # undoes what the run changed process-wide (Liger's swaps)
 
@@ -102,12 +111,17 @@ class Trainer:
                   "restore": [self._restore] if self.resume else [],
                   "prepare": [self._plan_graphs, self._prepare, self._setup_graphs],
                   "run_folder": [self._setup_run_folder, self._setup_retention]}
-        for name, steps in phases.items():
-            started = time.time()
-            for step in steps:
-                step()
-            if steps:
-                self.setup_phases[name] = round(time.time() - started, 2)
+        with ExitStack() as shown:
+            say = lambda text: None  # noqa: E731 (until the main process is known)
+            for name, steps in phases.items():
+                if name == "data" and self.show_progress:  # the accelerator knows the main process now
+                    say = shown.enter_context(status_line("setting up", True))
+                say(f"setting up: {SETUP_WORDS[name]}")
+                started = time.time()
+                for step in steps:
+                    step()
+                if steps:
+                    self.setup_phases[name] = round(time.time() - started, 2)
         self.setup_seconds = time.time() - self.setup_started
         return self
 
@@ -363,20 +377,21 @@ class Trainer:
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(self.device)
         state.started = time.time()
-        fields_fmt = "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
+        fields_fmt = "{task.fields[numbers]}"  # the last step's loss, learning rate and speed; none before
         metrics = open(self.out / METRICS, "a", encoding="utf-8") if self.is_main else nullcontext()
         try:
             with peers_lost_as_error(plan.world, self._resume_hint), clear_library_errors(), \
                     stop_on_signals() as self.stop, metrics as self.metrics_file, \
-                    progress_bar("training", plan.total_steps, self.show_progress, fields_fmt, loss=float("nan"),
-                                 lr=0.0, tps=0.0) as self.update:
+                    progress_bar("training", plan.total_steps, self.show_progress, fields_fmt, numbers="") as self.update:
                 self.update(advance=state.start_step)
                 self.before_steps()
                 if plan.compiled:  # the first step compiles: say so, not look stuck
                     self.update(advance=0, description="compiling the layers first (about a minute)")
                 elif self.graphed is not None:
                     self.update(advance=0, description="capturing CUDA graphs")
+                started = time.time()
                 upcoming = self.step_batches(state.start_step)
+                self.first_batches_seconds = time.time() - started  # GRPO: the first step's sampling
                 for step in range(state.start_step, plan.total_steps):
                     upcoming = self.train_step(step, upcoming)
         finally:
@@ -403,8 +418,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=self.graphed is None)  # graphs keep adding into the same buffers
         real = sum(len(ex["input_ids"]) for ex in examples)
-        if self.first_step_seconds is None:  # compiling and graph capture included
-            self.first_step_seconds = round(time.time() - t0, 2)
+        if self.first_step_seconds is None:  # building its batches, compiling and graph capture included
+            self.first_step_seconds = round(time.time() - t0 + self.first_batches_seconds, 2)
             self.update(advance=0, description="training")
         self.after_step(step + 1, loss, lr, real, real / max(time.time() - t0, 1e-9), stop_votes)
         return self.step_batches(step + 1) if more and upcoming is None else upcoming
@@ -508,7 +523,7 @@ class Trainer:
             from tinymath.lib.curves import plot_curves
 
             plot_curves(self.out)
-        self.update(loss=loss, lr=lr, tps=tps)
+        self.update(numbers=f"loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s")
         if config.save_every and done % config.save_every == 0 and done < total:
             self.save(done)
         self._stop_if_asked(done, stop_votes)

@@ -142,6 +142,8 @@ def _read_predictions(folder: Path) -> list[dict]:
     from tinymath.base.files import read_jsonl
 
     path = folder / PREDICTIONS
+    if not folder.exists():
+        raise TinymathError(f"--compare {folder} does not exist")
     if not path.is_file() or not (folder / SUMMARY).is_file():
         raise TinymathError(f"--compare {folder}: not a `tinymath eval --out` folder (no {PREDICTIONS})")
     rows = read_jsonl(path)

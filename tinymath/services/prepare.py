@@ -27,6 +27,7 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
     """
     import datasets
 
+    from tinymath.base.config import absolute_paths
     from tinymath.base.files import atomic_output_dir, check_output_dir, write_json
     from tinymath.base.progress import progress_bar
     from tinymath.lib.model import load_tokenizer
@@ -56,7 +57,7 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
                             "alone is that long; raise --max-length (GSM8K needs about 400)")
 
     manifest = {
-        "data": data, "model": model, "format": fmt, "system_prompt": system_prompt,
+        **absolute_paths({"data": data, "model": model}), "format": fmt, "system_prompt": system_prompt,
         "max_length": max_length, "calc_annotations": calc_annotations, "val_size": val_size,
         "limit": limit, "seed": seed, "eos_token": tokenizer.eos_token, "vocab_size": len(tokenizer),
         "splits": stats,

@@ -32,6 +32,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     from tinymath.base.files import check_writable
     from tinymath.base.runs import plan_train_output
     from tinymath.base.errors import choice, raise_if_problems
+    from tinymath.lib.checkpoint import sigterm_as_interrupt
     from tinymath.lib.distributed import default_device, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
     from tinymath.lib.speed import check_fused_kernels_asked
@@ -48,7 +49,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     state = process_state()
     state.wait_for_everyone()  # every process has checked the folder before the main one changes it
     try:
-        with peers_lost_as_error(state.num_processes), ExitStack() as held:
+        with sigterm_as_interrupt(), peers_lost_as_error(state.num_processes), ExitStack() as held:
             # the main process claims the folder (and puts the result in place); the others learn
             # whether it could before they start, so none waits on a process that has stopped
             claimed = _claim(held, output, resume) if state.is_main_process else None
