@@ -121,6 +121,17 @@ def test_sigterm_while_the_run_sets_up_leaves_nothing_behind(tiny_model, gsm8k_d
     assert not out.exists()
 
 
+def test_a_nan_validation_loss_does_not_cost_the_run(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    from tinymath.lib import trainer
+
+    monkeypatch.setattr(trainer.Trainer, "validation_loss", lambda self, rows: float("nan"))
+    out = tmp_path / "run"
+    result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "2", "--val-size", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["result"]["val_loss"] is None
+    assert "validation loss came out nan" in result.stderr
+
+
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     import tinymath.lib.batching as train_module
 
@@ -222,6 +233,10 @@ def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     assert result.exit_code == 1 and "--lr would change the saved run" in result.stderr and "--max-steps" in result.stderr
     result = run_cli("train", "--resume", tmp_path / "nothing")
     assert result.exit_code == 1 and "not a tinymath run folder" in result.stderr
+    result = run_cli("train", "--resume", out, "--out", tmp_path / "elsewhere")  # it would be ignored
+    assert result.exit_code == 1 and "drop --out" in result.stderr and not (tmp_path / "elsewhere").exists()
+    result = run_cli("train", "--resume", out, "--out", "run")  # the same folder, relative: no conflict
+    assert result.exit_code == 1 and "no checkpoint" in result.stderr
 
 
 def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp_path):

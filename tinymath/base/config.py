@@ -266,6 +266,8 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         if config_file:
             raise TinymathError("--resume continues a run with its saved settings; drop --config")
         absolute = absolute_paths(given)  # a path given again, relative or not, is the same setting
+        if "out" in given and Path(given["out"]).expanduser().absolute() != Path(resume).expanduser().absolute():
+            raise TinymathError(f"--resume {resume} continues that run in its own folder; drop --out {given['out']}")
         conflicts = [k for k, v in given.items()
                      if k not in RESUME_SAFE and k != "out" and saved.get(k) not in (v, absolute[k])]
         if conflicts:

@@ -544,7 +544,10 @@ class Trainer:
         best adapter with ``--keep best``); whether the step was evaluated."""
         config, total = self.config, self.plan.total_steps
         if "validation" in self.splits and done == total:
-            record["val_loss"] = self.state.val_loss = round(self.validation_loss(self.splits["validation"]), 6)
+            loss = self.validation_loss(self.splits["validation"])
+            if not math.isfinite(loss):  # the weights are finite (checked): keep the run, without the figure
+                self.say(f"tinymath: the validation loss came out {loss}; the run is kept, without it")
+            record["val_loss"] = self.state.val_loss = round(loss, 6) if math.isfinite(loss) else None
         evaluating = bool(config.eval_every and (done % config.eval_every == 0 or done == total))
         if evaluating and self.is_main:
             record["val_accuracy"] = self.validation_accuracy()
