@@ -1,15 +1,16 @@
 """What makes a long run safe: checkpoints (save, keep the last K, find, restore) and turning
-SIGINT/SIGTERM into "save and stop" (and, while a run sets up, SIGTERM into an interrupt). (The lock that keeps two runs out of one folder is the run
-folder's: `tinymath.base.runs.run_lock`.)
+SIGINT/SIGTERM into "save and stop" (while a run still sets up, SIGTERM into an interrupt). (The
+lock that keeps two runs out of one folder is the run folder's: `tinymath.base.runs.run_lock`.)
 
 A checkpoint is ``RUN/checkpoints/step-000123/``: the adapter, optimizer and scheduler state, every
-process's RNG states, ``state.json`` (step, number of processes, best accuracy) and, with ``--keep best``, a copy of
-``RUN/best/`` as it was then (resuming puts it back: a later best belongs to steps that run again).
-It is written to a temporary folder and renamed, so a crash mid-save never damages the last good
-one; and a checkpoint damaged anyway (a disk error, a copy cut short) is passed over for the newest
-intact one, with a word to the user. Everything is read back as data (`tinymath.base.files`:
-safetensors, and torch files with ``weights_only=True``), so a shared run folder cannot run code.
-The data position is the step number: the order of examples is a pure function of (seed, epoch).
+process's RNG states, ``state.json`` (step, number of processes, best accuracy) and, with ``--keep
+best``, a copy of ``RUN/best/`` as it was then (resuming puts it back: a later best belongs to steps
+that run again). It is written to a temporary folder and renamed, so a crash mid-save never damages
+the last good one; and a checkpoint damaged anyway (a disk error, a copy cut short) is passed over
+for the newest intact one, with a word to the user. Everything is read back as data
+(`tinymath.base.files`: safetensors, and torch files with ``weights_only=True``), so a shared run
+folder cannot run code. The data position is the step number: the order of examples is a pure
+function of (seed, epoch).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ answer-only loss mask and a learned EOS, and reading a prepare-data folder back.
 
 Sources: a hub id (``openai/gsm8k``), a folder holding ``train.jsonl`` / ``test.jsonl`` (the
 original GSM8K layout), or a single ``.jsonl`` / ``.json`` / ``.parquet`` file (read as whichever
-split is asked for; prepare-data makes it the train split only). Every row needs ``question`` and ``answer``; a bad row is reported by file and line.
+split is asked for; prepare-data makes it the train split only). Every row needs ``question`` and
+``answer``; a bad row is reported by file and line.
 
 Output folder: ``train/``, ``validation/`` (with ``--val-size``), ``test/`` (datasets
 ``save_to_disk``; columns question, answer, input_ids, labels) and ``prepare.json`` (settings,
