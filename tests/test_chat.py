@@ -59,3 +59,39 @@ def test_interactive_session_in_a_pty(tiny_model):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_a_question_too_long_for_the_window_keeps_the_conversation(tiny_model):
+    """Interactive chat: the refusal of a too-long question leaves the earlier turns in place."""
+    import pytest
+
+    from tinymath.base.errors import TinymathError
+    from tinymath.lib.generate import GenerationSettings, load_for_inference
+    from tinymath.services.chat import ChatSession
+
+    session = ChatSession(load_for_inference(model=str(tiny_model)), GenerationSettings(max_new_tokens=4))
+    for question in ("What is 3 + 4?", "And 5 + 6?"):
+        "".join(session.reply(question))
+    assert len(session.history) == 2
+    with pytest.raises(TinymathError, match="context window"):
+        session.prompt_ids("seven " * 1200)
+    assert len(session.history) == 2
+
+
+def test_a_model_without_a_chat_template_is_asked_in_the_instruction_format(tiny_model, tmp_path):
+    """A base model has no chat template: chat (which has no --format) and eval use the plain
+    instruction format instead of refusing."""
+    import shutil
+
+    plain = tmp_path / "base"
+    shutil.copytree(tiny_model, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    result = run_cli("chat", "--model", plain, "--max-new-tokens", 4, "--question", "What is 2 + 2?", "--json")
+    assert result.exit_code == 0, result.output
+    from tinymath.lib.generate import load_for_inference
+
+    assert load_for_inference(model=str(plain)).format == "instruction"
+    assert load_for_inference(model=str(tiny_model)).format == "chat"

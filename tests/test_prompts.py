@@ -23,6 +23,14 @@ from tinymath.base.prompts import (
     ("first 3 then 4 then 5", "5"),                     # no marker: the last number
     ("no numbers here", None),
     ("", None),
+    ("It takes 5-6 hours", "6"),                       # a range's dash is not a minus sign
+    ("Items:\n- 12", "12"),                            # nor a list's
+    ("So the total is 30 - 12", "12"),
+    ("Final answer - 42", "42"),
+    ("the change is -5 degrees", "-5"),
+    ("(-3)", "-3"),
+    ("#### $-5", "-5"),
+    ("#### -$5", "-5"),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
@@ -31,6 +39,7 @@ def test_extract_answer(text, expected):
 def test_strict_needs_the_marker():
     assert extract_answer("the answer is 7", strict=True) is None
     assert extract_answer("#### 7", strict=True) == "7"
+    assert extract_answer("#### $-5", strict=True) == "-5"
 
 
 @pytest.mark.parametrize("completion, gold, ok", [

@@ -11,6 +11,8 @@ from tinymath.base.calculator import calculate, pending_call
 @pytest.mark.parametrize("expression, value", [
     ("48/2", "24"), ("3*4+2", "14"), ("(1+2)*3", "9"), ("10/4", "2.5"), ("1,200*2", "2400"), ("-3+5", "2"),
     ("2**10", "1024"), ("$5*3", "15"), ("1/3", "0.333333"),
+    ("1-0.9-0.1", "0"), ("0.3-0.1-0.2", "0"),  # float error below zero is not "-0"
+    ("-0.5*3", "-1.5"),
 ])
 def test_calculator_computes(expression, value):
     assert calculate(expression) == value
@@ -110,6 +112,38 @@ def test_lm_eval_prompt_is_five_shot(tiny_model, gsm8k_dir):
         shots = rng.sample(train, 5)
         expected = "\n\n".join(f"Question: {s['question']}\nAnswer: {s['answer']}" for s in shots)
         assert tok.decode(prompt) == f"{expected}\n\nQuestion: {row['question']}\nAnswer:"
+
+
+def test_calculator_rounds_keep_each_answer_within_its_own_token_budget(tiny_model, monkeypatch):
+    """A round of calculator decoding runs to the largest budget left among its rows; a row that had
+    used more of its --max-new-tokens keeps only what it had left (it is not lengthened by its
+    batch-mates)."""
+    import torch
+
+    import tinymath.lib.generate as generate
+
+    inference = generate.load_for_inference(model=str(tiny_model))
+    tok = inference.tokenizer
+    word = tok(" a", add_special_tokens=False).input_ids
+    first = {0: tok(" a" * 40 + " <<1+1=", add_special_tokens=False).input_ids,   # near its limit
+             1: tok(" a" * 5 + " <<2+2=", add_special_tokens=False).input_ids}    # far from it
+    rounds = []
+
+    def scripted(inference, prompts, settings, update=lambda advance=1: None, stopping=None):
+        rounds.append(settings.max_new_tokens)
+        if len(rounds) == 1:
+            return [torch.tensor(first[i]) for i in range(len(prompts))]
+        return [torch.tensor(word * settings.max_new_tokens) for _ in prompts]  # no EOS: the whole budget
+
+    monkeypatch.setattr(generate, "generate_ids", scripted)
+    prompts = [[1, 2, 3], [1, 2, 4]]
+    answers = generate.generate_batch(inference, prompts, generate.GenerationSettings(max_new_tokens=60,
+                                                                                      calculator=True))
+    assert rounds[1] == 60 - len(first[1])  # the second round ran to row 1's budget...
+    for (text, used), i in zip(answers, (0, 1)):
+        after = text.split(">>", 1)[1]
+        assert len(tok(after, add_special_tokens=False).input_ids) <= 60 - len(first[i]), (i, text)  # ...not row 0's
+        assert used == 60
 
 
 def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, monkeypatch):

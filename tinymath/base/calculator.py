@@ -39,9 +39,10 @@ def calculate(expression: str) -> str | None:
         return None
     if abs(value) > MAX_MAGNITUDE:
         return None
-    if float(value).is_integer():
+    value = round(float(value), 6) + 0.0  # + 0.0: -0.0 (float error below zero) becomes 0.0
+    if value.is_integer():
         return str(int(value))
-    return format(Decimal(repr(round(float(value), 6))).normalize(), "f")
+    return format(Decimal(repr(value)).normalize(), "f")
 
 
 def _evaluate(node, depth: int, deadline: float) -> float:

@@ -8,7 +8,8 @@ way it was taught. Two formats:
 
 The answer contract (`extract_answer`, `is_correct`) is public: the first ``#### N`` marker wins
 (a model that runs on into a new question is scored on its first answer); without a marker the
-last number counts. Commas, ``$`` and a trailing period are ignored; numbers compare by value.
+last number counts. Commas, ``$`` and a trailing period are ignored; numbers compare by value; a
+dash is a minus sign only when it touches the number (``-5``, not a range's ``5-6`` or a list's ``- 12``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 
 CALC_ANNOTATION = re.compile(r"<<[^<>]*>>")
-_NUMBER = r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+# a minus sign only when it touches the number and follows no word or ")": "5-6 hours" and "- 12"
+# (a range, a list's dash) are not negative; "$-5" and "-$5" are
+_SIGN = r"(?:(?<![\w)])-(?=\$?\.?\d)|\$-(?=\.?\d))?"
+_NUMBER = _SIGN + r"\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _MARKER = re.compile(r"####\s*(" + _NUMBER + ")")
 _ANY_NUMBER = re.compile(_NUMBER)
 

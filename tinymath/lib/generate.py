@@ -78,7 +78,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
     """Load ``--model`` or a run's ``--adapter`` (merged in memory) with the right prompt format.
 
     A run's own format and system prompt are used unless given explicitly; for a plain model
-    the default format is ``chat``.
+    the default format is ``chat``, or ``instruction`` when its tokenizer has no chat template.
     """
     from tinymath.base.runs import load_run
     from tinymath.lib.attention import use_decode_attention
@@ -100,7 +100,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
     weights = load_base_model(model, quant=quant, trust_remote_code=trust_remote_code).eval()
     use_decode_attention(weights)
     saved = _merged_prompt_settings(model)  # a merge-adapters output remembers its run's format
-    return InferenceModel(weights, tokenizer, fmt or saved.get("format", "chat"),
+    plain = "chat" if getattr(tokenizer, "chat_template", None) else "instruction"  # a base model: no template
+    return InferenceModel(weights, tokenizer, fmt or saved.get("format", plain),
                           system_prompt if system_prompt is not None else saved.get("system_prompt"),
                           {"model": model, "quant": quant}, bool(saved.get("calculator", False)))
 
@@ -309,8 +310,8 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
         outs = generate_ids(inference, round_prompts, replace(settings, max_new_tokens=budget, calculator=False),
                              stopping=stopping)
         still = []
-        for i, ids in zip(active, outs):
-            text, n = _cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
+        for i, ids in zip(active, outs):  # the round ran to the longest budget: each row keeps its own
+            text, n = _cut_at_stop(_decode_new(tokenizer, ids[:settings.max_new_tokens - used[i]]), settings.stop)
             texts[i] += text
             used[i] = min(settings.max_new_tokens, used[i] + n)
             # a row that stopped inside "<<expr=" this round waits for its result (judged by the text:

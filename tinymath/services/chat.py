@@ -50,18 +50,18 @@ class ChatSession:
         if len(question) > MAX_CHARS_PER_TOKEN * self.context_window:  # no tokenizer pass over megabytes
             raise TinymathError(f"the question is {len(question):,} characters, far more than the model's "
                                 f"{self.context_window}-token context window holds; shorten it")
-        dropped = 0
+        history = list(self.history)  # kept as it was if even the question alone does not fit
         while True:
             ids = encode_prompt(tokenizer, build_prompt(tokenizer, question, self.inference.format,
-                                                        self.system_prompt, self.history))
+                                                        self.system_prompt, history))
             if len(ids) <= budget:
+                dropped, self.history = len(self.history) - len(history), history
                 return ids, dropped
-            if not self.history:
+            if not history:
                 raise TinymathError(f"the question is {len(ids)} tokens; with --max-new-tokens "
                                     f"{self.settings.max_new_tokens} it does not fit the model's "
                                     f"{self.context_window}-token context window; shorten it")
-            self.history.pop(0)
-            dropped += 1
+            history.pop(0)
 
     def reply(self, question: str):
         """Yield the reply text in pieces; the turn is added to the history when it is complete."""
