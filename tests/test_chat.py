@@ -36,6 +36,8 @@ def test_bad_input(tiny_model, tmp_path):
     result = run_cli("chat", "--model", tiny_model, "--max-new-tokens", 8, input=long_question + "\nWhat is 2+2?\n")
     assert result.exit_code == 1 and "context window" in result.stderr
     assert len(result.stdout.strip().splitlines()) >= 1  # the good line was still answered
+    result = run_cli("chat", "--model", tiny_model, "--max-new-tokens", 100000, "--question", "What is 2+2?")
+    assert result.exit_code == 1 and "--max-new-tokens 100000 leaves no room" in result.stderr, result.output
 
 
 def test_interactive_session_in_a_pty(tiny_model):

@@ -88,6 +88,9 @@ def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir, tmp_path):
     assert s["pass_at_k"] == sum(any(is_correct(c, r["gold"]) for c in r["completions"]) for r in rows) / 2
     result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--samples", 3)
     assert result.exit_code == 1 and "--temperature" in result.stderr
+    result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--samples", 3,
+                     "--temperature", 0.7, "--protocol", "lm-eval-gsm8k")  # lm-eval scores one greedy answer
+    assert result.exit_code == 1 and "--protocol lm-eval-gsm8k" in result.stderr
     result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,
                      "--protocol", "lm-eval-gsm8k", "--json")
     assert result.exit_code == 0, result.output

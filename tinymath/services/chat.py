@@ -47,6 +47,9 @@ class ChatSession:
         how many turns were dropped."""
         tokenizer = self.inference.tokenizer
         budget = self.context_window - self.settings.max_new_tokens
+        if budget <= 0:
+            raise TinymathError(f"--max-new-tokens {self.settings.max_new_tokens} leaves no room for a question in the "
+                                f"model's {self.context_window}-token context window; ask for fewer")
         if len(question) > MAX_CHARS_PER_TOKEN * self.context_window:  # no tokenizer pass over megabytes
             raise TinymathError(f"the question is {len(question):,} characters, far more than the model's "
                                 f"{self.context_window}-token context window holds; shorten it")

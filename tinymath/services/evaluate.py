@@ -25,6 +25,9 @@ def _check_options(limit, protocol, samples, temperature) -> None:
         problems.append(f"--samples {samples} must be at least 1")
     if samples > 1 and not temperature:
         problems.append(f"--samples {samples} needs sampling: add --temperature, e.g. 0.7")
+    if samples > 1 and protocol != "default":
+        problems.append(f"--samples {samples} scores the majority answer with tinymath's own extraction; "
+                        f"--protocol {protocol} scores one greedy answer (drop one of them)")
     raise_if_problems(problems)
 
 
