@@ -57,6 +57,10 @@ def test_interactive_session_in_a_pty(tiny_model):
     child.expect("conversation reset")
     child.sendline("/system Be brief.")
     child.expect("system prompt set")
+    child.sendline("/system")
+    child.expect("system prompt back to the default")
+    child.sendline("/systemic")                 # not /system: an unknown command
+    child.expect("unknown command")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()

@@ -14,7 +14,8 @@ from tinymath.lib.generate import GenerationSettings, InferenceModel, generate_b
 from tinymath.base.prompts import build_prompt, encode_prompt, extract_answer
 
 MAX_CHARS_PER_TOKEN = 16  # more characters than this per token of context cannot fit, whatever the tokenizer
-HELP = "Commands: /reset (forget the conversation), /system TEXT (new system prompt), /exit (or Ctrl-D)"
+HELP = ("Commands: /reset (forget the conversation), /system TEXT (new system prompt; /system alone: the default), "
+        "/exit (or Ctrl-D)")
 
 
 class ChatSession:
@@ -133,9 +134,10 @@ def run_interactive(session: ChatSession, console) -> int:
             session.reset()
             console.print("[dim]conversation reset[/dim]")
             continue
-        if question.startswith("/system"):
-            session.set_system(question[len("/system"):].strip())
-            console.print("[dim]system prompt set; conversation reset[/dim]")
+        if question == "/system" or question.startswith("/system "):
+            text = question[len("/system"):].strip()
+            session.set_system(text or session.inference.system_prompt)  # no text: the model's own again
+            console.print(f"[dim]system prompt {'set' if text else 'back to the default'}; conversation reset[/dim]")
             continue
         if question.startswith("/"):
             console.print(f"[yellow]unknown command {question.split()[0]}[/yellow]  [dim]{HELP}[/dim]")
