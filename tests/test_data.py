@@ -102,3 +102,19 @@ def test_top_level_help_has_examples_and_version_prints():
         assert command in result.output
     version = run_cli("--version")
     assert version.exit_code == 0 and version.output.strip() == f"tinymath {tinymath.__version__}"
+
+
+def test_out_with_a_tilde_or_through_a_symlink(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """``--out ~/prep`` is the home folder's prep; an --out that is a link to a folder replaces that
+    folder (with --overwrite) and stays a link."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", "~/prep", "--limit", 2)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "prep" / "prepare.json").is_file() and not (tmp_path / "~").exists()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "prep")
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", link, "--limit", 3,
+                     "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and json.loads((tmp_path / "prep" / "prepare.json").read_text())["limit"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "prep"]  # nothing left beside them

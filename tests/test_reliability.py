@@ -390,3 +390,18 @@ def test_the_hub_probe_respects_the_users_choices(monkeypatch):
     assert hub.offline_unless_reachable()
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE is True
     assert "hub.invalid cannot be reached" in hub.unreachable_hint()
+
+
+def test_a_gguf_exported_again_with_other_weights_is_converted_again(tmp_path):
+    """The converted-GGUF cache is keyed by the file's size, its ends and pieces of its middle: a file
+    whose first and last 4 MiB did not change (embeddings, output layer) but whose layers did is
+    not mistaken for the one converted before; a copy of the same file is."""
+    from tinymath.lib.model import _quick_digest
+
+    ends = os.urandom(4 << 20)
+    one, other, copy = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
+    one.write_bytes(ends + os.urandom(4 << 20) + ends)
+    other.write_bytes(ends + os.urandom(4 << 20) + ends)
+    shutil.copy(one, copy)
+    assert _quick_digest(one) != _quick_digest(other)
+    assert _quick_digest(one) == _quick_digest(copy)

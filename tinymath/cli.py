@@ -359,7 +359,7 @@ def _tinymath_gsm8k(o: dict) -> None:
 
     summary = evaluate(model=o["model"], adapter=str(o["adapter"]) if o["adapter"] else None, data=o["data"],
                        split=o["split"], limit=o["limit"], out=o["out"], batch_size=o["batch_size"],
-                       max_new_tokens=o["max_new_tokens"], quant=o["quant"].value,
+                       max_new_tokens=_answer_tokens(o, 256), quant=o["quant"].value,
                        fmt=o["format"].value if o["format"] else None, system_prompt=o["system_prompt"],
                        merge_base=o["merge_base"].value, overwrite=o["overwrite"],
                        trust_remote_code=o["trust_remote_code"], show_progress=not o["json_out"],
@@ -395,6 +395,11 @@ def _print_gsm8k(summary: dict, split: str, samples: int, out) -> None:
         out_console.print(f"predictions -> {out / PREDICTIONS}")
 
 
+def _answer_tokens(o: dict, default: int) -> int:
+    """``--max-new-tokens`` as given, else the task's default."""
+    return default if o["max_new_tokens"] is None else o["max_new_tokens"]
+
+
 def _retention(o: dict) -> None:
     """``eval --task retention``: drift from the base model, as a table or JSON."""
     from tinymath.services.retention import evaluate_retention
@@ -404,6 +409,7 @@ def _retention(o: dict) -> None:
     with status:
         summary = evaluate_retention(model=o["model"], adapter=str(o["adapter"]) if o["adapter"] else None,
                                      base=o["base"], out=out, limit=o["limit"], lm_eval_tasks=o["lm_eval"],
+                                     max_new_tokens=_answer_tokens(o, 64),
                                      overwrite=o["overwrite"], trust_remote_code=o["trust_remote_code"])
     if json_out:
         return _print_json(summary)
@@ -429,7 +435,7 @@ def _lm_eval(o: dict) -> None:
     with status:
         summary = evaluate_with_lm_eval(model=o["model"], adapter=str(o["adapter"]) if o["adapter"] else None,
                                         data=o["data"], limit=o["limit"], out=o["out"], batch_size=o["batch_size"],
-                                        max_new_tokens=o["max_new_tokens"], merge_base=o["merge_base"].value,
+                                        max_new_tokens=_answer_tokens(o, 256), merge_base=o["merge_base"].value,
                                         overwrite=o["overwrite"], trust_remote_code=o["trust_remote_code"])
     if o["json_out"]:
         return _print_json(summary)
@@ -455,7 +461,7 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N problems.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Problems generated together (default: as many as GPU memory allows; 16 on CPU).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated.")] = 256,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer generated.", show_default="256; 64 for --task retention")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for predictions.jsonl and summary.json.")] = None,
     quant: Annotated[Quant, typer.Option(help="Weights for --model: unquantized (fast) or NF4.", rich_help_panel="Model and prompt")] = Quant.none,
     format: Annotated[Optional[Format], typer.Option(help="Prompt format (default: the run's, else chat).", rich_help_panel="Model and prompt")] = None,

@@ -218,6 +218,13 @@ def check_writable(folder: str | Path, flag: str = "--out") -> None:
             from None
 
 
+def output_path(out: str | Path) -> Path:
+    """``--out`` as meant: ``~`` expanded, and a symbolic link followed to the folder it names (the
+    output replaces that folder; the link stays)."""
+    out = Path(out).expanduser()
+    return out.resolve() if out.is_symlink() else out
+
+
 def check_output_dir(out: str | Path, overwrite: bool, marker: str | None = None) -> None:
     """Refuse to replace an existing non-empty folder unless ``overwrite`` (before any work starts).
 
@@ -225,7 +232,7 @@ def check_output_dir(out: str | Path, overwrite: bool, marker: str | None = None
     ``overwrite`` a folder holding something else is refused, so nothing unrelated is destroyed.
     The folder's parent must be writable.
     """
-    out = Path(out)
+    out = output_path(out)
     if out.exists() and not out.is_dir():
         raise TinymathError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -263,7 +270,7 @@ def replace_dir(new: Path, out: Path) -> None:
 @contextmanager
 def atomic_output_dir(out: str | Path):
     """Yield a temporary folder next to ``out``; on success it replaces ``out``, on error it is removed."""
-    out = Path(out)
+    out = output_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))

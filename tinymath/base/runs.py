@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import check_not_working_dir, check_safetensors, read_json_object, read_jsonl
+from tinymath.base.files import check_not_working_dir, check_safetensors, output_path, read_json_object, read_jsonl
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.json"
@@ -158,7 +158,7 @@ class TrainOutput:
 def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOutput:
     """Check ``--out`` before any work and say where the run will train. Reads only: the folder is
     claimed (created, locked, cleared) by `claim_train_output`."""
-    out = Path(out)
+    out = output_path(out)
     if out.exists() and not out.is_dir():
         raise TinymathError(f"--out {out} is a file, not a folder")
     if resume:  # a partial run (``.NAME.partial``, marked by ``.replaces``) still replaces its sibling NAME

@@ -149,14 +149,22 @@ def _convert(gguf: Path, target: Path) -> Path:
     return target
 
 
+DIGEST_SAMPLES = 256  # 16 KiB pieces spread over a GGUF's middle, hashed with its ends
+
+
 def _quick_digest(path: Path) -> str:
-    """Size plus a hash of the first and last 4 MiB: the same file copied elsewhere hits the cache."""
+    """Size plus a hash of the first and last 4 MiB and of `DIGEST_SAMPLES` pieces spread between
+    them: the same file copied elsewhere hits the cache, and a file exported again with other
+    weights misses it even when its ends (embeddings, output layer) are the same."""
     import hashlib
 
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         digest.update(f.read(4 << 20))
+        for i in range(1, DIGEST_SAMPLES + 1):
+            f.seek(size * i // (DIGEST_SAMPLES + 2))
+            digest.update(f.read(16 << 10))
         f.seek(max(0, size - (4 << 20)))
         digest.update(f.read())
     return digest.hexdigest()[:16]
