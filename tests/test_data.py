@@ -118,3 +118,22 @@ def test_out_with_a_tilde_or_through_a_symlink(tiny_model, gsm8k_dir, tmp_path, 
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and json.loads((tmp_path / "prep" / "prepare.json").read_text())["limit"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "prep"]  # nothing left beside them
+
+
+def test_every_test_problem_is_kept_whatever_its_length(tiny_model, gsm8k_dir, tmp_path):
+    """Training rows whose prompt fills --max-length are dropped (nothing to learn); test rows never
+    are: an evaluation of the prepared folder asks every question."""
+    from transformers import AutoTokenizer
+
+    from tinymath.base.prompts import build_prompt, encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    longest_test = max(len(encode_prompt(tok, build_prompt(tok, r["question"], "chat")))
+                       for r in read_gsm8k(str(gsm8k_dir), "test"))
+    out = tmp_path / "prep"
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out,
+                     "--max-length", longest_test, "--json")
+    assert result.exit_code == 0, result.output
+    splits = json.loads(result.stdout)["splits"]
+    assert splits["train"]["dropped_too_long"] > 0  # the length does cut training rows here...
+    assert len(read_gsm8k(str(out), "test")) == len(read_gsm8k(str(gsm8k_dir), "test"))  # ...and no test row

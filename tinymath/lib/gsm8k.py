@@ -169,8 +169,11 @@ def validate_prepare_options(fmt: str, max_length: int, calc_annotations: str, v
 
 
 def tokenize_split(rows: list[dict], tokenizer, fmt: str, system_prompt: str | None, max_length: int,
-                   calc_annotations: str, update=lambda advance=1: None) -> tuple[dict, dict]:
-    """Tokenize rows into columns (question, answer, input_ids, labels) and their statistics."""
+                   calc_annotations: str, update=lambda advance=1: None,
+                   keep_every_row: bool = False) -> tuple[dict, dict]:
+    """Tokenize rows into columns (question, answer, input_ids, labels) and their statistics. A row
+    whose prompt alone fills ``max_length`` teaches nothing and is dropped, unless ``keep_every_row``
+    (a test split: evaluation asks every question, whatever its length)."""
     from tinymath.base.prompts import encode_example
 
     columns = {"question": [], "answer": [], "input_ids": [], "labels": []}
@@ -179,7 +182,7 @@ def tokenize_split(rows: list[dict], tokenizer, fmt: str, system_prompt: str | N
         example = encode_example(tokenizer, row["question"], row["answer"], fmt, system_prompt, max_length,
                                  calc_annotations)
         update()
-        if all(label == -100 for label in example["labels"]):
+        if all(label == -100 for label in example["labels"]) and not keep_every_row:
             dropped += 1  # the prompt alone fills --max-length: nothing to learn from
             continue
         truncated += example["truncated"]

@@ -49,7 +49,7 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
     with progress_bar("tokenizing", total, enabled=show_progress) as update:
         for split, rows in splits.items():
             columns, stats[split] = tokenize_split(rows, tokenizer, fmt, system_prompt, max_length,
-                                                   calc_annotations, update)
+                                                   calc_annotations, update, keep_every_row=split == "test")
             prepared[split] = datasets.Dataset.from_dict(columns)
     empty = [split for split, s in stats.items() if not s["examples"]]
     if empty:
