@@ -386,3 +386,41 @@ def test_lm_eval_backend_runs_the_harness_task(tiny_model, gsm8k_dir, tmp_path):
     paired = run_cli("eval", "--compare", ours, out, "--json")
     assert paired.exit_code == 0, paired.output
     assert json.loads(paired.stdout)["n"] == 2
+
+
+def test_gguf_export_of_query_key_biases_and_a_padded_vocabulary(tiny_model, tmp_path):
+    """A Llama with attention biases and more embedding rows than tokens: the query and key biases
+    are permuted into llama.cpp's rotary layout as their weights are (what convert_hf_to_gguf.py
+    does), and the token list is padded to the embedding rows, as llama.cpp requires."""
+    import shutil
+
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinymath.lib.gguf_export import _permute, write_gguf
+
+    source = tmp_path / "biased"
+    shutil.copytree(tiny_model, source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(attention_bias=True, vocab_size=448)
+    (source / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, ignore_mismatched_sizes=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    path = write_gguf(model, tokenizer, source, tmp_path / "m.gguf", "f16", "biased")
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    attention = model.model.layers[0].self_attn
+    for name, bias, heads in (("blk.0.attn_q.bias", attention.q_proj.bias, config["num_attention_heads"]),
+                              ("blk.0.attn_k.bias", attention.k_proj.bias, config["num_key_value_heads"])):
+        original = bias.detach().numpy()
+        assert np.allclose(tensors[name], _permute(original, heads)) and not np.allclose(tensors[name], original)
+    assert np.allclose(tensors["blk.0.attn_v.bias"], attention.v_proj.bias.detach().numpy())  # not rotated
+    assert len(tokenizer) < 448 and len(reader.fields["tokenizer.ggml.tokens"].data) == 448
+    assert tensors["token_embd.weight"].shape[0] == 448

@@ -3,10 +3,11 @@ tokenizer, chat template and the stop token training taught, plus an Ollama ``Mo
 
 Written with the ``gguf`` package's writer (the llama.cpp project's own Python library), the way
 llama.cpp's ``convert_hf_to_gguf.py`` writes a Llama: tensor names from ``gguf``'s name map, the
-query and key projections permuted into llama.cpp's rotary layout, norms in F32, the rest in the
-chosen type (`GGUF_TYPES`). Llama-architecture models with a byte-level BPE tokenizer (SmolLM2,
-GPT-2 style) or a SentencePiece-style one (TinyLlama, Llama 2); anything else is refused with a
-clear message rather than written wrong.
+query and key projections (and their biases) permuted into llama.cpp's rotary layout, norms in F32,
+the rest in the chosen type (`GGUF_TYPES`), the token list padded to the embedding rows.
+Llama-architecture models with a byte-level BPE tokenizer (SmolLM2, GPT-2 style) or a
+SentencePiece-style one (TinyLlama, Llama 2); anything else is refused with a clear message rather
+than written wrong.
 """
 
 from __future__ import annotations
@@ -68,9 +69,15 @@ def _pre_tokenizer(spec: dict) -> str | None:
     return None
 
 
-def _add_vocab(writer, tokenizer, folder: Path) -> None:
+def _add_vocab(writer, tokenizer, folder: Path, vocab_size: int) -> None:
+    """The tokenizer, its token list padded with unused ``[PADn]`` tokens up to the model's
+    ``vocab_size`` embedding rows (llama.cpp checks that they match), as convert_hf_to_gguf.py does."""
     from gguf import TokenType
 
+    if len(tokenizer) > vocab_size:
+        raise TinymathError(f"--gguf: the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} "
+                            "embedding rows")
+    padding = [f"[PAD{i}]" for i in range(len(tokenizer), vocab_size)]
     spec = _tokenizer_json(tokenizer)
     model = spec.get("model", {})
     special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
@@ -83,9 +90,9 @@ def _add_vocab(writer, tokenizer, folder: Path) -> None:
         tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
+        writer.add_token_list(tokens + padding)
         writer.add_token_types([TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i in added
-                                else TokenType.NORMAL for i in range(len(tokens))])
+                                else TokenType.NORMAL for i in range(len(tokens))] + [TokenType.UNUSED] * len(padding))
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     elif model.get("type") == "BPE":  # SentencePiece-style BPE with byte fallback (Llama 2, TinyLlama)
         from gguf.vocab import LlamaHfVocab
@@ -94,11 +101,12 @@ def _add_vocab(writer, tokenizer, folder: Path) -> None:
         texts, _, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
-        writer.add_token_list(list(texts))
+        writer.add_token_list(list(texts) + padding)
         # llama.cpp merges by score; tokenizer.json has no scores (gguf gives every token -1000), and
         # a SentencePiece BPE model's pieces score in id order: -id keeps the merge priority
-        writer.add_token_scores([-float(i) if t == TokenType.NORMAL else 0.0 for i, t in enumerate(types)])
-        writer.add_token_types(list(types))
+        writer.add_token_scores([-float(i) if t == TokenType.NORMAL else 0.0 for i, t in enumerate(types)]
+                                + [0.0] * len(padding))
+        writer.add_token_types(list(types) + [TokenType.UNUSED] * len(padding))
     else:
         raise TinymathError(f"--gguf: tokenizers of type {model.get('type')!r} are not written; use llama.cpp's "
                             "convert_hf_to_gguf.py")
@@ -155,9 +163,9 @@ def _tensors(model, gguf_type: str):
         if name is None:
             raise TinymathError(f"--gguf: no llama.cpp name for the tensor {hf_name}")
         array = tensor.detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):  # a bias is laid out like its rows
             array = _permute(array, heads)
-        elif hf_name.endswith("k_proj.weight"):
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _permute(array, kv_heads)
         if array.ndim == 1:
             yield name, array, None
@@ -176,7 +184,7 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, gguf_type: str, title
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(title)
     _add_hyperparameters(writer, model.config, gguf_type)
-    _add_vocab(writer, tokenizer, folder)
+    _add_vocab(writer, tokenizer, folder, model.config.vocab_size)
     for name, data, kind in _tensors(model, gguf_type):
         writer.add_tensor(name, data, raw_dtype=kind)
     writer.write_header_to_file()
