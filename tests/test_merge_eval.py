@@ -2,6 +2,7 @@
 its files and JSON, bad input is refused cleanly."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -33,6 +34,7 @@ def test_merged_model_answers_like_the_adapter_model(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["max_logit_diff"] <= report["tolerance"] and report["adapter_effect"] > 10 * report["tolerance"]
+    assert report["run"] == str(Path(trained_run).absolute())  # usable from any folder later
     assert list(merged_dir.glob("*.safetensors"))
     assert AutoModelForCausalLM.from_pretrained(merged_dir).generation_config.eos_token_id == 2
 
@@ -424,3 +426,12 @@ def test_gguf_export_of_query_key_biases_and_a_padded_vocabulary(tiny_model, tmp
     assert np.allclose(tensors["blk.0.attn_v.bias"], attention.v_proj.bias.detach().numpy())  # not rotated
     assert len(tokenizer) < 448 and len(reader.fields["tokenizer.ggml.tokens"].data) == 448
     assert tensors["token_embd.weight"].shape[0] == 448
+
+
+def test_lm_eval_backend_refuses_a_prepared_folder_before_loading(tiny_model, gsm8k_dir, tmp_path):
+    """The harness reads raw GSM8K files: a prepare-data folder is one message (whether or not
+    lm-eval is installed)."""
+    prep = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
+    result = run_cli("eval", "--backend", "lm-eval", "--model", tiny_model, "--data", prep, "--limit", 2)
+    assert result.exit_code == 1 and "is a prepare-data output" in result.stderr, result.output

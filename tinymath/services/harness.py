@@ -62,6 +62,11 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
     from tinymath.base.runs import load_run
     from tinymath.lib.generate import load_for_inference
 
+    from tinymath.lib.gsm8k import is_prepared
+
+    if Path(data).expanduser().is_dir() and is_prepared(Path(data).expanduser()):
+        raise TinymathError(f"--data {data} is a prepare-data output; lm-evaluation-harness reads raw GSM8K files: "
+                            "give the folder with train.jsonl and test.jsonl (or leave --data out for the hub's)")
     lm_eval = _harness()
     if limit is not None and limit <= 0:
         raise TinymathError(f"--limit {limit} must be a positive number of problems")

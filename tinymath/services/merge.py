@@ -59,7 +59,7 @@ def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", me
 
         check_exportable(adapted.get_base_model(), tokenizer)
     merged, figures = _merge_checked(adapted, tokenizer, run)
-    report = {"run": str(run.path), "base_model": run.base_model, "merge_base": merge_base, "dtype": dtype,
+    report = {"run": str(Path(run.path).absolute()), "base_model": run.base_model, "merge_base": merge_base, "dtype": dtype,
               **figures, "format": run.prompt_format, "system_prompt": run.system_prompt,
               "calculator": bool(run.config.get("calculator", False))}
     with atomic_output_dir(out) as tmp:
