@@ -91,7 +91,7 @@ def test_an_update_moves_the_policy_towards_rewarded_solutions(tiny_model, gsm8k
         for _ in questions:
             for solution, r in ((good, 1.0), (bad, 0.0)):
                 examples.append({"input_ids": [1, 30, 31] + solution, "labels": [-100] * 3 + solution,
-                                 "weights": [0.0] * 3 + [r - 0.5] * len(solution)})
+                                 "weights": [0.0] * 3 + [r - 0.5] * len(solution), "teaches": True})
                 rewards.append(r)
         return examples, rewards
 
@@ -109,6 +109,27 @@ def test_an_update_moves_the_policy_towards_rewarded_solutions(tiny_model, gsm8k
         return logp[0] - logp[1]
 
     assert margin(tmp_path / "rl") > margin(sft_run) + 0.5
+
+
+def test_a_zero_advantage_in_a_mixed_group_still_counts_in_the_normaliser(gsm8k_dir, sft_run, tmp_path,
+                                                                        monkeypatch):
+    """Rewards 0, 1.5, 0.5, 0 (a format reward of 0.5): the third solution's advantage is exactly 0,
+    but its group teaches, so its tokens count in the step's normaliser (all 8 solution tokens)."""
+    import tinymath.lib.grpo as grpo
+
+    scores = {"a": 0.0, "b": 1.5, "c": 0.5, "d": 0.0}
+
+    def sample(self, prompts, settings):
+        texts = ["abcd"[i % 4] for i in range(len(prompts))]
+        return [[40 + i % 4, self.tokenizer.eos_token_id] for i in range(len(prompts))], texts
+
+    monkeypatch.setattr(grpo, "reward", lambda text, gold, format_reward=0.0: scores[text])
+    monkeypatch.setattr(grpo.GRPOTrainer, "sample", sample)
+    out = tmp_path / "rl"
+    result = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, "--batch-size", "1",
+                     "--samples", "4", "--max-new-tokens", "4", "--max-steps", "1", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["learning_tokens"] == 8
 
 
 def test_grpo_run_folder_resume_eval_and_merge(tiny_model, gsm8k_dir, sft_run, tmp_path, varied_rewards):

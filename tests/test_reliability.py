@@ -405,3 +405,35 @@ def test_a_gguf_exported_again_with_other_weights_is_converted_again(tmp_path):
     shutil.copy(one, copy)
     assert _quick_digest(one) != _quick_digest(other)
     assert _quick_digest(one) == _quick_digest(copy)
+
+
+def test_a_resume_with_more_steps_follows_the_longer_schedule(tiny_model, gsm8k_dir, tmp_path):
+    """Resumed with a larger --max-steps, the steps after the checkpoint take the longer run's
+    learning rates from the first one on (not one more at the old schedule's rate)."""
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert _train(tiny_model, gsm8k_dir, straight, "--max-steps", "8").exit_code == 0
+    assert _train(tiny_model, gsm8k_dir, cut, "--max-steps", "4", "--save-every", "2").exit_code == 0
+    result = run_cli("train", "--resume", cut, "--max-steps", "8")
+    assert result.exit_code == 0, result.output
+
+    def rates(out):
+        return [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert rates(cut)[2:] == pytest.approx(rates(straight)[2:], rel=1e-9)
+
+
+def test_settings_that_would_be_ignored_are_refused_or_followed(tiny_model, gsm8k_dir, tmp_path):
+    """--val-size on already-prepared data (it would hold nothing out) is refused; --epochs on the
+    resume of a run that had a step count is followed."""
+    from tinymath.base.config import resolve_train_config
+
+    prep = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
+    result = _train(tiny_model, prep, tmp_path / "run", "--val-size", "2", "--eval-every", "1")
+    assert result.exit_code == 1 and "already prepared" in result.stderr, result.output
+    run = tmp_path / "saved"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"data": str(gsm8k_dir), "model": str(tiny_model),
+                                                      "method": "grpo", "max_steps": 80, "epochs": 3.0}))
+    assert resolve_train_config({"epochs": 20.0}, resume=str(run)).max_steps is None
+    assert resolve_train_config({}, resume=str(run)).max_steps == 80

@@ -321,3 +321,18 @@ def test_only_a_lost_process_is_reported_as_one():
         with pytest.raises(RuntimeError, match=message.split()[0]):
             with peers_lost_as_error(processes):
                 raise RuntimeError(message)
+
+
+def test_a_model_with_soft_capped_logits_is_refused_for_packing(tiny_model, gsm8k_dir, tmp_path):
+    """Packed training computes plain logits and attention: a model that soft-caps them (Gemma 2)
+    would learn another objective, so packing is refused with the fix (--no-packing)."""
+    import shutil
+
+    capped = tmp_path / "capped"
+    shutil.copytree(tiny_model, capped)
+    config = json.loads((capped / "config.json").read_text())
+    config["final_logit_softcapping"] = 30.0
+    (capped / "config.json").write_text(json.dumps(config))
+    args = ["train", "--data", gsm8k_dir, "--model", capped, "--quant", "none", "--max-steps", "1", "--batch-size", "2"]
+    result = run_cli(*args, "--out", tmp_path / "packed")
+    assert result.exit_code == 1 and "--no-packing" in result.stderr and not (tmp_path / "packed").exists()

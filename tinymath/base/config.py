@@ -21,7 +21,7 @@ from tinymath.base.errors import TinymathError, choice, raise_if_problems
 from tinymath.base.files import read_json_object, read_toml
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
-from tinymath.base.runs import CONFIG_FILE
+from tinymath.base.runs import CONFIG_FILE, MANIFEST
 
 DEFAULT_DATA = "openai/gsm8k"
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -179,6 +179,10 @@ class TrainConfig:
             problems.append("--init-adapter starts reinforcement learning from a run: add --method grpo")
         if self.keep == "best" and not self.eval_every:
             problems.append("--keep best needs --eval-every N (validation accuracy picks the best adapter)")
+        prepared = (Path(self.data).expanduser() / MANIFEST).is_file()
+        if self.val_size and prepared:
+            problems.append(f"--val-size holds problems out of raw data; --data {self.data} is already prepared: "
+                            "run prepare-data with --val-size instead")
         if self.eval_every and not self.val_size and not (Path(self.data) / "validation").is_dir():
             problems.append("--eval-every needs a validation split: --val-size N (raw data) or prepare-data --val-size")
         raise_if_problems(problems)
@@ -275,6 +279,8 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
             safe = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUME_SAFE))
             raise TinymathError(f"--resume: {names} would change the saved run; only {safe} may change on resume")
         settings = {**saved, **{k: v for k, v in given.items() if k in RESUME_SAFE}, "out": str(resume)}
+        if "epochs" in given and "max_steps" not in given:
+            settings["max_steps"] = None  # a length asked for in epochs is not cut by a saved step count
         if "max_memory" in given and "micro_batch_tokens" not in given:
             settings["micro_batch_tokens"] = None  # plan again for the new memory limit
         return TrainConfig(**settings)

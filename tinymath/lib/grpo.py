@@ -56,9 +56,13 @@ def group_advantages(rewards: list[float], group: int) -> list[float]:
     for start in range(0, len(rewards), group):
         chunk = rewards[start:start + group]
         mean = sum(chunk) / len(chunk)
-        unanimous = max(chunk) - min(chunk) < 1e-9  # exactly 0, not float noise: nothing to learn
-        out += [0.0 if unanimous else r - mean for r in chunk]
+        out += [r - mean if teaches(chunk) else 0.0 for r in chunk]  # exactly 0, not float noise
     return out
+
+
+def teaches(group_rewards: list[float]) -> bool:
+    """Whether a group's solutions teach anything: their rewards differ (a unanimous group does not)."""
+    return max(group_rewards) - min(group_rewards) >= 1e-9
 
 
 class PolicyCopy:
@@ -144,7 +148,7 @@ class GRPOTrainer(Trainer):
         started = time.time()
         examples, rewards = self.rollout(local)
         generation_s = time.time() - started
-        teaching = [ex for ex in examples if ex["weights"][-1] != 0]
+        teaching = [ex for ex in examples if ex["teaches"]]  # a zero advantage in a mixed group counts too
         counts = [count_label_tokens(examples), count_label_tokens(teaching), sum(rewards), len(rewards),
                   self._groups_solved(rewards)]
         generated, step_tokens, reward_sum, n, solved = self._sum_over_processes(counts)
@@ -160,7 +164,8 @@ class GRPOTrainer(Trainer):
 
     def rollout(self, questions: list[dict]) -> tuple[list[dict], list[float]]:
         """``--samples`` solutions per question from the current policy, as training examples whose
-        ``weights`` are the solution's advantage on its tokens; and the rewards."""
+        ``weights`` are the solution's advantage on its tokens (``teaches``: its group's rewards
+        differ); and the rewards."""
         from tinymath.lib.generate import GenerationSettings
         from tinymath.lib.scoring import default_prompts
 
@@ -173,9 +178,11 @@ class GRPOTrainer(Trainer):
         self.policy.sync()
         solutions, texts = self.sample(flat, settings)
         rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
+        mixed = [teaches(rewards[i - i % k:i - i % k + k]) for i in range(len(rewards))]
         examples = [{"input_ids": prompt + sol, "labels": [-100] * len(prompt) + sol,
-                     "weights": [0.0] * len(prompt) + [advantage] * len(sol)}
-                    for prompt, sol, advantage in zip(flat, solutions, group_advantages(rewards, k)) if sol]
+                     "weights": [0.0] * len(prompt) + [advantage] * len(sol), "teaches": teach}
+                    for prompt, sol, advantage, teach in zip(flat, solutions, group_advantages(rewards, k), mixed)
+                    if sol]
         return examples, rewards
 
     def sample(self, prompts: list[list[int]], settings) -> tuple[list[list[int]], list[str]]:

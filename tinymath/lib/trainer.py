@@ -180,6 +180,11 @@ class Trainer:
             base = load_base_model(config.model, config.quant, dtype=self.dtype, device=self.device,
                                    trust_remote_code=config.trust_remote_code)
         if config.packing:
+            capped = [name for name in ("final_logit_softcapping", "attn_logit_softcapping")
+                      if getattr(base.config, name, None)]
+            if capped:  # the packed path computes plain logits and plain attention
+                raise TinymathError(f"--model {config.model} soft-caps its {' and '.join(capped)}, which packed "
+                                    "training does not apply; train it with --no-packing")
             base.set_attn_implementation(register_packed_attention())
         self.fingerprint = model_fingerprint(base)
         self.model = attach_lora(base, get_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
@@ -259,6 +264,12 @@ class Trainer:
                                                                      self.scheduler, say=self.say,
                                                                      rank=self.accelerator.process_index)
         check_processes(state.saved_state, self.plan.world, self.out)
+        # the optimizer comes back with the rate the saved schedule set; this run's schedule (a new
+        # --max-steps or --epochs changes it) decides the next step's, as a straight run's would
+        scheduler = self.scheduler
+        for group, base, rate in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * rate(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         state.start_step, state.best = state.saved_state["step"], state.saved_state.get("best", state.best)
         if state.start_step >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the checkpoint is at step {state.start_step}, the run ends at "
