@@ -352,3 +352,21 @@ def test_compare_with_a_folder_that_does_not_exist(tmp_path):
     (tmp_path / "a").mkdir()
     _clean_error(run_cli("eval", "--compare", tmp_path / "missing", tmp_path / "a"), "missing does not exist")
     _clean_error(run_cli("eval", "--compare", tmp_path / "a", tmp_path / "b"), "not a `tinymath eval --out` folder")
+
+
+def test_a_checkpoint_with_adapter_tensors_of_another_shape_is_passed_over(tiny_model, gsm8k_dir, tmp_path):
+    """Tensors of another shape (another LoRA rank, say) in the newest checkpoint: it is passed over
+    for the older one with a word, not a traceback."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "6", "--save-every", "2",
+                  "--keep-checkpoints", "3").exit_code == 0
+    (out / "run.json").unlink()
+    adapter = out / "checkpoints" / "step-000004" / "adapter_model.safetensors"
+    save_file({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in load_file(adapter).items()}, adapter)
+    result = run_cli("train", "--resume", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["resumed_from_step"] == 2
+    assert "step-000004 is damaged" in result.stderr
