@@ -35,6 +35,7 @@ def test_merged_model_answers_like_the_adapter_model(trained_run, tmp_path):
     report = json.loads(result.stdout)
     assert report["max_logit_diff"] <= report["tolerance"] and report["adapter_effect"] > 10 * report["tolerance"]
     assert report["run"] == str(Path(trained_run).absolute())  # usable from any folder later
+    assert report["out"] == str(merged_dir.absolute())
     assert list(merged_dir.glob("*.safetensors"))
     assert AutoModelForCausalLM.from_pretrained(merged_dir).generation_config.eos_token_id == 2
 

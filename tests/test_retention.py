@@ -4,6 +4,7 @@ task, its outputs and its refusals; drift recorded while training."""
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import build_tiny_model, run_cli
@@ -35,6 +36,7 @@ def test_drift_is_zero_against_itself_and_grows_with_perturbation(tiny_model, pe
     assert s["kl"] == pytest.approx(0, abs=1e-5) and s["ppl_ratio"] == pytest.approx(1, abs=1e-4)
     assert s["top1_agreement"] == 1.0 and s["verdict"] == "kept"
     assert s["settings"]["max_new_tokens"] == 64  # retention's own default, not gsm8k's 256
+    assert s["thresholds"]["kept_ppl_ratio"] == 1.2 and s["settings"]["base"] == str(Path(tiny_model).absolute())
     short = run_cli("eval", "--task", "retention", "--model", tiny_model, "--base", tiny_model, "--limit", 2,
                     "--max-new-tokens", 8, "--json")
     assert short.exit_code == 0 and json.loads(short.stdout)["settings"]["max_new_tokens"] == 8, short.output

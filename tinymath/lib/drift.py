@@ -26,6 +26,7 @@ from tinymath.base.files import read_json
 KEPT_KL = 0.10        # nats/token: below this the tuned model predicts general text almost like its base
 DRIFTED_KL = 0.50     # above this, or a perplexity ratio above DRIFTED_PPL, general ability is visibly hurt
 DRIFTED_PPL = 1.5
+KEPT_PPL = 1.2        # ... and a perplexity ratio below this
 SIDE_BY_SIDE = 6
 RETENTION_SLICE = 12  # prompts scored by `tinymath train --retention-every N`
 
@@ -37,7 +38,7 @@ def retention_prompts() -> list[str]:
 
 
 def verdict(kl: float, ppl_ratio: float) -> str:
-    if kl < KEPT_KL and ppl_ratio < 1.2:
+    if kl < KEPT_KL and ppl_ratio < KEPT_PPL:
         return "kept"
     if kl < DRIFTED_KL and ppl_ratio < DRIFTED_PPL:
         return "mild drift"

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from tinymath.base.config import DEFAULT_DATA
+from tinymath.base.config import DEFAULT_DATA, absolute_paths
 from tinymath.base.errors import TinymathError
 from tinymath.base.runs import PREDICTIONS, SUMMARY
 
@@ -88,8 +88,9 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
     numbers, samples = results["results"][task], results["samples"][task]
     summary = {"accuracy": numbers["exact_match,flexible-extract"], "accuracy_strict": numbers["exact_match,strict-match"],
                "n": len({s["doc_id"] for s in samples}), "generation_seconds": round(time.time() - started, 3),
-               "settings": {"backend": "lm-eval", "task": TASK, "lm_eval_version": _version(), "data": data,
-                            "limit": limit, "max_new_tokens": max_new_tokens, **inference.source}}
+               "settings": absolute_paths({"backend": "lm-eval", "task": TASK, "lm_eval_version": _version(),
+                                           "data": data, "limit": limit, "max_new_tokens": max_new_tokens,
+                                           **inference.source}, keys=("data", "model", "adapter"))}
     if out is not None:
         _write(out, samples, summary)
     return summary

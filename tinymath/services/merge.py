@@ -71,7 +71,7 @@ def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", me
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
         merged.save_pretrained(str(tmp))
         write_json(Path(tmp) / MERGE_MARKER, report)
-    return report
+    return {**report, "out": str(Path(out).expanduser().absolute())}
 
 
 def _merge_checked(adapted, tokenizer, run) -> tuple[object, dict]:

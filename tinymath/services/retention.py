@@ -12,10 +12,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tinymath.base.config import absolute_paths
 from tinymath.base.errors import TinymathError
 from tinymath.base.runs import SUMMARY
-from tinymath.lib.drift import (DRIFTED_KL, DRIFTED_PPL, KEPT_KL, SIDE_BY_SIDE, encode_general_prompt, adapter_drift, base_replies,
-                                drift, retention_prompts, verdict)
+from tinymath.lib.drift import (
+    DRIFTED_KL,
+    DRIFTED_PPL,
+    KEPT_KL,
+    KEPT_PPL,
+    SIDE_BY_SIDE,
+    adapter_drift,
+    base_replies,
+    drift,
+    encode_general_prompt,
+    retention_prompts,
+    verdict,
+)
 
 
 def evaluate_retention(model: str | None = None, adapter: str | None = None, base: str | None = None,
@@ -67,8 +79,10 @@ def evaluate_retention(model: str | None = None, adapter: str | None = None, bas
     summary = {**numbers, "verdict": verdict(numbers["kl"], numbers["ppl_ratio"]), "n": len(prompts),
                "measured": "adapter on vs off" if run is not None else "tuned vs --base",
                "total_vs_original_base": total,
-               "thresholds": {"kept_kl": KEPT_KL, "drifted_kl": DRIFTED_KL, "drifted_ppl_ratio": DRIFTED_PPL},
-               "settings": {"base": base, **tuned.source, "max_new_tokens": max_new_tokens}}
+               "thresholds": {"kept_kl": KEPT_KL, "kept_ppl_ratio": KEPT_PPL, "drifted_kl": DRIFTED_KL,
+                              "drifted_ppl_ratio": DRIFTED_PPL},
+               "settings": absolute_paths({"base": base, **tuned.source, "max_new_tokens": max_new_tokens},
+                                          keys=("base", "adapter", "model"))}
     if lm_eval_tasks:
         summary["lm_eval"] = _run_lm_eval(base, tuned, lm_eval_tasks)
 
