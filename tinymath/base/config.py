@@ -179,11 +179,11 @@ class TrainConfig:
             problems.append("--init-adapter starts reinforcement learning from a run: add --method grpo")
         if self.keep == "best" and not self.eval_every:
             problems.append("--keep best needs --eval-every N (validation accuracy picks the best adapter)")
-        prepared = (Path(self.data).expanduser() / MANIFEST).is_file()
-        if self.val_size and prepared:
+        data = Path(self.data).expanduser()
+        if self.val_size and (data / MANIFEST).is_file():
             problems.append(f"--val-size holds problems out of raw data; --data {self.data} is already prepared: "
                             "run prepare-data with --val-size instead")
-        if self.eval_every and not self.val_size and not (Path(self.data) / "validation").is_dir():
+        if self.eval_every and not self.val_size and not (data / "validation").is_dir():
             problems.append("--eval-every needs a validation split: --val-size N (raw data) or prepare-data --val-size")
         raise_if_problems(problems)
 
@@ -295,7 +295,7 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
     return TrainConfig(**absolute_paths(settings))
 
 
-PATH_SETTINGS = ("data", "model", "init_adapter")
+PATH_SETTINGS = ("data", "model", "init_adapter", "adapter", "base")  # settings that may name a local path
 
 
 def val_size_problems(val_size: float) -> list[str]:

@@ -56,7 +56,7 @@ def group_advantages(rewards: list[float], group: int) -> list[float]:
     for start in range(0, len(rewards), group):
         chunk = rewards[start:start + group]
         mean = sum(chunk) / len(chunk)
-        out += [r - mean if teaches(chunk) else 0.0 for r in chunk]  # exactly 0, not float noise
+        out += [r - mean for r in chunk] if teaches(chunk) else [0.0] * len(chunk)  # exactly 0, not float noise
     return out
 
 
@@ -178,7 +178,7 @@ class GRPOTrainer(Trainer):
         self.policy.sync()
         solutions, texts = self.sample(flat, settings)
         rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
-        mixed = [teaches(rewards[i - i % k:i - i % k + k]) for i in range(len(rewards))]
+        mixed = [teaches(rewards[g:g + k]) for g in range(0, len(rewards), k) for _ in range(k)]
         examples = [{"input_ids": prompt + sol, "labels": [-100] * len(prompt) + sol,
                      "weights": [0.0] * len(prompt) + [advantage] * len(sol), "teaches": teach}
                     for prompt, sol, advantage, teach in zip(flat, solutions, group_advantages(rewards, k), mixed)

@@ -98,7 +98,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
                   "samples": samples, "temperature": temperature, "seed": seed, "compile": compile,
-                  "processes": state.num_processes, **inference.source}, keys=("data", "model", "adapter")),
+                  "processes": state.num_processes, **inference.source}),
     )
     if out is not None and state.is_main_process:
         _write_eval(out, rows, outputs, scored["rows"], summary)

@@ -90,7 +90,7 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
                "n": len({s["doc_id"] for s in samples}), "generation_seconds": round(time.time() - started, 3),
                "settings": absolute_paths({"backend": "lm-eval", "task": TASK, "lm_eval_version": _version(),
                                            "data": data, "limit": limit, "max_new_tokens": max_new_tokens,
-                                           **inference.source}, keys=("data", "model", "adapter"))}
+                                           **inference.source})}
     if out is not None:
         _write(out, samples, summary)
     return summary

@@ -81,8 +81,7 @@ def evaluate_retention(model: str | None = None, adapter: str | None = None, bas
                "total_vs_original_base": total,
                "thresholds": {"kept_kl": KEPT_KL, "kept_ppl_ratio": KEPT_PPL, "drifted_kl": DRIFTED_KL,
                               "drifted_ppl_ratio": DRIFTED_PPL},
-               "settings": absolute_paths({"base": base, **tuned.source, "max_new_tokens": max_new_tokens},
-                                          keys=("base", "adapter", "model"))}
+               "settings": absolute_paths({"base": base, **tuned.source, "max_new_tokens": max_new_tokens})}
     if lm_eval_tasks:
         summary["lm_eval"] = _run_lm_eval(base, tuned, lm_eval_tasks)
 
