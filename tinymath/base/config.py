@@ -26,7 +26,6 @@ from tinymath.base.runs import CONFIG_FILE, MANIFEST
 DEFAULT_DATA = "openai/gsm8k"
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 KEEP = ("last", "best")
-BASELINES = ("group", "none")  # grpo: what a sampled solution's reward is compared with
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name -> the module it needs
 # keys that run.json records about a finished run; not settings, so ignored when it is read back
 RUN_RECORD_KEYS = {"dtype", "base_fingerprint", "data_stats", "versions", "git_commit", "num_processes",
@@ -131,10 +130,6 @@ class TrainConfig:
     samples: int = option(8, "grpo: solutions sampled per question (the group its rewards are compared in).", RL)
     temperature: float = option(1.0, "grpo: sampling temperature of the solutions.", RL)
     max_new_tokens: int = option(256, "grpo: longest sampled solution.", RL)
-    baseline: str = option("group", "grpo: what a solution's reward is compared with. group: the mean reward of its "
-                                    "question's samples (Dr. GRPO). none: nothing, so only rewarded solutions teach, "
-                                    "each token as in SFT (on-policy rejection-sampling fine-tuning: RAFT).", RL,
-                           choices=BASELINES)
     format_reward: float = option(0.0, "grpo: reward for giving a '#### N' final answer at all (the correct answer "
                                        "earns 1).", RL)
     calculator: bool = option(False, "grpo: sample and validate with the calculator ('<<expr=' completed by "
@@ -172,10 +167,9 @@ class TrainConfig:
         if self.calc_annotations is not None:
             problems += choice("--calc-annotations", self.calc_annotations, CALC_ANNOTATIONS)
         problems += _positive(self, ("samples", "max_new_tokens", "temperature"))
-        problems += choice("--baseline", self.baseline, BASELINES)
-        if self.method == "grpo" and self.samples < 2 and self.baseline == "group":
+        if self.method == "grpo" and self.samples < 2:
             problems.append(f"--samples {self.samples}: GRPO compares each solution with the others of its "
-                            "question, so it needs at least 2 (try 8), or --baseline none")
+                            "question, so it needs at least 2 (try 8)")
         if self.format_reward < 0:
             problems.append(f"--format-reward {self.format_reward} must be >= 0")
         if self.calculator and self.method != "grpo":

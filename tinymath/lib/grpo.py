@@ -11,12 +11,6 @@ from:
   deviation (Dr. GRPO, Liu et al. 2025: the division over-weights questions that are almost always
   or almost never solved); groups whose solutions all earn the same reward teach nothing and are
   not run through the model (DAPO's dynamic sampling, Yu et al. 2025, without re-sampling);
-  ``--baseline none`` compares a reward with nothing: a solution's advantage is its reward, so with
-  the 0/1 reward only right solutions teach, and the loss is their tokens' mean negative
-  log-probability, as in SFT (on-policy rejection-sampling fine-tuning: RAFT, Dong et al. 2023;
-  Xiong et al. 2025 find it close to GRPO, learning faster early). Under the group baseline a right
-  solution's tokens weigh (1 - mean reward) over all the group's tokens, a small fraction of an SFT
-  step when right answers are rare, as they are for a small model;
 - token-level normalisation: the step's loss is the sum over the solution tokens of the groups
   that teach something of -advantage x log-probability, divided by the number of those tokens
   (DAPO's loss after its dynamic-sampling filter; TRL's ``dapo`` loss), so long solutions are not
@@ -56,11 +50,8 @@ def reward(completion: str, gold: str, format_reward: float = 0.0) -> float:
     return float(is_correct(completion, gold, strict=True)) + (format_reward if answered else 0.0)
 
 
-def group_advantages(rewards: list[float], group: int, baseline: str = "group") -> list[float]:
-    """Each reward minus the mean reward of its group (consecutive runs of ``group`` samples), or
-    (``baseline="none"``) the reward itself."""
-    if baseline == "none":
-        return list(rewards)
+def group_advantages(rewards: list[float], group: int) -> list[float]:
+    """Each reward minus the mean reward of its group (consecutive runs of ``group`` samples)."""
     out = []
     for start in range(0, len(rewards), group):
         chunk = rewards[start:start + group]
@@ -72,14 +63,6 @@ def group_advantages(rewards: list[float], group: int, baseline: str = "group") 
 def teaches(group_rewards: list[float]) -> bool:
     """Whether a group's solutions teach anything: their rewards differ (a unanimous group does not)."""
     return max(group_rewards) - min(group_rewards) >= 1e-9
-
-
-def teaching(rewards: list[float], group: int, baseline: str = "group") -> list[bool]:
-    """For each solution, whether it teaches: its group's rewards differ (``group``: then a zero
-    advantage in it counts too, in the normaliser), or (``none``) it earned a reward."""
-    if baseline == "none":
-        return [abs(r) >= 1e-9 for r in rewards]
-    return [teaches(rewards[g:g + group]) for g in range(0, len(rewards), group) for _ in range(group)]
 
 
 class PolicyCopy:
@@ -159,14 +142,14 @@ class GRPOTrainer(Trainer):
 
     def step_batches(self, step: int) -> tuple[list[dict], int, list[dict]]:
         """Sample solutions to this step's questions, reward them and turn them into weighted
-        training examples. The normaliser is the tokens of the solutions that teach (`teaching`)."""
+        training examples. The normaliser is the solution tokens of the groups that teach."""
         questions = self.step_examples(step)
         local = questions[self.accelerator.process_index::self.plan.world]
         started = time.time()
         examples, rewards = self.rollout(local)
         generation_s = time.time() - started
-        teachers = [ex for ex in examples if ex["teaches"]]
-        counts = [count_label_tokens(examples), count_label_tokens(teachers), sum(rewards), len(rewards),
+        teaching = [ex for ex in examples if ex["teaches"]]  # a zero advantage in a mixed group counts too
+        counts = [count_label_tokens(examples), count_label_tokens(teaching), sum(rewards), len(rewards),
                   self._groups_solved(rewards)]
         generated, step_tokens, reward_sum, n, solved = self._sum_over_processes(counts)
         self.step_metrics = {"reward": round(reward_sum / max(n, 1), 4),
@@ -175,14 +158,14 @@ class GRPOTrainer(Trainer):
                              "generation_s": round(generation_s, 2)}
         # unanimous groups teach nothing: skipped, except under several processes, where every rank
         # must run the same number of backward passes (DDP reduces gradients in each)
-        learning = teachers if self.plan.world == 1 else examples
+        learning = teaching if self.plan.world == 1 else examples
         return examples, max(int(step_tokens), 1), list(micro_batches(learning, self.config, self.pad_id,
                                                                        self.plan.micro_batch_tokens))
 
     def rollout(self, questions: list[dict]) -> tuple[list[dict], list[float]]:
         """``--samples`` solutions per question from the current policy, as training examples whose
-        ``weights`` are the solution's advantage on its tokens (``teaches``: see `teaching`); and the
-        rewards."""
+        ``weights`` are the solution's advantage on its tokens (``teaches``: its group's rewards
+        differ); and the rewards."""
         from tinymath.lib.generate import GenerationSettings
         from tinymath.lib.scoring import default_prompts
 
@@ -195,11 +178,10 @@ class GRPOTrainer(Trainer):
         self.policy.sync()
         solutions, texts = self.sample(flat, settings)
         rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
-        advantages = group_advantages(rewards, k, config.baseline)
+        mixed = [teaches(rewards[g:g + k]) for g in range(0, len(rewards), k) for _ in range(k)]
         examples = [{"input_ids": prompt + sol, "labels": [-100] * len(prompt) + sol,
                      "weights": [0.0] * len(prompt) + [advantage] * len(sol), "teaches": teach}
-                    for prompt, sol, advantage, teach in zip(flat, solutions, advantages,
-                                                             teaching(rewards, k, config.baseline))
+                    for prompt, sol, advantage, teach in zip(flat, solutions, group_advantages(rewards, k), mixed)
                     if sol]
         return examples, rewards
 
