@@ -170,11 +170,13 @@ def test_keep_best_never_keeps_worse_than_the_starting_adapter(gsm8k_dir, sft_ru
 
     out = tmp_path / "rl"
     result = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, *RL, "--lr", "0.05",
-                     "--max-steps", "2", "--val-size", "2", "--eval-every", "1", "--keep", "best", "--out", out, "--json")
+                     "--max-steps", "2", "--val-size", "2", "--eval-every", "1", "--keep", "best", "--out", out)
     assert result.exit_code == 0, result.output
+    assert "the adapter kept is step 0's" in " ".join(result.stdout.split())  # the report says what ships
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "val_accuracy" in r) for r in rows] == [(0, True), (1, True), (2, True)]
-    assert json.loads((out / "run.json").read_text())["result"]["best_step"] == 0
+    summary = json.loads((out / "run.json").read_text())["result"]
+    assert summary["best_step"] == 0 and summary["adapter_step"] == 0
     start, kept = load_safetensors(sft_run / ADAPTER_WEIGHTS), load_safetensors(out / ADAPTER_WEIGHTS)
     assert any(r.get("loss") for r in rows)  # the policy did move...
     assert start.keys() == kept.keys() and all((start[k] == kept[k]).all() for k in start)  # ...and was not kept

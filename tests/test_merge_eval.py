@@ -370,6 +370,22 @@ def test_gguf_export_refuses_other_architectures(tiny_model):
         check_exportable(model, load_tokenizer(str(tiny_model)))
 
 
+def test_gguf_export_refuses_a_system_prompt_an_ollama_modelfile_cannot_quote(tiny_model, gsm8k_dir, tmp_path):
+    """Ollama ends a triple-quoted value at the first three double quotes in it: such a system prompt
+    is refused before the merge, with nothing written; an ordinary one goes into the Modelfile whole."""
+    from tinymath.lib.gguf_export import modelfile
+    from tinymath.lib.model import load_tokenizer
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", run, "--quant", "none",
+                   "--max-steps", 1, "--batch-size", 2, "--system-prompt", 'Answer """tersely""" please').exit_code == 0
+    result = run_cli("merge-adapters", run, "--out", tmp_path / "merged", "--gguf", "f16")
+    assert result.exit_code == 1 and 'system prompt contains """' in result.stderr, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "merged").exists()
+    text = modelfile("m.gguf", load_tokenizer(str(tiny_model)), "chat", "Solve it \"step\" by step.\nBe brief.")
+    assert 'SYSTEM """Solve it "step" by step.\nBe brief."""' in text
+
+
 def test_lm_eval_backend_runs_the_harness_task(tiny_model, gsm8k_dir, tmp_path):
     """eval --backend lm-eval: the harness's own gsm8k task on local files; its numbers and samples
     are written, and --compare pairs it with tinymath's own protocol."""

@@ -225,10 +225,10 @@ def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "2").exit_code == 0
     result = run_cli("train", "--resume", out)
-    assert result.exit_code == 1 and "no checkpoint" in result.stderr
+    assert result.exit_code == 1 and "has finished its 2 steps" in result.stderr
     monkeypatch.chdir(tmp_path)  # the saved data path given again, relative this time: the same setting
     result = run_cli("train", "--resume", out, "--data", os.path.relpath(gsm8k_dir))
-    assert result.exit_code == 1 and "no checkpoint" in result.stderr
+    assert result.exit_code == 1 and "has finished its 2 steps" in result.stderr
     result = run_cli("train", "--resume", out, "--lr", "0.5")
     assert result.exit_code == 1 and "--lr would change the saved run" in result.stderr and "--max-steps" in result.stderr
     result = run_cli("train", "--resume", tmp_path / "nothing")
@@ -236,7 +236,7 @@ def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     result = run_cli("train", "--resume", out, "--out", tmp_path / "elsewhere")  # it would be ignored
     assert result.exit_code == 1 and "drop --out" in result.stderr and not (tmp_path / "elsewhere").exists()
     result = run_cli("train", "--resume", out, "--out", "run")  # the same folder, relative: no conflict
-    assert result.exit_code == 1 and "no checkpoint" in result.stderr
+    assert result.exit_code == 1 and "has finished its 2 steps" in result.stderr
 
 
 def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp_path):
@@ -251,7 +251,9 @@ def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(result.stdout)
-    assert summary["best_step"] in (2, 4)
+    assert summary["best_step"] in (2, 4) and summary["adapter_step"] == summary["best_step"]
+    plain = _train(tiny_model, gsm8k_dir, tmp_path / "plain", "--max-steps", "2", "--json")
+    assert json.loads(plain.stdout)["adapter_step"] == 2  # without --keep best: the last step's
 
 
 def test_resume_puts_back_the_best_adapter_of_its_checkpoint(tiny_model, gsm8k_dir, tmp_path):
@@ -264,6 +266,7 @@ def test_resume_puts_back_the_best_adapter_of_its_checkpoint(tiny_model, gsm8k_d
     checkpoint = out / "checkpoints" / "step-000002"
     assert (checkpoint / "best" / "adapter_model.safetensors").is_file()
     (out / "best" / "from_a_lost_future").write_text("written after the checkpoint")
+    (out / "run.json").unlink()  # as if stopped before the end: a finished run is not resumed
     result = run_cli("train", "--resume", out, "--json")
     assert result.exit_code == 0, result.output
     assert not (out / "best" / "from_a_lost_future").exists()
@@ -282,6 +285,7 @@ def test_resume_puts_back_the_best_adapter_of_its_checkpoint(tiny_model, gsm8k_d
     state_file.write_text(json.dumps(state))
     shutil.rmtree(checkpoint / "best")
     kept = (out / "best" / "adapter_model.safetensors").read_bytes()
+    (out / "run.json").unlink()
     assert run_cli("train", "--resume", out, "--json").exit_code == 0
     assert (out / "best" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "run.json").read_text())["result"]["best_step"] == 1
@@ -415,6 +419,11 @@ def test_a_resume_with_more_steps_follows_the_longer_schedule(tiny_model, gsm8k_
     assert _train(tiny_model, gsm8k_dir, cut, "--max-steps", "4", "--save-every", "2").exit_code == 0
     result = run_cli("train", "--resume", cut, "--max-steps", "8")
     assert result.exit_code == 0, result.output
+    assert "finished at step 4; its last checkpoint is at step 2, so steps 3-4 run again" in result.stderr
+    before = {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()}
+    again = run_cli("train", "--resume", cut)  # finished, and nothing asks for more steps: refused, untouched
+    assert again.exit_code == 1 and "has finished its 8 steps" in again.stderr, again.output
+    assert {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()} == before
 
     def rates(out):
         return [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -230,13 +230,35 @@ def test_two_processes_resume_exactly_and_only_as_two(tiny_model, gsm8k_dir, tmp
     whole = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
     assert sorted(p.name for p in (out / "checkpoints" / "step-000002").glob("rng*.pt")) == ["rng-rank1.pt",
                                                                                                  "rng.pt"]
+    (out / "run.json").unlink()  # as if stopped before the end: a finished run is not resumed
+    logged = (out / "metrics.jsonl").read_text()
     alone = run_cli("train", "--resume", out)
     assert alone.exit_code == 1 and "trained with 2 process(es)" in alone.stderr, alone.output
-    assert (out / "run.json").exists()  # the refusal changed nothing
+    assert (out / "metrics.jsonl").read_text() == logged  # the refusal changed nothing
     again = subprocess.run([*launch, "train", "--resume", str(out)], capture_output=True, text=True, env=env,
                            timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()] == pytest.approx(whole, rel=1e-5)
+
+
+def test_fewer_examples_than_processes_is_refused_not_a_hang(tiny_model, gsm8k_dir, tmp_path):
+    """One training example, two processes: one of them would have nothing to train on and wait on
+    the other's gradients forever. Refused at once, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "one"
+    data.mkdir()
+    (data / "train.jsonl").write_text((gsm8k_dir / "train.jsonl").read_text().splitlines()[0] + "\n")
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tinymath"]
+    done = subprocess.run([*launch, "train", "--data", str(data), "--model", str(tiny_model), "--quant", "none",
+                           "--max-steps", "2", "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode != 0
+    assert "1 training example(s), fewer than the 2 processes launched" in done.stderr, done.stderr[-2000:]
+    assert not out.exists()
 
 
 def test_when_the_first_machine_cannot_claim_the_folder_every_machine_says_so(tiny_model, gsm8k_dir, tmp_path):

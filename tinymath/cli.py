@@ -289,9 +289,12 @@ def train_cmd(
     if json_out:
         return _print_json(summary)
     held_out = f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
+    kept = summary.get("adapter_step", summary["steps"])
+    shipped = "" if kept == summary["steps"] else (
+        f"; the adapter kept is step {kept}'s (best validation accuracy {summary['best_val_accuracy']:.1%})")
     out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
                       f"{summary['final_loss']:.4f}{held_out}, {summary['real_tokens_per_s']:,.0f} tokens/s -> "
-                      f"{summary['out']}")
+                      f"{summary['out']}{shipped}")
 
 
 @app.command("merge-adapters")

@@ -220,6 +220,9 @@ class Trainer:
 
         config, device = self.config, self.device
         world = self.accelerator.num_processes
+        if len(self.train_examples) < world:  # a process with nothing to train on would wait on the others forever
+            raise TinymathError(f"--data has {len(self.train_examples)} training example(s), fewer than the "
+                                f"{world} processes launched: each needs at least one; launch fewer processes")
         per_step = config.batch_size * config.grad_accum * world
         steps_per_epoch = max(1, len(self.train_examples) // per_step)
         total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -260,6 +263,10 @@ class Trainer:
         from tinymath.lib.checkpoint import check_processes, load_latest_checkpoint
 
         state = self.state
+        finished = self._finished_steps()
+        if finished is not None and finished >= self.plan.total_steps:
+            raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}); "
+                                "pass a larger --max-steps or --epochs to train it further")
         state.checkpoint, state.saved_state = load_latest_checkpoint(self.out, self.model, self.optimizer,
                                                                      self.scheduler, say=self.say,
                                                                      rank=self.accelerator.process_index)
@@ -271,9 +278,24 @@ class Trainer:
             group["lr"] = base * rate(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         state.start_step, state.best = state.saved_state["step"], state.saved_state.get("best", state.best)
+        if finished is not None and state.start_step < finished:
+            self.say(f"The run finished at step {finished}; its last checkpoint is at step {state.start_step}, "
+                     f"so steps {state.start_step + 1}-{finished} run again.")
         if state.start_step >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the checkpoint is at step {state.start_step}, the run ends at "
                                 f"step {self.plan.total_steps}; pass a larger --max-steps or --epochs to train further")
+
+    def _finished_steps(self) -> int | None:
+        """The steps a finished run took (its ``run.json``), when the folder resumed is one."""
+        from tinymath.base.files import read_json_object
+
+        if not (self.out / RUN_FILE).is_file():
+            return None
+        try:
+            steps = read_json_object(self.out / RUN_FILE).get("result", {}).get("steps")
+        except (TinymathError, AttributeError):
+            return None
+        return steps if isinstance(steps, int) else None
 
     def _plan_graphs(self) -> None:
         from tinymath.lib.graphs import use_cuda_graphs
@@ -656,10 +678,21 @@ class Trainer:
                    "compiled": plan.compiled, "fused_kernels": plan.fused_kernels,
                    "cuda_graphs": self.graphed is not None,
                    "resumed_from_step": state.start_step or None, "best_val_accuracy": state.best["accuracy"],
-                   "best_step": state.best["step"]}
+                   "best_step": state.best["step"], "adapter_step": self._adapter_step()}
         if self.device.startswith("cuda"):
             summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return summary
+
+    def _adapter_step(self) -> int:
+        """The step whose adapter the run folder ships: with ``--keep best``, the best validated one
+        (0: the adapter the run started from); else the last. final_loss and val_loss stay the last
+        step's."""
+        from tinymath.base.runs import ADAPTER_WEIGHTS
+
+        best = self.state.best["step"]
+        if self.config.keep == "best" and best is not None and (self.out / BEST / ADAPTER_WEIGHTS).exists():
+            return best
+        return self.plan.total_steps
 
     def finish(self) -> dict:
         """Check the weights, then save the adapter, tokenizer, curves and run.json (last: its presence

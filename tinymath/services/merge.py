@@ -54,10 +54,11 @@ def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", me
     check_output_dir(out, overwrite, marker=MERGE_MARKER)
     tokenizer = load_tokenizer(str(run.path), trust_remote_code)
     adapted = load_adapted_model(run, merge_base=merge_base, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if gguf is not None:  # before any work: an architecture or tokenizer llama.cpp cannot take
-        from tinymath.lib.gguf_export import check_exportable
+    if gguf is not None:  # before any work: an architecture, tokenizer or prompt the files cannot take
+        from tinymath.lib.gguf_export import check_exportable, modelfile
 
         check_exportable(adapted.get_base_model(), tokenizer)
+        ollama = modelfile(f"model-{gguf}.gguf", tokenizer, run.prompt_format, run.system_prompt)
     merged, figures = _merge_checked(adapted, tokenizer, run)
     report = {"run": str(Path(run.path).absolute()), "base_model": run.base_model, "merge_base": merge_base, "dtype": dtype,
               **figures, "format": run.prompt_format, "system_prompt": run.system_prompt,
@@ -65,7 +66,7 @@ def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", me
     with atomic_output_dir(out) as tmp:
         tokenizer.save_pretrained(str(tmp))
         if gguf is not None:
-            report["gguf"] = _write_gguf(merged, tokenizer, Path(tmp), gguf, run)
+            report["gguf"] = _write_gguf(merged, tokenizer, Path(tmp), gguf, run, ollama)
         merged = merged.to(getattr(torch, DTYPES[dtype]))
         merged.generation_config.eos_token_id = tokenizer.eos_token_id
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -101,12 +102,12 @@ def _merge_checked(adapted, tokenizer, run) -> tuple[object, dict]:
     return merged, {"max_logit_diff": max_diff, "tolerance": tolerance, "adapter_effect": adapter_effect}
 
 
-def _write_gguf(merged, tokenizer, folder: Path, gguf_type: str, run) -> dict:
-    """``model-<type>.gguf`` and the Ollama ``Modelfile`` in ``folder`` (which holds the tokenizer)."""
-    from tinymath.lib.gguf_export import modelfile, write_gguf
+def _write_gguf(merged, tokenizer, folder: Path, gguf_type: str, run, ollama: str) -> dict:
+    """``model-<type>.gguf`` and the Ollama ``Modelfile`` (``ollama``) in ``folder`` (which holds the
+    tokenizer)."""
+    from tinymath.lib.gguf_export import write_gguf
 
     name = f"model-{gguf_type}.gguf"
     write_gguf(merged, tokenizer, folder, folder / name, gguf_type, title=f"tinymath {run.path.name}")
-    (folder / "Modelfile").write_text(modelfile(name, tokenizer, run.prompt_format, run.system_prompt),
-                                      encoding="utf-8")
+    (folder / "Modelfile").write_text(ollama, encoding="utf-8")
     return {"file": name, "type": gguf_type, "modelfile": "Modelfile"}
