@@ -1,6 +1,7 @@
 """chat: scripted (pipes, --question, --json) and interactive through a real pseudo-terminal."""
 
 import json
+import re
 import sys
 
 from conftest import run_cli
@@ -61,10 +62,41 @@ def test_interactive_session_in_a_pty(tiny_model):
     child.expect("system prompt back to the default")
     child.sendline("/systemic")                 # not /system: an unknown command
     child.expect("unknown command")
+    child.sendline("/foo[/x]")                  # text that looks like markup is shown as typed
+    child.expect("unknown command")
+    child.expect("you")
+    assert "/foo[/x]" in re.sub(r"\x1b\[[0-9;]*m", "", child.before)
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_json_in_a_terminal_answers_each_line_as_json(tiny_model):
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "tinymath", "chat", "--model", str(tiny_model),
+                                           "--max-new-tokens", "4", "--json"], timeout=120, encoding="utf-8")
+    child.sendline("What is 3 + 4?")
+    child.expect(r'\{"question": "What is 3 \+ 4\?".*\}')
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_no_question_to_read_is_one_message(tiny_model):
+    import os
+    import subprocess
+
+    result = run_cli("chat", "--model", tiny_model, "--question", "  ")
+    assert result.exit_code == 1 and "--question is empty" in result.stderr, result.output
+    closed = subprocess.run([sys.executable, "-m", "tinymath", "chat", "--model", str(tiny_model)],
+                            capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert closed.returncode == 1 and "standard input is closed" in closed.stderr, closed.stderr[-2000:]
+    assert "Traceback" not in closed.stderr
+    result = run_cli("chat", "--model", tiny_model, "--max-new-tokens", 100000, input="What is 2+2?\nAnd 3+3?\n")
+    assert result.exit_code == 1 and result.stderr.count("leaves no room") == 1, result.output  # once, at start-up
 
 
 def test_a_question_too_long_for_the_window_keeps_the_conversation(tiny_model):

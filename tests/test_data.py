@@ -137,3 +137,76 @@ def test_every_test_problem_is_kept_whatever_its_length(tiny_model, gsm8k_dir, t
     splits = json.loads(result.stdout)["splits"]
     assert splits["train"]["dropped_too_long"] > 0  # the length does cut training rows here...
     assert len(read_gsm8k(str(out), "test")) == len(read_gsm8k(str(gsm8k_dir), "test"))  # ...and no test row
+
+
+def test_out_naming_the_working_folder_is_refused_before_any_work(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", ".")
+    assert result.exit_code == 1 and "is the current folder" in result.stderr, result.output
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_inputs_that_used_to_slip_through_or_crash(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """JSON strings holding U+2028 are read; --val-size without train data, a tokenizer without an
+    end-of-sequence token and an over-long path are one message each; an output name that looks like
+    markup is printed as given."""
+    import shutil
+
+    row = json.loads((gsm8k_dir / "train.jsonl").read_text().splitlines()[0])
+    row["question"] += "\u2028(a line separator)"
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_gsm8k(str(odd))[0]["question"].endswith("\u2028(a line separator)")
+
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    shutil.copy(gsm8k_dir / "test.jsonl", only_test / "test.jsonl")
+    result = run_cli("prepare-data", "--data", only_test, "--model", tiny_model, "--out", tmp_path / "p1",
+                     "--val-size", 2)
+    assert result.exit_code == 1 and "--val-size holds problems out of the train split" in result.stderr
+
+    no_eos = shutil.copytree(tiny_model, tmp_path / "no_eos")
+    config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", no_eos, "--out", tmp_path / "p2")
+    assert result.exit_code == 1 and "no end-of-sequence token" in result.stderr, result.output
+    assert not (tmp_path / "p2").exists()
+
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", "a" * 300)
+    assert result.exit_code == 1 and "use a shorter path" in result.stderr and "Traceback" not in result.output
+
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", "prep[/x]")
+    assert result.exit_code == 0, result.output
+    assert "prepared prep[/x]" in result.stdout and (tmp_path / "prep[/x]").is_dir()
+
+
+def test_hub_rows_are_checked_like_local_ones(monkeypatch):
+    """A hub dataset's rows get the same checks as a local file's: one message per bad row."""
+    import datasets
+
+    import tinymath.lib.hub as hub
+    from tinymath.base.errors import TinymathError
+
+    rows = {"question": ["What is 2 + 2?", None], "answer": ["2 + 2 = 4\n#### 4", "no marker here"]}
+    monkeypatch.setattr(hub, "offline_unless_reachable", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(rows))
+    with pytest.raises(TinymathError) as caught:
+        read_gsm8k("someone/mathdata", "train")
+    assert "--data someone/mathdata (train), row 2: missing 'question'" in str(caught.value)
+    assert "row 2: the answer does not end in '#### N'" in str(caught.value)
+
+
+def test_sigterm_while_an_output_is_written_leaves_nothing_behind(tmp_path):
+    import os
+    import signal
+
+    from tinymath.base.files import atomic_output_dir
+
+    with pytest.raises(KeyboardInterrupt), atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert list(tmp_path.iterdir()) == []

@@ -129,6 +129,9 @@ def command(fn):
             _print_error(str(exc))
             raise typer.Exit(exc.exit_code)
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # a path given on the command line: the user's to shorten
+                _print_error(f"{exc.filename or 'a path given'}: {exc.strerror}; use a shorter path")
+                raise typer.Exit(1)
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
                 raise
             _print_error(f"{exc.filename or 'an output file'}: {exc.strerror}; nothing was left half-written, "
@@ -191,7 +194,7 @@ def prepare_data_cmd(
         return _print_json(manifest)
     from rich.table import Table
 
-    table = Table(title=f"prepared {out}")
+    table = Table(title=f"prepared {escape(str(out))}")
     for col in ("split", "examples", "truncated", "tokens", "mean len", "p95 len", "max len"):
         table.add_column(col)
     for split, s in manifest["splits"].items():
@@ -294,7 +297,7 @@ def train_cmd(
         f"; the adapter kept is step {kept}'s (best validation accuracy {summary['best_val_accuracy']:.1%})")
     out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
                       f"{summary['final_loss']:.4f}{held_out}, {summary['real_tokens_per_s']:,.0f} tokens/s -> "
-                      f"{summary['out']}{shipped}")
+                      f"{escape(str(summary['out']))}{shipped}")
 
 
 @app.command("merge-adapters")
@@ -326,7 +329,7 @@ def merge_cmd(
                                 trust_remote_code=trust_remote_code, gguf=gguf.value if gguf else None)
     if json_out:
         return _print_json(report)
-    out_console.print(f"[bold green]merged[/bold green] -> {out}  (largest logit difference vs base+adapter: "
+    out_console.print(f"[bold green]merged[/bold green] -> {escape(str(out))}  (largest logit difference vs base+adapter: "
                       f"{report['max_logit_diff']:.2e}, tolerance {report['tolerance']:.2e})")
 
 
@@ -395,7 +398,7 @@ def _print_gsm8k(summary: dict, split: str, samples: int, out) -> None:
     table.add_row("tokens generated", f"{summary['tokens_generated']:,} ({summary['tokens_per_s']:,.0f}/s)")
     out_console.print(table)
     if out:
-        out_console.print(f"predictions -> {out / PREDICTIONS}")
+        out_console.print(f"predictions -> {escape(str(out / PREDICTIONS))}")
 
 
 def _answer_tokens(o: dict, default: int) -> int:
@@ -427,7 +430,7 @@ def _retention(o: dict) -> None:
     table.add_row("prompts / scored tokens", f"{summary['n']} / {summary['tokens']:,}")
     out_console.print(table)
     if out:
-        out_console.print(f"side by side -> {Path(out) / 'retention.md'}")
+        out_console.print(f"side by side -> {escape(str(Path(out) / 'retention.md'))}")
 
 
 def _lm_eval(o: dict) -> None:
@@ -558,7 +561,12 @@ def chat_cmd(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   calculator=bool(calculator))
     settings.validate()
-    interactive = question is None and sys.stdin.isatty()
+    if question is None and sys.stdin is None:  # started with its standard input closed (`<&-`)
+        raise TinymathError("no question: standard input is closed; pass -q QUESTION, or pipe questions in")
+    if question is not None and not question.strip():
+        raise TinymathError("--question is empty; ask something")
+    # --json is for scripts: in a terminal it answers each line as a JSON object, as from a pipe
+    interactive = question is None and sys.stdin.isatty() and not json_out
     status = err_console.status("loading model...", spinner="dots") if interactive else _nothing()
     with status, _kept_for_good():
         inference = load_for_inference(model, str(adapter) if adapter else None, quant=quant.value,

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,7 +60,7 @@ def read_jsonl(path: str | Path, skip_torn_last: bool = False, where: str | None
     """One JSON object per non-empty line. ``skip_torn_last``: a last line cut off mid-write (a
     killed process) is dropped instead of reported. ``where``: a key under which each row records
     its file and line (for messages about the row's content)."""
-    lines = read_text(path).splitlines()
+    lines = read_text(path).split("\n")  # not splitlines(): U+2028 and the like may sit inside a JSON string
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -235,6 +236,8 @@ def check_output_dir(out: str | Path, overwrite: bool, marker: str | None = None
     out = output_path(out)
     if out.exists() and not out.is_dir():
         raise TinymathError(f"--out {out} is a file, not a folder")
+    if out.is_dir():  # even empty: the output takes the folder's place, which cannot be done from inside it
+        check_not_working_dir(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
@@ -243,7 +246,6 @@ def check_output_dir(out: str | Path, overwrite: bool, marker: str | None = None
                 f"--out {out} holds files that tinymath did not write (no {marker}); "
                 "choose another --out, or empty it yourself"
             )
-        check_not_working_dir(out)
     check_writable(out.absolute().parent)
 
 
@@ -268,6 +270,25 @@ def replace_dir(new: Path, out: Path) -> None:
 
 
 @contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM interrupts as Ctrl-C does (a KeyboardInterrupt), so that work stopped by it cleans up
+    after itself instead of being killed mid-way (a half-written output removed; training's own
+    `stop_on_signals` takes over for its loop)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def atomic_output_dir(out: str | Path):
     """Yield a temporary folder next to ``out``; on success it replaces ``out``, on error it is removed."""
     out = output_path(out)
@@ -278,9 +299,10 @@ def atomic_output_dir(out: str | Path):
     except OSError as exc:
         raise TinymathError(f"--out {out}: cannot write there ({exc.strerror})") from None
     try:
-        yield tmp
+        with sigterm_as_interrupt():  # stopped by SIGTERM too, nothing half-written stays behind
+            yield tmp
+            permissions_as_umask_allows(tmp)
+            replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    permissions_as_umask_allows(tmp)
-    replace_dir(tmp, out)

@@ -161,24 +161,6 @@ def restore_best(path: Path, run: Path, state: dict) -> None:
 
 
 @contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM interrupts as Ctrl-C does (a KeyboardInterrupt), until `stop_on_signals` takes over
-    for the training loop: a run stopped while it loads cleans up after itself, not killed mid-way."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
 def stop_on_signals():
     """Turn SIGINT/SIGTERM into a request the loop sees between steps (``flag["signal"]``)."""
     flag = {"signal": None}

@@ -56,8 +56,11 @@ def _check_rows(rows: list[dict]) -> list[dict]:
     problems = []
     for row in rows:
         for key in ("question", "answer"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
+            value = row.get(key)
+            if value is None or isinstance(value, str) and not value.strip():
                 problems.append(f"{row.get('_where', 'a row')}: missing {key!r}")
+            elif not isinstance(value, str):
+                problems.append(f"{row.get('_where', 'a row')}: {key!r} is not text ({type(value).__name__})")
         if isinstance(row.get("answer"), str) and extract_answer(row["answer"], strict=True) is None:
             problems.append(f"{row.get('_where', 'a row')}: the answer does not end in '#### N' (GSM8K's final "
                             "answer marker), so it cannot be scored")
@@ -126,7 +129,8 @@ def _read_hub(data: str, split: str) -> list[dict]:
     missing = {"question", "answer"} - set(ds.column_names)
     if missing:
         raise TinymathError(f"--data {data} lacks column(s) {', '.join(sorted(missing))}")
-    return [{"question": q, "answer": a} for q, a in zip(ds["question"], ds["answer"])]
+    return _check_rows([{"question": q, "answer": a, "_where": f"--data {data} ({split}), row {i + 1}"}
+                        for i, (q, a) in enumerate(zip(ds["question"], ds["answer"]))])
 
 
 # ---------------------------------------------------------------- preparing

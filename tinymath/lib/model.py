@@ -181,6 +181,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # missing files, unknown architectures, remote code refused
         raise TinymathError(f"could not load the tokenizer of {source}: {missing_files_reason(exc)}") from exc
+    if tokenizer.eos_token_id is None:  # training ends every answer with it; decoding stops at it
+        raise TinymathError(f"the tokenizer of {source} has no end-of-sequence token: set eos_token in its "
+                            "tokenizer_config.json (the token that ends the model's replies)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -30,6 +30,16 @@ class ChatSession:
         self.dropped = 0
         config = inference.model.config
         self.context_window = getattr(config, "max_position_embeddings", None) or 2048
+        self._check_budget()
+
+    def _check_budget(self) -> int:
+        """The tokens a prompt may take: the context window less the reply's; refused when none are
+        left (at start-up, before any question is read)."""
+        budget = self.context_window - self.settings.max_new_tokens
+        if budget <= 0:
+            raise TinymathError(f"--max-new-tokens {self.settings.max_new_tokens} leaves no room for a question in the "
+                                f"model's {self.context_window}-token context window; ask for fewer")
+        return budget
 
     def warm_up(self) -> None:
         """Generate one throw-away token, so the first real reply does not pay for warm-up."""
@@ -47,10 +57,7 @@ class ChatSession:
         """Token ids for the question after the history; drops oldest turns to fit. Returns ids and
         how many turns were dropped."""
         tokenizer = self.inference.tokenizer
-        budget = self.context_window - self.settings.max_new_tokens
-        if budget <= 0:
-            raise TinymathError(f"--max-new-tokens {self.settings.max_new_tokens} leaves no room for a question in the "
-                                f"model's {self.context_window}-token context window; ask for fewer")
+        budget = self._check_budget()
         if len(question) > MAX_CHARS_PER_TOKEN * self.context_window:  # no tokenizer pass over megabytes
             raise TinymathError(f"the question is {len(question):,} characters, far more than the model's "
                                 f"{self.context_window}-token context window holds; shorten it")
@@ -117,9 +124,10 @@ def run_scripted(session: ChatSession, lines, as_json: bool, out=None, err=None)
 
 def run_interactive(session: ChatSession, console) -> int:
     """The terminal conversation: streamed replies, the final answer highlighted, slash commands."""
+    from rich.markup import escape
     from rich.prompt import Prompt
 
-    console.print(f"[dim]{HELP}[/dim]", highlight=False)
+    console.print(f"[dim]{escape(HELP)}[/dim]", highlight=False)
     while True:
         try:
             question = Prompt.ask("[bold cyan]you[/bold cyan]", console=console).strip()
@@ -140,7 +148,7 @@ def run_interactive(session: ChatSession, console) -> int:
             console.print(f"[dim]system prompt {'set' if text else 'back to the default'}; conversation reset[/dim]")
             continue
         if question.startswith("/"):
-            console.print(f"[yellow]unknown command {question.split()[0]}[/yellow]  [dim]{HELP}[/dim]")
+            console.print(f"[yellow]unknown command {escape(question.split()[0])}[/yellow]  [dim]{escape(HELP)}[/dim]")
             continue
         try:
             console.print("[bold magenta]model[/bold magenta]: ", end="")
@@ -154,11 +162,11 @@ def run_interactive(session: ChatSession, console) -> int:
             console.print("\n[dim]interrupted[/dim]")
             continue
         except TinymathError as exc:
-            console.print(f"\n[red]{exc}[/red]")
+            console.print(f"\n[red]{escape(str(exc))}[/red]")
             continue
         if session.dropped:
             console.print(f"[yellow]note: the {session.dropped} oldest turn(s) were dropped to fit the "
                           f"context window[/yellow]")
         final = extract_answer("".join(pieces))
-        console.print(f"[bold green]answer: {final}[/bold green]" if final is not None
+        console.print(f"[bold green]answer: {escape(final)}[/bold green]" if final is not None
                       else "[yellow]answer: (no number found)[/yellow]")

@@ -38,6 +38,9 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
     if not found:
         raise TinymathError(f"--data {data} has no train.jsonl or test.jsonl (nor .json/.parquet); "
                             "give the GSM8K folder or one data file")
+    if val_size and "train" not in found:
+        raise TinymathError(f"--val-size holds problems out of the train split, and --data {data} has none "
+                            f"(only {', '.join(found)}); drop --val-size or add train.jsonl")
     splits = {split: read_gsm8k(data, split, limit) for split in found}
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
 

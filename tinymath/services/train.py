@@ -32,7 +32,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     from tinymath.base.files import check_writable
     from tinymath.base.runs import plan_train_output
     from tinymath.base.errors import choice, raise_if_problems
-    from tinymath.lib.checkpoint import sigterm_as_interrupt
+    from tinymath.base.files import sigterm_as_interrupt
     from tinymath.lib.distributed import default_device, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
     from tinymath.lib.speed import check_fused_kernels_asked
