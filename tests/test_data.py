@@ -210,3 +210,27 @@ def test_sigterm_while_an_output_is_written_leaves_nothing_behind(tmp_path):
         (tmp / "half.bin").write_bytes(b"x")
         os.kill(os.getpid(), signal.SIGTERM)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folders_own_validation_file_is_its_validation_split(tiny_model, gsm8k_dir, tmp_path):
+    """validation.jsonl beside train.jsonl: prepare-data and train on raw data both take it (with
+    --val-size too it is refused: one or the other), and --eval-every can use it."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(gsm8k_dir, data)
+    train = (data / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(train[:-2]) + "\n")
+    (data / "validation.jsonl").write_text("\n".join(train[-2:]) + "\n")
+    result = run_cli("prepare-data", "--data", data, "--model", tiny_model, "--out", tmp_path / "prep", "--json")
+    assert result.exit_code == 0, result.output
+    splits = json.loads(result.stdout)["splits"]
+    assert (splits["train"]["examples"], splits["validation"]["examples"]) == (len(train) - 2, 2)
+    result = run_cli("prepare-data", "--data", data, "--model", tiny_model, "--out", tmp_path / "p2", "--val-size", 1)
+    assert result.exit_code == 1 and "has its own validation split" in result.stderr
+    run = tmp_path / "run"
+    result = run_cli("train", "--data", data, "--model", tiny_model, "--out", run, "--quant", "none", "--max-steps", 1,
+                     "--batch-size", 2, "--eval-every", 1, "--eval-limit", 2, "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "val_accuracy" in rows[-1]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
-from tinymath.base.files import read_json_object, read_toml
+from tinymath.base.files import read_json_object, read_toml, split_file
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import CONFIG_FILE, MANIFEST
@@ -183,8 +183,10 @@ class TrainConfig:
         if self.val_size and (data / MANIFEST).is_file():
             problems.append(f"--val-size holds problems out of raw data; --data {self.data} is already prepared: "
                             "run prepare-data with --val-size instead")
-        if self.eval_every and not self.val_size and not (data / "validation").is_dir():
-            problems.append("--eval-every needs a validation split: --val-size N (raw data) or prepare-data --val-size")
+        if self.eval_every and not self.val_size and not (data / "validation").is_dir() \
+                and not (data.is_dir() and split_file(data, "validation")):
+            problems.append("--eval-every needs a validation split: --val-size N (raw data), prepare-data --val-size, "
+                            "or a validation.jsonl beside train.jsonl")
         raise_if_problems(problems)
 
     @classmethod

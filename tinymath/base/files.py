@@ -26,6 +26,15 @@ from tinymath.base.errors import TinymathError
 # ---------------------------------------------------------------- reading
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # the data files tinymath reads
+
+
+def split_file(folder: str | Path, split: str) -> Path | None:
+    """A data folder's file for ``split`` (``train.jsonl``, ``test.parquet``, ...), if it has one."""
+    folder = Path(folder).expanduser()
+    return next((folder / f"{split}{x}" for x in DATA_SUFFIXES if (folder / f"{split}{x}").is_file()), None)
+
+
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is one message naming it."""
     path = Path(path)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 from tinymath.base.config import DEFAULT_DATA, val_size_problems
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
-from tinymath.base.files import read_json, read_json_object, read_jsonl
+from tinymath.base.files import DATA_SUFFIXES as FILE_SUFFIXES
+from tinymath.base.files import read_json, read_json_object, read_jsonl, split_file
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
 from tinymath.base.runs import MANIFEST
-
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 # ---------------------------------------------------------------- reading
@@ -93,8 +92,8 @@ def available_splits(data: str) -> list[str]:
     path = Path(data).expanduser()
     if path.is_dir() and (path / MANIFEST).exists():
         raise TinymathError(f"--data {data} is already a prepare-data output; give the raw GSM8K files")
-    if path.is_dir():
-        return [s for s in ("train", "test") if any((path / f"{s}{x}").exists() for x in FILE_SUFFIXES)]
+    if path.is_dir():  # a folder's own validation file, if it has one, is its validation split
+        return [s for s in ("train", "validation", "test") if split_file(path, s)]
     return ["train"] if path.is_file() else ["train", "test"]
 
 
@@ -142,6 +141,18 @@ def _length_stats(lengths: list[int]) -> dict:
     ordered = sorted(lengths)
     return {"mean": round(sum(ordered) / len(ordered), 1), "p95": ordered[int(0.95 * (len(ordered) - 1))],
             "max": ordered[-1]}
+
+
+def train_and_validation(data: str, val_size: float, seed: int = 0, limit: int | None = None) -> dict[str, list[dict]]:
+    """The train rows and, if any, the validation rows: a data folder's own validation file, or
+    ``val_size`` held out of train (`split_validation`); not both."""
+    own = split_file(data, "validation") if Path(data).expanduser().is_dir() else None
+    if own is None:
+        return split_validation(read_gsm8k(data, "train", limit), val_size, seed)
+    if val_size:
+        raise TinymathError(f"--data {data} has its own validation split ({own.name}); drop --val-size, or "
+                            "remove that file to hold problems out of train instead")
+    return {"train": read_gsm8k(data, "train", limit), "validation": read_gsm8k(data, "validation", limit)}
 
 
 def split_validation(rows: list[dict], val_size: float, seed: int = 0) -> dict[str, list[dict]]:
@@ -232,7 +243,7 @@ def load_training_data(config, tokenizer) -> tuple[dict[str, list[dict]], dict, 
         settings["system_prompt"] = config.system_prompt
         validate_prepare_options(settings["format"], settings["max_length"], settings["calc_annotations"],
                                  config.val_size, None)
-        raw = split_validation(read_gsm8k(config.data, "train"), config.val_size)
+        raw = train_and_validation(config.data, config.val_size)
         splits, stats = {}, {}
         for name, split_rows in raw.items():
             columns, stats[name] = tokenize_split(split_rows, tokenizer, settings["format"], settings["system_prompt"],

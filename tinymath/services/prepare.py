@@ -13,7 +13,13 @@ from pathlib import Path
 from tinymath.base.config import DEFAULT_DATA, DEFAULT_MODEL
 from tinymath.base.errors import TinymathError
 from tinymath.base.runs import MANIFEST
-from tinymath.lib.gsm8k import available_splits, read_gsm8k, split_validation, tokenize_split, validate_prepare_options
+from tinymath.lib.gsm8k import (
+    available_splits,
+    read_gsm8k,
+    tokenize_split,
+    train_and_validation,
+    validate_prepare_options,
+)
 
 
 def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str | Path = "prep",
@@ -41,11 +47,9 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
     if val_size and "train" not in found:
         raise TinymathError(f"--val-size holds problems out of the train split, and --data {data} has none "
                             f"(only {', '.join(found)}); drop --val-size or add train.jsonl")
-    splits = {split: read_gsm8k(data, split, limit) for split in found}
+    splits = train_and_validation(data, val_size, seed, limit) if "train" in found else {}
+    splits.update({split: read_gsm8k(data, split, limit) for split in found if split not in splits})
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-
-    if "train" in splits:
-        splits.update(split_validation(splits["train"], val_size, seed))
 
     prepared, stats = {}, {}
     total = sum(len(rows) for rows in splits.values())
