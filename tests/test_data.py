@@ -212,6 +212,53 @@ def test_sigterm_while_an_output_is_written_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_inside_the_training_loop_sigterm_is_the_loops_to_handle(tmp_path):
+    """A checkpoint saved while training's own handler holds SIGTERM: the save completes, and the
+    loop sees the request (it stops after the step, with its checkpoint)."""
+    import os
+    import signal
+
+    from tinymath.base.files import atomic_output_dir
+    from tinymath.lib.checkpoint import stop_on_signals
+
+    with stop_on_signals() as stop:
+        with atomic_output_dir(tmp_path / "checkpoint") as tmp:
+            (tmp / "state.json").write_text("{}")
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop["signal"] is not None
+    assert (tmp_path / "checkpoint" / "state.json").is_file()
+
+
+def test_a_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    import os
+
+    from tinymath.base import files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the earlier output")
+    real, calls = os.replace, []
+
+    def failing(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder into place
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OSError), files.atomic_output_dir(out) as tmp:
+        (tmp / "new.txt").write_text("x")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old.txt").is_file()
+
+
+def test_a_torn_last_line_is_passed_over_even_with_a_newline_after_it(tmp_path):
+    from tinymath.base.files import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"a": 1}\n{"a":\n\n')
+    assert read_jsonl(path, skip_torn_last=True) == [{"a": 1}]
+
+
 def test_a_folders_own_validation_file_is_its_validation_split(tiny_model, gsm8k_dir, tmp_path):
     """validation.jsonl beside train.jsonl: prepare-data and train on raw data both take it (with
     --val-size too it is refused: one or the other), and --eval-every can use it."""

@@ -225,10 +225,10 @@ def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "2").exit_code == 0
     result = run_cli("train", "--resume", out)
-    assert result.exit_code == 1 and "has finished its 2 steps" in result.stderr
+    assert result.exit_code == 1 and "kept no checkpoint to continue from" in result.stderr
     monkeypatch.chdir(tmp_path)  # the saved data path given again, relative this time: the same setting
     result = run_cli("train", "--resume", out, "--data", os.path.relpath(gsm8k_dir))
-    assert result.exit_code == 1 and "has finished its 2 steps" in result.stderr
+    assert result.exit_code == 1 and "kept no checkpoint to continue from" in result.stderr
     result = run_cli("train", "--resume", out, "--lr", "0.5")
     assert result.exit_code == 1 and "--lr would change the saved run" in result.stderr and "--max-steps" in result.stderr
     result = run_cli("train", "--resume", tmp_path / "nothing")
@@ -236,7 +236,7 @@ def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     result = run_cli("train", "--resume", out, "--out", tmp_path / "elsewhere")  # it would be ignored
     assert result.exit_code == 1 and "drop --out" in result.stderr and not (tmp_path / "elsewhere").exists()
     result = run_cli("train", "--resume", out, "--out", "run")  # the same folder, relative: no conflict
-    assert result.exit_code == 1 and "has finished its 2 steps" in result.stderr
+    assert result.exit_code == 1 and "kept no checkpoint to continue from" in result.stderr
 
 
 def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp_path):

@@ -383,7 +383,7 @@ def _tinymath_gsm8k(o: dict) -> None:
 def _print_gsm8k(summary: dict, split: str, samples: int, out) -> None:
     from rich.table import Table
 
-    table = Table(title="GSM8K " + split)
+    table = Table(title="GSM8K " + escape(split))
     table.add_column("metric")
     table.add_column("value", justify="right")
     low, high = summary["ci95"]
@@ -518,8 +518,8 @@ def _compare(first, second, json_out):
     table = Table(title=f"paired comparison on {result['n']} problems")
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row(f"A accuracy ({first})", f"{result['accuracy_a']:.2%}")
-    table.add_row(f"B accuracy ({second})", f"{result['accuracy_b']:.2%}")
+    table.add_row(f"A accuracy ({escape(str(first))})", f"{result['accuracy_a']:.2%}")
+    table.add_row(f"B accuracy ({escape(str(second))})", f"{result['accuracy_b']:.2%}")
     low, high = result["difference_ci95"]
     table.add_row("B - A", f"{result['difference']:+.2%} (95% CI {low:+.2%} to {high:+.2%})")
     table.add_row("McNemar p-value", f"{result['mcnemar_p']:.3g}")

@@ -112,7 +112,7 @@ class TrainConfig:
     save_every: int | None = option(None, "Save a resumable checkpoint every N steps.", CONTROL)
     keep_checkpoints: int = option(2, "How many checkpoints to keep.", CONTROL)
     eval_every: int | None = option(None, "GSM8K accuracy on the validation split every N steps (needs "
-                                          "--val-size).", CONTROL)
+                                          "--val-size, or data with a validation split).", CONTROL)
     eval_limit: int = option(200, "Validation problems per evaluation.", CONTROL)
     keep: str = option("last", "Final adapter: the last one, or the best by validation accuracy.", CONTROL,
                        choices=KEEP)

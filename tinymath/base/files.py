@@ -70,6 +70,8 @@ def read_jsonl(path: str | Path, skip_torn_last: bool = False, where: str | None
     killed process) is dropped instead of reported. ``where``: a key under which each row records
     its file and line (for messages about the row's content)."""
     lines = read_text(path).split("\n")  # not splitlines(): U+2028 and the like may sit inside a JSON string
+    while lines and not lines[-1].strip():  # the last line is the last one with something on it
+        lines.pop()
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -272,20 +274,28 @@ def replace_dir(new: Path, out: Path) -> None:
         trash = out.with_name(f".{out.name}.old")
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(out, trash)
-        os.replace(new, out)
+        try:
+            os.replace(new, out)
+        except BaseException:
+            os.replace(trash, out)  # the old output back in its place
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(new, out)
 
 
 @contextmanager
-def sigterm_as_interrupt():
+def sigterm_as_interrupt(unless_handled: bool = False):
     """SIGTERM interrupts as Ctrl-C does (a KeyboardInterrupt), so that work stopped by it cleans up
     after itself instead of being killed mid-way (a half-written output removed; training's own
-    `stop_on_signals` takes over for its loop)."""
+    `stop_on_signals` takes over for its loop). ``unless_handled``: leave a handler someone else
+    installed in place (a checkpoint saved inside the training loop stops as the loop decides)."""
     def handler(signum, frame):
         raise KeyboardInterrupt
 
+    if unless_handled and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone
@@ -308,7 +318,7 @@ def atomic_output_dir(out: str | Path):
     except OSError as exc:
         raise TinymathError(f"--out {out}: cannot write there ({exc.strerror})") from None
     try:
-        with sigterm_as_interrupt():  # stopped by SIGTERM too, nothing half-written stays behind
+        with sigterm_as_interrupt(unless_handled=True):  # stopped by SIGTERM too, nothing half-written stays
             yield tmp
             permissions_as_umask_allows(tmp)
             replace_dir(tmp, out)

@@ -202,10 +202,12 @@ def modelfile(gguf_name: str, tokenizer, fmt: str, system_prompt: str | None) ->
     system = "{{ .System }}" if system_prompt else None
     template = build_prompt(tokenizer, "{{ .Prompt }}", fmt, system)
     stops = [tokenizer.eos_token] + (["### Instruction:"] if fmt == "instruction" else [])
-    for what, text in (("the run's system prompt", system_prompt), ("the model's chat template", template)):
+    for what, text, fix in (("the run's system prompt", system_prompt, "or use a system prompt without it"),
+                            ("the model's chat template", template, "then convert the merged folder with "
+                                                                     "llama.cpp's convert_hf_to_gguf.py")):
         if text and '"""' in text:  # Ollama's parser ends a """-quoted value at the first """ it meets
             raise TinymathError(f'--gguf: {what} contains """, which an Ollama Modelfile cannot quote; '
-                                "merge without --gguf, or use a system prompt without it")
+                                f"merge without --gguf, {fix}")
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{stop}"' for stop in stops if stop]
     if system_prompt:

@@ -35,7 +35,7 @@ def _read_file(path: Path) -> list[dict]:
         if not isinstance(loaded, list):
             raise TinymathError(f"{path}: expected a JSON list of objects with question and answer")
         rows = [dict(row, _where=f"{path}, item {i}") if isinstance(row, dict) else {"_where": f"{path}, item {i}"}
-                for i, row in enumerate(loaded)]
+                for i, row in enumerate(loaded, start=1)]
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -43,7 +43,7 @@ def _read_file(path: Path) -> list[dict]:
             rows = pq.read_table(path).to_pylist()
         except Exception as exc:
             raise TinymathError(f"{path}: not a readable parquet file ({exc})") from None
-        rows = [dict(row, _where=f"{path}, row {i}") for i, row in enumerate(rows)]
+        rows = [dict(row, _where=f"{path}, row {i}") for i, row in enumerate(rows, start=1)]
     else:
         raise TinymathError(f"--data {path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
     if not rows:
@@ -86,7 +86,8 @@ def local_split_file(data: str, split: str) -> Path | None:
 
 
 def available_splits(data: str) -> list[str]:
-    """The GSM8K splits prepare-data makes of a source: a folder's or the hub's train and test; a
+    """The GSM8K splits prepare-data makes of a source: a folder's train, test and (if it has its own
+    file) validation, or the hub's train and test; a
     single file is training data only (as its test split too, it would score the model on the
     problems it trained on)."""
     path = Path(data).expanduser()

@@ -31,7 +31,7 @@ from pathlib import Path
 from tinymath.base.config import TrainConfig, parse_memory
 from tinymath.base.errors import Stopped, TinymathError
 from tinymath.base.progress import status_line
-from tinymath.base.runs import BEST, CONFIG_FILE, METRICS, RUN_FILE
+from tinymath.base.runs import BEST, CHECKPOINTS, CONFIG_FILE, METRICS, RUN_FILE
 from tinymath.lib.batching import count_label_tokens, micro_batches, process_examples, to_device
 from tinymath.lib.distributed import peers_lost_as_error
 from tinymath.lib.speed import eager, inference_mode
@@ -264,6 +264,10 @@ class Trainer:
 
         state = self.state
         finished = self._finished_steps()
+        if finished is not None and not any((self.out / CHECKPOINTS).glob("step-*")):
+            raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}) and kept "
+                                "no checkpoint to continue from (they are saved with --save-every); to train "
+                                f"longer, start a new run: tinymath train --config {self.out / RUN_FILE} --out NEW")
         if finished is not None and finished >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}); "
                                 "pass a larger --max-steps or --epochs to train it further")
@@ -279,8 +283,10 @@ class Trainer:
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         state.start_step, state.best = state.saved_state["step"], state.saved_state.get("best", state.best)
         if finished is not None and state.start_step < finished:
+            again = f"step {finished} runs" if finished == state.start_step + 1 else \
+                f"steps {state.start_step + 1}-{finished} run"
             self.say(f"The run finished at step {finished}; its last checkpoint is at step {state.start_step}, "
-                     f"so steps {state.start_step + 1}-{finished} run again.")
+                     f"so {again} again.")
         if state.start_step >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the checkpoint is at step {state.start_step}, the run ends at "
                                 f"step {self.plan.total_steps}; pass a larger --max-steps or --epochs to train further")
