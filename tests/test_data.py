@@ -200,6 +200,21 @@ def test_hub_rows_are_checked_like_local_ones(monkeypatch):
     assert "row 2: the answer does not end in '#### N'" in str(caught.value)
 
 
+def test_a_hub_dataset_with_only_a_train_split_is_prepared(tiny_model, tmp_path, monkeypatch):
+    import datasets
+
+    import tinymath.lib.hub as hub
+
+    rows = {"question": ["What is 2 + 2?", "What is 3 + 3?"], "answer": ["2 + 2 = 4\n#### 4", "3 + 3 = 6\n#### 6"]}
+    monkeypatch.setattr(hub, "offline_unless_reachable", lambda: None)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda *a, **k: ["train"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, split=None, **k: datasets.Dataset.from_dict(rows))
+    result = run_cli("prepare-data", "--data", "someone/mathdata", "--model", tiny_model, "--out", tmp_path / "p",
+                     "--json")
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(result.stdout)["splits"]) == ["train"]
+
+
 def test_sigterm_while_an_output_is_written_leaves_nothing_behind(tmp_path):
     import os
     import signal

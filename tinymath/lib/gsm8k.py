@@ -95,7 +95,27 @@ def available_splits(data: str) -> list[str]:
         raise TinymathError(f"--data {data} is already a prepare-data output; give the raw GSM8K files")
     if path.is_dir():  # a folder's own validation file, if it has one, is its validation split
         return [s for s in ("train", "validation", "test") if split_file(path, s)]
-    return ["train"] if path.is_file() else ["train", "test"]
+    return ["train"] if path.is_file() else _hub_splits(data)
+
+
+def _hub_splits(data: str) -> list[str]:
+    """The train and test splits a hub dataset has (GSM8K has both; a dataset of one's own may have
+    only train); both when the hub cannot say, so that loading reports why."""
+    import datasets
+
+    from tinymath.lib.hub import offline_unless_reachable
+
+    offline_unless_reachable()
+    try:
+        names = datasets.get_dataset_split_names(data, _hub_config(data))
+    except Exception:  # unreachable, unknown: the load that follows says what went wrong
+        return ["train", "test"]
+    return [s for s in ("train", "test") if s in names] or ["train", "test"]
+
+
+def _hub_config(data: str) -> str | None:
+    """GSM8K's hub datasets keep the problems in their "main" configuration."""
+    return "main" if data.rstrip("/").endswith("gsm8k") else None
 
 
 def read_gsm8k(data: str = DEFAULT_DATA, split: str = "train", limit: int | None = None) -> list[dict]:
@@ -121,8 +141,7 @@ def _read_hub(data: str, split: str) -> list[dict]:
 
     offline_unless_reachable()
     try:
-        name = "main" if data.rstrip("/").endswith("gsm8k") else None
-        ds = datasets.load_dataset(data, name, split=split)
+        ds = datasets.load_dataset(data, _hub_config(data), split=split)
     except Exception as exc:  # network, missing dataset, missing split: all user-facing
         raise TinymathError(f"could not load --data {data} (split {split}) from the Hugging Face hub: {exc}"
                             f"{unreachable_hint()}") from None
