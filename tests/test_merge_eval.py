@@ -312,6 +312,13 @@ def test_gguf_export_round_trip(tiny_model, gsm8k_dir, tmp_path, gguf_type):
         assert (got - expected).abs().max().item() < 1e-4
     else:
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+    # tinymath reading the file where merge-adapters wrote it, beside the merged folder's own
+    # tokenizer files: the GGUF's tokenizer, with its EOS and chat template
+    from tinymath.lib.model import load_tokenizer
+
+    beside = load_tokenizer(str(tmp_path / "merged" / f"model-{gguf_type}.gguf"))
+    assert beside.eos_token == "<|im_end|>" and beside.chat_template
+    assert beside(text).input_ids == reference(text).input_ids
 
 
 def test_gguf_export_of_a_sentencepiece_tokenizer_round_trips(gsm8k_dir, tmp_path):

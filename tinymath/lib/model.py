@@ -11,6 +11,7 @@ it loads, and quantizes to NF4, like any other folder.
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -131,11 +132,19 @@ def _convert(gguf: Path, target: Path) -> Path:
 
     from tinymath.base.files import atomic_output_dir
 
+    import tempfile
+
     kwargs = dict(gguf_file=gguf.name)
     try:
-        with _gguf_read_once():
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        # the file read alone: beside a merge-adapters output's tokenizer and config files,
+        # transformers would take those over the GGUF's own (no EOS, no chat template)
+        with tempfile.TemporaryDirectory(prefix="tinymath-gguf-") as alone, _gguf_read_once():
+            try:
+                (Path(alone) / gguf.name).symlink_to(gguf.absolute())
+            except OSError:  # no symbolic links here
+                shutil.copy(gguf, Path(alone) / gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(alone, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(alone, dtype=torch.float32, **kwargs)
     except Exception as exc:  # gguf raises many kinds of errors for a bad file
         raise TinymathError(f"could not read {gguf} as a GGUF model: {exc}") from exc
     # Loaded from GGUF, the model carries a "gguf quantizer" that forbids saving; the weights are
@@ -150,6 +159,7 @@ def _convert(gguf: Path, target: Path) -> Path:
 
 
 DIGEST_SAMPLES = 256  # 16 KiB pieces spread over a GGUF's middle, hashed with its ends
+CONVERSION = 2  # in every cache key: raised when conversions change (2: the GGUF read alone, not with its folder)
 
 
 def _quick_digest(path: Path) -> str:
@@ -159,7 +169,7 @@ def _quick_digest(path: Path) -> str:
     import hashlib
 
     size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
+    digest = hashlib.sha256(f"{CONVERSION}:{size}".encode())
     with open(path, "rb") as f:
         digest.update(f.read(4 << 20))
         for i in range(1, DIGEST_SAMPLES + 1):
