@@ -346,6 +346,8 @@ def test_a_replacement_resumes_into_its_own_sibling_only(tiny_model, gsm8k_dir, 
     result = _train(tiny_model, gsm8k_dir, run_copy, "--max-steps", "1", "--overwrite")
     assert result.exit_code == 0, result.output
     assert (elsewhere / "run" / "notes.txt").read_text() == "mine" and not partial.exists()
+    run = json.loads((run_copy / "run.json").read_text())  # where it ended up, not where it trained
+    assert Path(run["out"]).resolve() == Path(run["result"]["out"]).resolve() == run_copy.resolve()
 
 
 def test_compare_with_a_folder_that_does_not_exist(tmp_path):

@@ -86,8 +86,10 @@ class Trainer:
     method = "sft"
     prefetch = True  # build the next step's batches while the GPU works (they do not depend on the update)
 
-    def __init__(self, config: TrainConfig, live: Path, show_progress: bool = False, resume: bool = False):
+    def __init__(self, config: TrainConfig, live: Path, show_progress: bool = False, resume: bool = False,
+                 final: Path | None = None):
         self.config, self.out, self.resume = config, Path(live), resume
+        self.final = Path(final) if final is not None else self.out  # where the run ends up (``live``: as it trains)
         self.show_progress = show_progress
         self.state = LoopState()
         self.graphed = None
@@ -679,7 +681,7 @@ class Trainer:
                    "graph_capture_seconds": round(self.graphed.capture_seconds if self.graphed else
                                                   self.capture_seconds_before_fallback, 2),
                    "real_tokens_per_s": round(state.real_tokens / max(state.step_seconds, 1e-9), 1),
-                   "out": str(self.out),
+                   "out": str(self.final),
                    "micro_batch_tokens": plan.micro_batch_tokens, "gradient_checkpointing": plan.gradient_checkpointing,
                    "compiled": plan.compiled, "fused_kernels": plan.fused_kernels,
                    "cuda_graphs": self.graphed is not None,
@@ -713,7 +715,7 @@ class Trainer:
         summary = self.summary()
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            run = {**asdict(self.config), **self.data_settings,
+            run = {**asdict(self.config), "out": str(self.final), **self.data_settings,
                    "dtype": str(self.dtype).removeprefix("torch."), "base_fingerprint": self.fingerprint,
                    "data_stats": self.data_stats, "versions": _versions(), "git_commit": _git_commit(),
                    "num_processes": self.plan.world, "memory_plan": self.plan.memory_plan, "result": summary}

@@ -45,7 +45,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     check_writable(output.live.absolute().parent)
     if resume and not output.live.is_dir():
         raise TinymathError(f"--resume {output.live}: no such run folder")
-    trainer = METHODS[config.method](config, output.live, show_progress, resume)
+    trainer = METHODS[config.method](config, output.live, show_progress, resume, final=output.final)
     state = process_state()
     state.wait_for_everyone()  # every process has checked the folder before the main one changes it
     try:
@@ -57,8 +57,6 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
             summary = trainer.setup().fit()
     finally:
         trainer.restore_process()  # a model built later in this process (an evaluation's, say) is plain
-    if state.is_main_process and output.live != output.final:
-        summary["out"] = str(output.final)
     return summary
 
 
