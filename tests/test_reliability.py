@@ -45,6 +45,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_model, gsm8k_dir, tm
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130  # 128 + SIGINT, as shells expect of a Ctrl-C
     assert "tinymath train --resume" in stderr
+    assert "stopping after this step" in stderr  # said at once, not only when the step ends
     stopped_at = len(_losses(cut))
     assert stopped_at < int(steps), "the run finished before the signal arrived"
     assert list((cut / "checkpoints").glob("step-*/adapter_model.safetensors"))

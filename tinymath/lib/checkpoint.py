@@ -161,8 +161,11 @@ def restore_best(path: Path, run: Path, state: dict) -> None:
 
 
 @contextmanager
-def stop_on_signals():
-    """Turn SIGINT/SIGTERM into a request the loop sees between steps (``flag["signal"]``)."""
+def stop_on_signals(notice: str | None = None):
+    """Turn SIGINT/SIGTERM into a request the loop sees between steps (``flag["signal"]``);
+    ``notice`` is said on stderr at once, so a step that takes a while does not look deaf."""
+    import sys
+
     flag = {"signal": None}
     previous = {}
 
@@ -170,6 +173,8 @@ def stop_on_signals():
         if flag["signal"] is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         flag["signal"] = signal.Signals(signum).name
+        if notice:
+            print(f"\n{notice}", file=sys.stderr, flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:

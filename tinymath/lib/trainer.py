@@ -422,7 +422,8 @@ class Trainer:
         metrics = open(self.out / METRICS, "a", encoding="utf-8") if self.is_main else nullcontext()
         try:
             with peers_lost_as_error(plan.world, self._resume_hint), clear_library_errors(), \
-                    stop_on_signals() as self.stop, metrics as self.metrics_file, \
+                    stop_on_signals(self._stop_notice() if self.is_main else None) as self.stop, \
+                    metrics as self.metrics_file, \
                     progress_bar("training", plan.total_steps, self.show_progress, fields_fmt, numbers="") as self.update:
                 self.update(advance=state.start_step)
                 self.before_steps()
@@ -585,14 +586,17 @@ class Trainer:
         best adapter with ``--keep best``); whether the step was evaluated."""
         config, total = self.config, self.plan.total_steps
         if "validation" in self.splits and done == total:
+            self.update(advance=0, description="validation loss")
             loss = self.validation_loss(self.splits["validation"])
             if not math.isfinite(loss):  # the weights are finite (checked): keep the run, without the figure
                 self.say(f"tinymath: the validation loss came out {loss}; the run is kept, without it")
             record["val_loss"] = self.state.val_loss = round(loss, 6) if math.isfinite(loss) else None
         evaluating = bool(config.eval_every and (done % config.eval_every == 0 or done == total))
         if evaluating and self.is_main:
+            self.update(advance=0, description=f"validating ({len(self.val_rows)} problems)")
             record["val_accuracy"] = self.validation_accuracy()
             self.note_accuracy(record["val_accuracy"], done)
+        self.update(advance=0, description="training")
         return evaluating
 
     def note_accuracy(self, accuracy: float, step: int) -> None:
@@ -620,6 +624,10 @@ class Trainer:
                 total += self.loss_model(**to_device(batch, self.accelerator.device)).item()
         self.loss_model.train()
         return total / max(count_label_tokens(examples), 1)
+
+    def _stop_notice(self) -> str:
+        return ("tinymath: stopping after this step, with a checkpoint to resume from (the last step finishes "
+                "the run instead); Ctrl-C again stops at once")
 
     def _stop_if_asked(self, done: int, stop_votes: float) -> None:
         """Save and stop after this step when Ctrl-C (or SIGTERM) came; after the last step the run
