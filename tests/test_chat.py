@@ -20,6 +20,13 @@ def test_scripted_lines_are_answered_independently(tiny_model):
     assert json.loads(alone.stdout)["completion"] == lines[1]["completion"]  # no history from line 1
 
 
+def test_piped_commands_are_obeyed_not_sent_to_the_model(tiny_model):
+    result = run_cli("chat", "--model", tiny_model, "--max-new-tokens", 4, "--json",
+                     input="/system Be brief.\nWhat is 2 + 2?\n/reset\n/frob\n/exit\nWhat is 3 + 3?\n")
+    assert [json.loads(line)["question"] for line in result.stdout.splitlines()] == ["What is 2 + 2?"]
+    assert "line 4: unknown command /frob" in result.stderr and result.exit_code == 1
+
+
 def test_question_flag_and_plain_output(tiny_model):
     result = run_cli("chat", "--model", tiny_model, "--max-new-tokens", 8, "--question", "What is 3 + 4?")
     assert result.exit_code == 0 and result.stdout.strip() != ""

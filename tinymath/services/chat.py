@@ -98,7 +98,9 @@ def answer(session: ChatSession, question: str) -> dict:
 
 def run_scripted(session: ChatSession, lines, as_json: bool, out=None, err=None) -> int:
     """Answer each non-empty line independently; returns the exit code (1 if any line failed).
-    ``lines`` may be bytes (a pipe read raw): a line that is not UTF-8 is reported and skipped."""
+    ``lines`` may be bytes (a pipe read raw): a line that is not UTF-8 is reported and skipped. A
+    line starting with ``/`` is a command, as in a terminal: ``/system TEXT`` sets the system
+    prompt for the lines after it, ``/exit`` stops, ``/reset`` changes nothing."""
     import json
 
     out, err = out or sys.stdout, err or sys.stderr
@@ -111,6 +113,17 @@ def run_scripted(session: ChatSession, lines, as_json: bool, out=None, err=None)
             failed += 1
             continue
         if not question:
+            continue
+        if question.startswith("/"):  # the interactive commands, never sent to the model as a question
+            word = question.split()[0]
+            if word in ("/exit", "/quit"):
+                break
+            if word == "/system":
+                session.set_system(question[len("/system"):].strip() or session.inference.system_prompt)
+            elif word != "/reset":  # /reset: each line is answered on its own anyway
+                print(f"error: line {number}: unknown command {word} (commands: /system TEXT, /reset, /exit)",
+                      file=err)
+                failed += 1
             continue
         try:
             result = answer(session, question)
