@@ -137,6 +137,10 @@ def test_every_test_problem_is_kept_whatever_its_length(tiny_model, gsm8k_dir, t
     splits = json.loads(result.stdout)["splits"]
     assert splits["train"]["dropped_too_long"] > 0  # the length does cut training rows here...
     assert len(read_gsm8k(str(out), "test")) == len(read_gsm8k(str(gsm8k_dir), "test"))  # ...and no test row
+    shown = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "shown",
+                    "--max-length", longest_test)
+    row = next(line for line in shown.stdout.splitlines() if "train" in line)  # the table says so too
+    assert str(splits["train"]["dropped_too_long"]) in row.split("│")[3]
 
 
 def test_out_naming_the_working_folder_is_refused_before_any_work(tiny_model, gsm8k_dir, tmp_path, monkeypatch):

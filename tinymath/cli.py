@@ -195,12 +195,14 @@ def prepare_data_cmd(
     from rich.table import Table
 
     table = Table(title=f"prepared {escape(str(out))}")
-    for col in ("split", "examples", "truncated", "tokens", "mean len", "p95 len", "max len"):
+    for col in ("split", "examples", "dropped", "truncated", "tokens", "mean len", "p95 len", "max len"):
         table.add_column(col)
     for split, s in manifest["splits"].items():
-        table.add_row(split, str(s["examples"]), str(s["truncated"]), f"{s['tokens']:,}", str(s["length"]["mean"]),
-                      str(s["length"]["p95"]), str(s["length"]["max"]))
+        table.add_row(split, str(s["examples"]), str(s.get("dropped_too_long", 0)), str(s["truncated"]),
+                      f"{s['tokens']:,}", str(s["length"]["mean"]), str(s["length"]["p95"]), str(s["length"]["max"]))
     out_console.print(table)
+    if "test" in manifest["splits"]:
+        out_console.print("[dim]test problems are kept whole, whatever their length: evaluation asks every one[/dim]")
 
 
 # train options whose registry lives above the base layer (the training methods are library classes)
@@ -292,9 +294,10 @@ def train_cmd(
     if json_out:
         return _print_json(summary)
     held_out = f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
+    if summary.get("best_val_accuracy") is not None:
+        held_out += f", best validation accuracy {summary['best_val_accuracy']:.1%} (step {summary['best_step']})"
     kept = summary.get("adapter_step", summary["steps"])
-    shipped = "" if kept == summary["steps"] else (
-        f"; the adapter kept is step {kept}'s (best validation accuracy {summary['best_val_accuracy']:.1%})")
+    shipped = "" if kept == summary["steps"] else f"; the adapter kept is step {kept}'s"
     out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
                       f"{summary['final_loss']:.4f}{held_out}, {summary['real_tokens_per_s']:,.0f} tokens/s -> "
                       f"{escape(str(summary['out']))}{shipped}")
