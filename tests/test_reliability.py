@@ -208,6 +208,9 @@ def test_run_json_repeats_a_run(tiny_model, gsm8k_dir, tmp_path):
     repeated = json.loads(result.stdout)["config"]
     saved = json.loads((first / "run.json").read_text())
     assert all(repeated[k] == saved[k] for k in ("lr", "lora_r", "batch_size", "max_steps", "seed", "model"))
+    assert json.loads(result.stdout)["out_refused"] is None
+    again = run_cli("train", "--config", first / "run.json", "--dry-run")  # its own --out: taken
+    assert again.exit_code == 0 and "the run itself would stop here" in again.stderr and "already exists" in again.stderr
 
 
 @pytest.mark.parametrize("content, message", [
@@ -233,6 +236,9 @@ def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     result = run_cli("train", "--resume", out, "--lr", "0.5")
     assert result.exit_code == 1 and "--lr would change the saved run" in result.stderr and "--max-steps" in result.stderr
     result = run_cli("train", "--resume", tmp_path / "nothing")
+    assert result.exit_code == 1 and "nothing does not exist" in result.stderr
+    (tmp_path / "plain").mkdir()
+    result = run_cli("train", "--resume", tmp_path / "plain")
     assert result.exit_code == 1 and "not a tinymath run folder" in result.stderr
     result = run_cli("train", "--resume", out, "--out", tmp_path / "elsewhere")  # it would be ignored
     assert result.exit_code == 1 and "drop --out" in result.stderr and not (tmp_path / "elsewhere").exists()

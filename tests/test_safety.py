@@ -275,7 +275,10 @@ def test_resume_passes_over_a_damaged_latest_checkpoint(tiny_model, gsm8k_dir, t
 def test_unwritable_output_fails_before_the_work(tiny_model, gsm8k_dir, run_copy, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    _clean_error(run_cli("merge-adapters", run_copy, "--out", blocker / "merged"), "cannot write there")
+    _clean_error(run_cli("merge-adapters", run_copy, "--out", blocker / "merged"),
+                 f"--out {blocker / 'merged'}: cannot write there")  # the folder asked for, not its parent
+    _clean_error(run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", blocker / "run"),
+                 f"--out {blocker / 'run'}: cannot write there")
     _clean_error(run_cli("eval", "--adapter", run_copy, "--limit", "1", "--out", blocker / "ev"),
                  "cannot write there")
 

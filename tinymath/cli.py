@@ -278,10 +278,12 @@ def train_cmd(
     if dry_run:
         from tinymath.services.train import dry_run_report
 
-        report = dry_run_report(resolved)
+        report = dry_run_report(resolved, resume=resume is not None)
         if json_out:
             return _print_json(report)
         out_console.print_json(data=report)
+        if report["out_refused"]:
+            err_console.print(f"[yellow]note: the run itself would stop here: {escape(report['out_refused'])}[/yellow]")
         return
     from tinymath.lib.distributed import end_processes, process_state
     from tinymath.services.train import train

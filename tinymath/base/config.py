@@ -265,7 +265,9 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
     """
     given = {k: v for k, v in flags.items() if v is not None}
     if resume is not None:
-        saved_path = Path(resume) / CONFIG_FILE
+        saved_path = Path(resume).expanduser() / CONFIG_FILE
+        if not Path(resume).expanduser().exists():
+            raise TinymathError(f"--resume {resume} does not exist")
         if not saved_path.is_file():
             raise TinymathError(f"--resume {resume}: not a tinymath run folder (no {CONFIG_FILE})")
         saved = load_config_file(saved_path)

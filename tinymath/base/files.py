@@ -213,7 +213,7 @@ def write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def check_writable(folder: str | Path, flag: str = "--out") -> None:
+def check_writable(folder: str | Path, flag: str = "--out", named: str | Path | None = None) -> None:
     """Fail before any work when ``folder`` (or the nearest existing parent, where it will be
     created) cannot be written: tried with a real temporary file, which holds for every user and
     every file system (read-only mounts, permissions, a file where a folder should be)."""
@@ -226,8 +226,8 @@ def check_writable(folder: str | Path, flag: str = "--out") -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise TinymathError(f"{flag} {folder}: cannot write there ({exc.strerror or exc}); choose another {flag}") \
-            from None
+        raise TinymathError(f"{flag} {named or folder}: cannot write there ({exc.strerror or exc}); "
+                            f"choose another {flag}") from None
 
 
 def output_path(out: str | Path) -> Path:
@@ -257,7 +257,7 @@ def check_output_dir(out: str | Path, overwrite: bool, marker: str | None = None
                 f"--out {out} holds files that tinymath did not write (no {marker}); "
                 "choose another --out, or empty it yourself"
             )
-    check_writable(out.absolute().parent)
+    check_writable(out.absolute().parent, named=out)
 
 
 def check_not_working_dir(out: str | Path) -> None:

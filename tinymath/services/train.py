@@ -42,7 +42,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     _check_reporter(config)
     check_fused_kernels_asked(config, default_device())
     output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
-    check_writable(output.live.absolute().parent)
+    check_writable(output.live.absolute().parent, named=output.final)
     if resume and not output.live.is_dir():
         raise TinymathError(f"--resume {output.live}: no such run folder")
     trainer = METHODS[config.method](config, output.live, show_progress, resume, final=output.final)
@@ -84,8 +84,9 @@ def _agree_on_claim(state, refusal: TinymathError | None) -> None:
         raise refusal
 
 
-def dry_run_report(config: TrainConfig) -> dict:
-    """The resolved config and what the data amounts to, without loading the model."""
+def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
+    """The resolved config and what the data amounts to, without loading the model; and
+    (``out_refused``) why the real run would refuse its ``--out``, if it would."""
     import math
     from dataclasses import asdict
 
@@ -95,7 +96,14 @@ def dry_run_report(config: TrainConfig) -> dict:
     from tinymath.lib.gsm8k import load_training_data
     from tinymath.lib.model import load_tokenizer
 
+    from tinymath.base.runs import plan_train_output
+
     config.validate()
+    try:
+        plan_train_output(config.out, config.overwrite, resume)
+        refused = None
+    except TinymathError as exc:
+        refused = str(exc)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     splits, _, settings = load_training_data(config, tokenizer)
     per_step = config.batch_size * config.grad_accum * PartialState().num_processes
@@ -104,4 +112,5 @@ def dry_run_report(config: TrainConfig) -> dict:
     return {"config": {**asdict(config), **settings},
             "data": {name: {"examples": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
                             "answer_tokens": count_label_tokens(rows)} for name, rows in splits.items()},
-            "steps_per_epoch": steps_per_epoch, "total_steps": total, "examples_per_step": per_step}
+            "steps_per_epoch": steps_per_epoch, "total_steps": total, "examples_per_step": per_step,
+            "out_refused": refused}
