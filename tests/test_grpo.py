@@ -246,6 +246,8 @@ def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
     assert dry.exit_code == 0, dry.output
     assert "--method grpo" in run_cli("train", "--init-adapter", sft_run, "--data", gsm8k_dir, "--out",
                                       tmp_path / "x", "--dry-run").stderr
+    sft = run_cli("train", "--data", gsm8k_dir, "--out", tmp_path / "x", "--samples", "4", "--temperature", "0.7")
+    assert sft.exit_code == 1 and "--samples, --temperature: reinforcement-learning settings" in sft.stderr
 
 
 def test_grpo_refuses_a_model_with_another_tokenizer(gsm8k_dir, sft_run, tmp_path):

@@ -290,6 +290,13 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         return TrainConfig(**settings)
     settings = load_config_file(config_file) if config_file else {}
     settings.update(given)
+    if settings.get("method", "sft") != "grpo":  # RL-only flags would be ignored by SFT: say so
+        panels = {f.name: f.metadata.get("panel") for f in fields(TrainConfig)}
+        ignored = [k for k in given if panels.get(k) == RL and k not in ("method", "init_adapter", "calculator")]
+        if ignored:
+            names = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(ignored))
+            raise TinymathError(f"{names}: reinforcement-learning settings; add --method grpo (SFT trains on the "
+                                "reference solutions and would ignore them)")
     defaults = dict(METHOD_DEFAULTS.get(settings.get("method", "sft"), {}))
     if "epochs" in settings:  # a length asked for in epochs is not cut by the method's default step count
         defaults.pop("max_steps", None)
