@@ -253,6 +253,20 @@ class GRPOTrainer(Trainer):
         totals = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(totals, reduction="sum").tolist()
 
+    def summary(self) -> dict:
+        """The SFT summary, plus the samples' mean reward over the run's first and last ten steps
+        (from metrics.jsonl, so a resumed run counts its earlier steps too)."""
+        from tinymath.base.runs import read_metrics
+
+        summary = super().summary()
+        if self.is_main:
+            rewards = [row["reward"] for row in read_metrics(self.out) if "reward" in row]
+            if rewards:
+                first, last = rewards[:10], rewards[-10:]
+                summary.update(reward_first_steps=round(sum(first) / len(first), 4),
+                               reward_last_steps=round(sum(last) / len(last), 4))
+        return summary
+
     def after_step(self, done: int, loss: float, lr: float, real: int, tps: float, stop_votes: float) -> None:
         """Adds the update's seconds; tokens/s counts sampling and update together."""
         update_s = time.time() - self.step_started
