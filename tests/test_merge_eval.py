@@ -459,3 +459,13 @@ def test_lm_eval_backend_refuses_a_prepared_folder_before_loading(tiny_model, gs
     assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
     result = run_cli("eval", "--backend", "lm-eval", "--model", tiny_model, "--data", prep, "--limit", 2)
     assert result.exit_code == 1 and "is a prepare-data output" in result.stderr, result.output
+
+
+def test_one_data_file_is_scored_whole_and_recorded_as_such(tiny_model, gsm8k_dir):
+    """--data FILE: every problem in it, whatever --split says; the summary does not claim a split."""
+    result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir / "train.jsonl", "--split", "test",
+                     "--max-new-tokens", 2, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["settings"]["split"] is None
+    assert summary["n"] == len((gsm8k_dir / "train.jsonl").read_text().splitlines())

@@ -385,7 +385,7 @@ def _tinymath_gsm8k(o: dict) -> None:
         return
     if o["json_out"]:
         return _print_json(summary)
-    _print_gsm8k(summary, o["split"], o["samples"], o["out"])
+    _print_gsm8k(summary, summary["settings"]["split"] or Path(o["data"]).name, o["samples"], o["out"])
 
 
 def _print_gsm8k(summary: dict, split: str, samples: int, out) -> None:

@@ -94,7 +94,9 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
         tokens_per_s=round(tokens / seconds, 1) if seconds else None,
         compile_seconds=round(compile_seconds() - compiled_before, 3),
         graph_capture_seconds=round(decoding.pop("capture_seconds"), 3), decoding=decoding,
-        settings=absolute_paths({"data": data, "split": split, "limit": limit, "format": inference.format,
+        # one data file is all its problems, whatever --split says
+        settings=absolute_paths({"data": data, "split": None if Path(data).expanduser().is_file() else split,
+                                 "limit": limit, "format": inference.format,
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
                   "samples": samples, "temperature": temperature, "seed": seed, "compile": compile,
