@@ -100,6 +100,8 @@ def test_top_level_help_has_examples_and_version_prints():
     assert "Examples" in result.output and "tinymath train --data prep --out run" in result.output
     for command in ("prepare-data", "train", "merge-adapters", "eval", "chat"):
         assert command in result.output
+        shown = [line for line in run_cli(command, "--help").output.splitlines() if line.startswith("│ --json ")]
+        assert shown and "<bool>" not in shown[0]  # an on/off flag takes no value: none is shown
     version = run_cli("--version")
     assert version.exit_code == 0 and version.output.strip() == f"tinymath {tinymath.__version__}"
 

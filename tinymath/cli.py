@@ -52,10 +52,13 @@ def _print_version(asked: bool) -> None:
         raise typer.Exit()
 
 
+FLAG = ""  # the metavar of an on/off flag: it takes no value (Typer would show "<bool>")
+
+
 @app.callback()
 def main(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print tinymath's version and exit.")] = False,
+                                          help="Print tinymath's version and exit.", metavar=FLAG)] = False,
 ):
     """Fine-tune small chat LLMs to solve grade-school math step by step (QLoRA on GSM8K).
 
@@ -154,9 +157,9 @@ def _print_json(data) -> None:
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local Hugging Face folder, or .gguf file.")]
 DataOpt = Annotated[str, typer.Option(help="Hub id, a folder with train.jsonl/test.jsonl, or one .jsonl/.json/.parquet file.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, nothing else.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing output folder.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code from the hub (off unless you ask).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, nothing else.", metavar=FLAG)]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing output folder.", metavar=FLAG)]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code from the hub (off unless you ask).", metavar=FLAG)]
 
 
 @app.command("prepare-data")
@@ -202,7 +205,7 @@ def prepare_data_cmd(
                       f"{s['tokens']:,}", str(s["length"]["mean"]), str(s["length"]["p95"]), str(s["length"]["max"]))
     out_console.print(table)
     if "test" in manifest["splits"]:
-        out_console.print("[dim]test problems are kept whole, whatever their length: evaluation asks every one[/dim]")
+        out_console.print("[dim]no test problem is dropped, whatever its length: evaluation asks every one[/dim]")
 
 
 # train options whose registry lives above the base layer (the training methods are library classes)
@@ -227,7 +230,7 @@ def _train_option(f) -> inspect.Parameter:
     if registry is not None:
         kind = choices(f.name.title().replace("_", ""), registry)
     option = typer.Option(*meta["flags"], help=meta["help"] + _shown_default(f), rich_help_panel=meta["panel"],
-                          show_default=False)
+                          show_default=False, metavar=FLAG if kind is bool else None)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[kind], option])
 
@@ -250,7 +253,7 @@ def _with_train_options(fn):
 def train_cmd(
     config: Annotated[Optional[Path], typer.Option(help="TOML file (or a run's run.json) with any train options; flags override it.", rich_help_panel="Run control", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder from its latest checkpoint.", rich_help_panel="Run control", show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and data/token counts, then exit.", rich_help_panel="Run control")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and data/token counts, then exit.", rich_help_panel="Run control", metavar=FLAG)] = False,
     json_out: JsonOpt = False,
     **options,
 ):
@@ -483,8 +486,8 @@ def eval_cmd(
     merge_base: Annotated[MergeBase, typer.Option(help="For --adapter: merge into dequantized NF4 or original weights.", rich_help_panel="Model and prompt")] = MergeBase.dequantized,
     task: Annotated[Task, typer.Option(help="gsm8k accuracy, or retention: drift from the base model on general prompts.", rich_help_panel="What to measure")] = Task.gsm8k,
     backend: Annotated[Backend, typer.Option(help="tinymath: its own fast generation. lm-eval: lm-evaluation-harness's gsm8k task itself (pip install lm-eval).", rich_help_panel="What to measure")] = Backend.tinymath,
-    calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep). Default: as the model was trained (on for a GRPO --calculator run).", show_default=False, rich_help_panel="Decoding")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fast decoding: a static KV cache, each step replayed from a CUDA graph (torch.compile instead where stop strings or --calculator need transformers' generate; --no-compile: plain generate). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False)] = None,
+    calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep). Default: as the model was trained (on for a GRPO --calculator run).", show_default=False, rich_help_panel="Decoding", metavar=FLAG)] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fast decoding: a static KV cache, each step replayed from a CUDA graph (torch.compile instead where stop strings or --calculator need transformers' generate; --no-compile: plain generate). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False, metavar=FLAG)] = None,
     samples: Annotated[int, typer.Option(help="Samples per problem; > 1 scores the majority answer (maj@K), also pass@K.", rich_help_panel="Decoding")] = 1,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (needed with --samples > 1).", rich_help_panel="Decoding")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.", rich_help_panel="Decoding")] = 0,
@@ -549,7 +552,7 @@ def chat_cmd(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     quant: Annotated[Quant, typer.Option(help="Weights for --model: unquantized or NF4.")] = Quant.none,
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's).")] = None,
-    calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (replies then arrive whole). Default: as the model was trained.", show_default=False)] = None,
+    calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (replies then arrive whole). Default: as the model was trained.", show_default=False, metavar=FLAG)] = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ):
