@@ -18,8 +18,7 @@ from pathlib import Path
 
 from tinymath.base.config import DEFAULT_DATA, val_size_problems
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
-from tinymath.base.files import DATA_SUFFIXES as FILE_SUFFIXES
-from tinymath.base.files import read_json, read_json_object, read_jsonl, split_file
+from tinymath.base.files import DATA_SUFFIXES, read_json, read_json_object, read_jsonl, split_file
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
 from tinymath.base.runs import MANIFEST
 
@@ -45,7 +44,7 @@ def _read_file(path: Path) -> list[dict]:
             raise TinymathError(f"{path}: not a readable parquet file ({exc})") from None
         rows = [dict(row, _where=f"{path}, row {i}") for i, row in enumerate(rows, start=1)]
     else:
-        raise TinymathError(f"--data {path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
+        raise TinymathError(f"--data {path}: unsupported file type; use {', '.join(DATA_SUFFIXES)}")
     if not rows:
         raise TinymathError(f"--data {path} is empty")
     return rows
@@ -75,12 +74,12 @@ def local_split_file(data: str, split: str) -> Path | None:
     if path.is_file():
         return path
     if path.is_dir():
-        for suffix in FILE_SUFFIXES:
-            if (path / f"{split}{suffix}").exists():
-                return path / f"{split}{suffix}"
-        found = sorted(p.name for p in path.iterdir() if p.suffix in FILE_SUFFIXES)
+        own = split_file(path, split)
+        if own:
+            return own
+        found = sorted(p.name for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
         raise TinymathError(f"--data {data} has no {split}.jsonl (found: {', '.join(found) or 'no data files'})")
-    if data.startswith((".", "/", "~")) or path.suffix in FILE_SUFFIXES or data.count("/") != 1:
+    if data.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES or data.count("/") != 1:
         raise TinymathError(f"--data {data} does not exist")
     return None
 

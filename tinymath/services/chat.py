@@ -50,7 +50,8 @@ class ChatSession:
         self.history = []
 
     def set_system(self, text: str) -> None:
-        self.system_prompt = text or None
+        """``/system TEXT``: a new system prompt and a fresh conversation; no text: the model's own again."""
+        self.system_prompt = text or self.inference.system_prompt
         self.history = []
 
     def prompt_ids(self, question: str) -> tuple[list[int], int]:
@@ -119,7 +120,7 @@ def run_scripted(session: ChatSession, lines, as_json: bool, out=None, err=None)
             if word in ("/exit", "/quit"):
                 break
             if word == "/system":
-                session.set_system(question[len("/system"):].strip() or session.inference.system_prompt)
+                session.set_system(question[len("/system"):].strip())
             elif word != "/reset":  # /reset: each line is answered on its own anyway
                 print(f"error: line {number}: unknown command {word} (commands: /system TEXT, /reset, /exit)",
                       file=err)
@@ -157,7 +158,7 @@ def run_interactive(session: ChatSession, console) -> int:
             continue
         if question == "/system" or question.startswith("/system "):
             text = question[len("/system"):].strip()
-            session.set_system(text or session.inference.system_prompt)  # no text: the model's own again
+            session.set_system(text)
             console.print(f"[dim]system prompt {'set' if text else 'back to the default'}; conversation reset[/dim]")
             continue
         if question.startswith("/"):
