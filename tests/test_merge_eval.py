@@ -319,6 +319,9 @@ def test_gguf_export_round_trip(tiny_model, gsm8k_dir, tmp_path, gguf_type):
     beside = load_tokenizer(str(tmp_path / "merged" / f"model-{gguf_type}.gguf"))
     assert beside.eos_token == "<|im_end|>" and beside.chat_template
     assert beside(text).input_ids == reference(text).input_ids
+    if gguf_type == "f16":  # the report names the files written for llama.cpp and Ollama
+        shown = run_cli("merge-adapters", run, "--out", tmp_path / "again", "--gguf", gguf_type)
+        assert shown.exit_code == 0 and "model-f16.gguf" in shown.stdout and "Modelfile" in shown.stdout
 
 
 def test_gguf_export_of_a_sentencepiece_tokenizer_round_trips(gsm8k_dir, tmp_path):

@@ -342,6 +342,9 @@ def merge_cmd(
         return _print_json(report)
     out_console.print(f"[bold green]merged[/bold green] -> {escape(str(out))}  (largest logit difference vs base+adapter: "
                       f"{report['max_logit_diff']:.2e}, tolerance {report['tolerance']:.2e})")
+    if report.get("gguf"):
+        out_console.print(f"for llama.cpp and Ollama: {escape(str(Path(out) / report['gguf']['file']))} and "
+                          f"{escape(str(Path(out) / report['gguf']['modelfile']))}", soft_wrap=True)
 
 
 def _nothing():

@@ -157,8 +157,10 @@ def _read_hub(data: str, split: str) -> list[dict]:
 def _length_stats(lengths: list[int]) -> dict:
     if not lengths:
         return {"mean": 0, "p95": 0, "max": 0}
-    ordered = sorted(lengths)
-    return {"mean": round(sum(ordered) / len(ordered), 1), "p95": ordered[int(0.95 * (len(ordered) - 1))],
+    import math
+
+    ordered = sorted(lengths)  # p95 by nearest rank: the smallest length at or above 95% of them
+    return {"mean": round(sum(ordered) / len(ordered), 1), "p95": ordered[math.ceil(0.95 * len(ordered)) - 1],
             "max": ordered[-1]}
 
 

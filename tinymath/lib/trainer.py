@@ -267,8 +267,8 @@ class Trainer:
         state = self.state
         finished = self._finished_steps()
         if finished is not None and not any((self.out / CHECKPOINTS).glob("step-*")):
-            raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}) and kept "
-                                "no checkpoint to continue from (they are saved with --save-every); to train "
+            raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}) and, "
+                                "trained without --save-every, kept no checkpoint to continue from; to train "
                                 f"longer, start a new run: tinymath train --config {self.out / RUN_FILE} --out NEW")
         if finished is not None and finished >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}); "
