@@ -225,9 +225,7 @@ class Trainer:
         if len(self.train_examples) < world:  # a process with nothing to train on would wait on the others forever
             raise TinymathError(f"--data has {len(self.train_examples)} training example(s), fewer than the "
                                 f"{world} processes launched: each needs at least one; launch fewer processes")
-        per_step = config.batch_size * config.grad_accum * world
-        steps_per_epoch = max(1, len(self.train_examples) // per_step)
-        total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        per_step, steps_per_epoch, total = step_counts(len(self.train_examples), config, world)
         warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
         plan = RunPlan(world, per_step, steps_per_epoch, total, warmup, config.micro_batch_tokens,
                        config.gradient_checkpointing)
@@ -703,12 +701,14 @@ class Trainer:
         """The step whose adapter the run folder ships: with ``--keep best``, the best validated one
         (0: the adapter the run started from); else the last. final_loss and val_loss stay the last
         step's."""
+        return self.state.best["step"] if self._ships_best() else self.plan.total_steps
+
+    def _ships_best(self) -> bool:
+        """Whether the run folder ships the best validated adapter (``--keep best``, one was saved)."""
         from tinymath.base.runs import ADAPTER_WEIGHTS
 
-        best = self.state.best["step"]
-        if self.config.keep == "best" and best is not None and (self.out / BEST / ADAPTER_WEIGHTS).exists():
-            return best
-        return self.plan.total_steps
+        return self.config.keep == "best" and self.state.best["step"] is not None \
+            and (self.out / BEST / ADAPTER_WEIGHTS).exists()
 
     def finish(self) -> dict:
         """Check the weights, then save the adapter, tokenizer, curves and run.json (last: its presence
@@ -728,7 +728,7 @@ class Trainer:
                    "data_stats": self.data_stats, "versions": _versions(), "git_commit": _git_commit(),
                    "num_processes": self.plan.world, "memory_plan": self.plan.memory_plan, "result": summary}
             self.model.save_pretrained(str(self.out))
-            if self.config.keep == "best" and (self.out / BEST / ADAPTER_WEIGHTS).exists():
+            if self._ships_best():
                 shutil.copy(self.out / BEST / ADAPTER_WEIGHTS, self.out / ADAPTER_WEIGHTS)
             self.tokenizer.save_pretrained(str(self.out))
             plot_curves(self.out)
@@ -736,6 +736,14 @@ class Trainer:
             permissions_as_umask_allows(self.out)
         self.accelerator.wait_for_everyone()
         return summary
+
+
+def step_counts(examples: int, config: TrainConfig, world: int) -> tuple[int, int, int]:
+    """(examples per optimizer step over all processes, steps per epoch, the run's steps): an
+    epoch's last partial step is left out; ``--max-steps`` wins over ``--epochs``."""
+    per_step = config.batch_size * config.grad_accum * world
+    steps_per_epoch = max(1, examples // per_step)
+    return per_step, steps_per_epoch, config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
 @contextmanager

@@ -58,7 +58,7 @@ def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", me
         from tinymath.lib.gguf_export import check_exportable, modelfile
 
         check_exportable(adapted.get_base_model(), tokenizer)
-        ollama = modelfile(f"model-{gguf}.gguf", tokenizer, run.prompt_format, run.system_prompt)
+        ollama = modelfile(_gguf_file(gguf), tokenizer, run.prompt_format, run.system_prompt)
     merged, figures = _merge_checked(adapted, tokenizer, run)
     report = {"run": str(Path(run.path).absolute()), "base_model": run.base_model, "merge_base": merge_base, "dtype": dtype,
               **figures, "format": run.prompt_format, "system_prompt": run.system_prompt,
@@ -102,12 +102,17 @@ def _merge_checked(adapted, tokenizer, run) -> tuple[object, dict]:
     return merged, {"max_logit_diff": max_diff, "tolerance": tolerance, "adapter_effect": adapter_effect}
 
 
+def _gguf_file(gguf_type: str) -> str:
+    """The name of the ``.gguf`` written into a merge's folder."""
+    return f"model-{gguf_type}.gguf"
+
+
 def _write_gguf(merged, tokenizer, folder: Path, gguf_type: str, run, ollama: str) -> dict:
     """``model-<type>.gguf`` and the Ollama ``Modelfile`` (``ollama``) in ``folder`` (which holds the
     tokenizer)."""
     from tinymath.lib.gguf_export import write_gguf
 
-    name = f"model-{gguf_type}.gguf"
+    name = _gguf_file(gguf_type)
     write_gguf(merged, tokenizer, folder, folder / name, gguf_type, title=f"tinymath {run.path.name}")
     (folder / "Modelfile").write_text(ollama, encoding="utf-8")
     return {"file": name, "type": gguf_type, "modelfile": "Modelfile"}

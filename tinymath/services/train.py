@@ -29,10 +29,9 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
 
     ``resume``: continue the run in ``config.out`` from its latest intact checkpoint.
     """
-    from tinymath.base.files import check_writable
-    from tinymath.base.runs import plan_train_output
     from tinymath.base.errors import choice, raise_if_problems
-    from tinymath.base.files import sigterm_as_interrupt
+    from tinymath.base.files import check_writable, sigterm_as_interrupt
+    from tinymath.base.runs import plan_train_output
     from tinymath.lib.distributed import default_device, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
     from tinymath.lib.speed import check_fused_kernels_asked
@@ -87,16 +86,15 @@ def _agree_on_claim(state, refusal: TinymathError | None) -> None:
 def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     """The resolved config and what the data amounts to, without loading the model; and
     (``out_refused``) why the real run would refuse its ``--out``, if it would."""
-    import math
     from dataclasses import asdict
 
     from accelerate import PartialState
 
+    from tinymath.base.runs import plan_train_output
     from tinymath.lib.batching import count_label_tokens
     from tinymath.lib.gsm8k import load_training_data
     from tinymath.lib.model import load_tokenizer
-
-    from tinymath.base.runs import plan_train_output
+    from tinymath.lib.trainer import step_counts
 
     config.validate()
     try:
@@ -106,9 +104,7 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
         refused = str(exc)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     splits, _, settings = load_training_data(config, tokenizer)
-    per_step = config.batch_size * config.grad_accum * PartialState().num_processes
-    steps_per_epoch = max(1, len(splits["train"]) // per_step)
-    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    per_step, steps_per_epoch, total = step_counts(len(splits["train"]), config, PartialState().num_processes)
     return {"config": {**asdict(config), **settings},
             "data": {name: {"examples": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
                             "answer_tokens": count_label_tokens(rows)} for name, rows in splits.items()},
