@@ -100,10 +100,12 @@ def test_top_level_help_has_examples_and_version_prints():
     result = run_cli("--help")
     assert result.exit_code == 0
     assert "Examples" in result.output and "tinymath train --data prep --out run" in result.output
+    assert "<bool>" not in result.output  # --help and --version are flags: they take no value
     for command in ("prepare-data", "train", "merge-adapters", "eval", "chat"):
         assert command in result.output
-        shown = [line for line in run_cli(command, "--help").output.splitlines() if line.startswith("│ --json ")]
-        assert shown and "<bool>" not in shown[0]  # an on/off flag takes no value: none is shown
+        shown = [line for line in run_cli(command, "--help").output.splitlines()
+                 if line.startswith(("│ --json ", "│ --help "))]
+        assert len(shown) == 2 and not any("<bool>" in line for line in shown)  # on/off flags take no value
     version = run_cli("--version")
     assert version.exit_code == 0 and version.output.strip() == f"tinymath {tinymath.__version__}"
 

@@ -396,10 +396,12 @@ def test_gguf_export_refuses_a_system_prompt_an_ollama_modelfile_cannot_quote(ti
     assert 'SYSTEM """Solve it "step" by step.\nBe brief."""' in text
 
 
-def test_lm_eval_backend_runs_the_harness_task(tiny_model, gsm8k_dir, tmp_path):
+def test_lm_eval_backend_runs_the_harness_task(tiny_model, gsm8k_dir, tmp_path, monkeypatch, capfd):
     """eval --backend lm-eval: the harness's own gsm8k task on local files; its numbers and samples
-    are written, and --compare pairs it with tinymath's own protocol."""
+    are written, and --compare pairs it with tinymath's own protocol. Run outside a git repository,
+    nothing from git reaches the terminal."""
     pytest.importorskip("lm_eval")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "harness"
     result = run_cli("eval", "--backend", "lm-eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2,
                      "--max-new-tokens", 8, "--out", out, "--json")
@@ -409,6 +411,7 @@ def test_lm_eval_backend_runs_the_harness_task(tiny_model, gsm8k_dir, tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["filter"] for s in samples} == {"strict-match", "flexible-extract"}
     assert samples[0]["arguments"][0][0].count("Question:") == 6  # the harness's own 5-shot prompt
+    assert "not a git repository" not in capfd.readouterr().err
     ours = tmp_path / "ours"
     assert run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,
                    "--protocol", "lm-eval-gsm8k", "--out", ours).exit_code == 0

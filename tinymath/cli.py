@@ -34,8 +34,28 @@ from tinymath.lib.lora import MERGE_BASES
 from tinymath.lib.scoring import PROTOCOLS
 from tinymath.services.merge import DTYPES
 
+class _Group(typer.core.TyperGroup):
+    """Typer's group, with `--help` shown as the flag it is (no `<bool>` value), here and in every command."""
+
+    def get_help_option(self, ctx):
+        return _flag(super().get_help_option(ctx))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            command.get_help_option = lambda ctx, get=command.get_help_option: _flag(get(ctx))
+        return command
+
+
+def _flag(option):
+    if option is not None:
+        option.metavar = FLAG
+    return option
+
+
 app = typer.Typer(
     name="tinymath",
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -184,7 +204,7 @@ def prepare_data_cmd(
 
     ```
     tinymath prepare-data --out prep
-    tinymath prepare-data --data ../gsm8k --model SmolLM2-135M-Instruct.Q4_1.gguf --out prep --val-size 200
+    tinymath prepare-data --data ./gsm8k --model SmolLM2-135M-Instruct.Q4_1.gguf --out prep --val-size 200
     ```
     """
     from tinymath.services.prepare import prepare_data
@@ -509,7 +529,7 @@ def eval_cmd(
 
     ```
     tinymath eval --adapter run --split test
-    tinymath eval --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../gsm8k --limit 200 --out ev --json
+    tinymath eval --model SmolLM2-135M-Instruct.Q4_1.gguf --data ./gsm8k --limit 200 --out ev --json
     tinymath eval --task retention --adapter run --out retention
     tinymath eval --adapter run --samples 8 --temperature 0.7 --out ev-maj8
     tinymath eval --compare ev-base ev-run

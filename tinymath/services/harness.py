@@ -57,6 +57,7 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
                           trust_remote_code: bool = False) -> dict:
     """GSM8K test accuracy by lm-evaluation-harness's ``gsm8k`` task; returns the summary."""
     import tempfile
+    from unittest import mock
 
     from tinymath.base.files import check_output_dir
     from tinymath.base.runs import load_run
@@ -79,7 +80,10 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
 
     inference = load_for_inference(model, adapter, merge_base=merge_base, trust_remote_code=trust_remote_code)
     started = time.time()
-    with tempfile.TemporaryDirectory() as folder:
+    # The harness records the working folder's git commit (the user's, not tinymath's or the model's),
+    # and outside a repository git prints "fatal: not a git repository" to the terminal: not asked.
+    with tempfile.TemporaryDirectory() as folder, \
+            mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
         task = _local_task(data, Path(folder))
         results = lm_eval.simple_evaluate(
             model=HFLM(pretrained=inference.model, tokenizer=inference.tokenizer, batch_size=batch_size or 16),
