@@ -106,6 +106,17 @@ def test_bad_flags(tiny_model, gsm8k_dir, tmp_path, flag, value, message):
     assert not out.exists()
 
 
+def test_a_missing_data_path_is_named_before_the_model_is_looked_for(tmp_path):
+    """A mistyped local --data is the message, also with a hub model that is not cached (looking for
+    it would come first, and offline it would be the error instead); --dry-run says the same."""
+    out = tmp_path / "run"
+    for extra in ((), ("--dry-run",)):
+        result = run_cli("train", "--data", tmp_path / "gsm8k", "--model", "nobody/not-cached-model", "--out", out,
+                         *extra)
+        assert result.exit_code == 1 and f"--data {tmp_path / 'gsm8k'} does not exist" in result.stderr
+        assert not out.exists()
+
+
 def test_existing_out_is_not_destroyed(tiny_model, gsm8k_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -35,6 +35,19 @@ def split_file(folder: str | Path, split: str) -> Path | None:
     return next((folder / f"{split}{x}" for x in DATA_SUFFIXES if (folder / f"{split}{x}").is_file()), None)
 
 
+def looks_like_path(source: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether ``source`` (a --model or --data value) is meant as a local path rather than a hub id:
+    hub ids are "owner/name", so a bare "merged" or a "train.jsonl" that does not exist is a typo,
+    not a reason to wait on the network."""
+    return source.startswith((".", "/", "~")) or Path(source).suffix in suffixes or source.count("/") != 1
+
+
+def check_local_source(flag: str, source: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse a ``flag`` value meant as a local path that does not exist (a hub id passes)."""
+    if looks_like_path(source, suffixes) and not Path(source).expanduser().exists():
+        raise TinymathError(f"{flag} {source} does not exist")
+
+
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is one message naming it."""
     path = Path(path)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tinymath.base.config import DEFAULT_DATA, val_size_problems
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
-from tinymath.base.files import DATA_SUFFIXES, read_json, read_json_object, read_jsonl, split_file
+from tinymath.base.files import (DATA_SUFFIXES, check_local_source, read_json, read_json_object, read_jsonl,
+                                  split_file)
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
 from tinymath.base.runs import MANIFEST
 
@@ -79,8 +80,7 @@ def local_split_file(data: str, split: str) -> Path | None:
             return own
         found = sorted(p.name for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
         raise TinymathError(f"--data {data} has no {split}.jsonl (found: {', '.join(found) or 'no data files'})")
-    if data.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES or data.count("/") != 1:
-        raise TinymathError(f"--data {data} does not exist")
+    check_local_source("--data", data, DATA_SUFFIXES)
     return None
 
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
+from tinymath.base.files import check_local_source
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import RUN_FILE
 from tinymath.lib.distributed import default_device
@@ -25,12 +26,6 @@ from tinymath.lib.hub import missing_files_reason, offline_unless_reachable
 def cache_dir() -> Path:
     """Where tinymath keeps converted GGUF models (``$TINYMATH_CACHE`` or ``~/.cache/tinymath``)."""
     return Path(os.environ.get("TINYMATH_CACHE", Path.home() / ".cache" / "tinymath"))
-
-
-def _looks_like_path(source: str) -> bool:
-    # hub ids are "owner/name"; anything else is meant as a local path (a bare "merged" that does not
-    # exist is a typo, not a reason to wait on the network)
-    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") != 1
 
 
 def resolve_source(source: str) -> str:
@@ -49,8 +44,7 @@ def resolve_source(source: str) -> str:
         if not (path / "config.json").exists():
             raise TinymathError(f"--model {source} is a folder without config.json, so not a Hugging Face model")
         return str(path)
-    if _looks_like_path(source):
-        raise TinymathError(f"--model {source} does not exist")
+    check_local_source("--model", source, (".gguf",))
     offline_unless_reachable()
     return source  # a hub id
 

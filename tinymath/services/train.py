@@ -40,6 +40,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     raise_if_problems(choice("--method", config.method, METHODS))
     _check_reporter(config)
     check_fused_kernels_asked(config, default_device())
+    _check_sources(config)
     output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
     check_writable(output.live.absolute().parent, named=output.final)
     if resume and not output.live.is_dir():
@@ -57,6 +58,15 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     finally:
         trainer.restore_process()  # a model built later in this process (an evaluation's, say) is plain
     return summary
+
+
+def _check_sources(config: TrainConfig) -> None:
+    """A local --data or --model that does not exist, named before anything is loaded (the tokenizer
+    comes first, and for a hub id that can take seconds)."""
+    from tinymath.base.files import DATA_SUFFIXES, check_local_source
+
+    check_local_source("--data", config.data, DATA_SUFFIXES)
+    check_local_source("--model", config.model, (".gguf",))
 
 
 def _claim(held: ExitStack, output, resume: bool) -> TinymathError | None:
@@ -97,6 +107,7 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     from tinymath.lib.trainer import step_counts
 
     config.validate()
+    _check_sources(config)
     try:
         plan_train_output(config.out, config.overwrite, resume)
         refused = None
