@@ -39,7 +39,7 @@ def test_bad_input(tiny_model, tmp_path):
     result = run_cli("chat", "--adapter", tmp_path, input="hi\n")
     assert result.exit_code == 1 and "not a tinymath training run" in result.stderr
     result = run_cli("chat", "--adapter", tiny_model, input="hi\n")  # a model, not a run
-    assert result.exit_code == 1 and "give it as --model" in result.stderr
+    assert result.exit_code == 1 and "eval and chat take it as --model" in result.stderr
     long_question = "seven " * 1200
     result = run_cli("chat", "--model", tiny_model, "--max-new-tokens", 8, input=long_question + "\nWhat is 2+2?\n")
     assert result.exit_code == 1 and "context window" in result.stderr

@@ -19,11 +19,12 @@ def test_full_pipeline_on_real_weights(smollm2_gguf, real_gsm8k, tmp_path):
     manifest = json.loads(result.stdout)
     assert manifest["splits"]["train"]["examples"] == 16 and manifest["eos_token"] == "<|im_end|>"
 
-    result = run_cli("train", "--data", prep, "--model", smollm2_gguf, "--out", run, "--max-steps", 3,
+    result = run_cli("train", "--data", prep, "--out", run, "--max-steps", 3,  # the model prep was made for
                      "--batch-size", 2, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 3
-    assert json.loads((run / "run.json").read_text())["quant"] == "nf4"
+    saved = json.loads((run / "run.json").read_text())
+    assert saved["quant"] == "nf4" and saved["model"] == str(smollm2_gguf.absolute())
 
     result = run_cli("merge-adapters", run, "--out", merged, "--json")
     assert result.exit_code == 0, result.output

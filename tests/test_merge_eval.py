@@ -58,8 +58,10 @@ def test_merge_bad_input(trained_run, tmp_path):
     result = run_cli("merge-adapters", trained_run, "--out", other)
     assert result.exit_code == 1 and "--overwrite" in result.stderr
     result = run_cli("merge-adapters", trained_run, "--out", other, "--overwrite")
-    assert result.exit_code == 1 and "did not write" in result.stderr
+    assert result.exit_code == 1 and "replaces only those" in result.stderr
     assert (other / "config.json").read_text() == "{}"
+    result = run_cli("merge-adapters", other, "--out", tmp_path / "m")  # a model folder, not a run
+    assert result.exit_code == 1 and "already standalone: eval and chat take it as --model" in result.stderr
 
 
 def test_missing_base_model_is_explained(trained_run, tmp_path):

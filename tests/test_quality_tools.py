@@ -50,12 +50,13 @@ def test_lm_eval_filters():
     assert s["accuracy"] == pytest.approx(2 / 3)          # flexible: the last number
 
 
-def _fake_eval(folder, questions, correct):
+def _fake_eval(folder, questions, correct, settings=None):
     folder.mkdir()
     with open(folder / "predictions.jsonl", "w") as f:
         for q, c in zip(questions, correct):
             f.write(json.dumps({"question": q, "gold": "#### 1", "completion": "", "correct": c}) + "\n")
-    (folder / "summary.json").write_text(json.dumps({"accuracy": sum(correct) / len(correct), "settings": {}}))
+    (folder / "summary.json").write_text(json.dumps({"accuracy": sum(correct) / len(correct),
+                                                     "settings": settings or {}}))
 
 
 def test_paired_comparison(tmp_path):
@@ -73,6 +74,18 @@ def test_paired_comparison(tmp_path):
     _fake_eval(tmp_path / "c", [f"other{i}" for i in range(10)], [True] * 10)
     result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "c")
     assert result.exit_code == 1 and "different problems" in result.stderr
+
+
+def test_comparison_names_the_generation_settings_that_differ(tmp_path):
+    """Two evaluations that differ in more than the model (answer length here) say so: the gap
+    measures that setting too. The model itself and the data are not named: they are the point."""
+    qs = [f"q{i}" for i in range(4)]
+    _fake_eval(tmp_path / "a", qs, [True, False, False, False], {"max_new_tokens": 32, "model": "base", "seed": 0})
+    _fake_eval(tmp_path / "b", qs, [True, True, False, False], {"max_new_tokens": 256, "model": "run", "seed": 0})
+    result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "b", "--json")
+    assert json.loads(result.stdout)["settings_differ"] == {"max_new_tokens": [32, 256]}
+    result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "b")
+    assert result.exit_code == 0 and "also differ in max_new_tokens (32 vs 256)" in " ".join(result.stdout.split())
 
 
 def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir, tmp_path):

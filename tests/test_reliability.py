@@ -216,6 +216,7 @@ def test_run_json_repeats_a_run(tiny_model, gsm8k_dir, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("lora_rank = 4\n", "unknown setting 'lora_rank'; did you mean 'lora-r'?"),
     ('lr = "fast"\n', "lr should be float"),
+    ('lora-r = "eight"\n', "lora-r should be int"),  # named as the file spells it
     ("lr = = 1\n", "line 1"),
 ])
 def test_bad_config_files(tmp_path, content, message):
@@ -453,3 +454,45 @@ def test_settings_that_would_be_ignored_are_refused_or_followed(tiny_model, gsm8
                                                       "method": "grpo", "max_steps": 80, "epochs": 3.0}))
     assert resolve_train_config({"epochs": 20.0}, resume=str(run)).max_steps is None
     assert resolve_train_config({}, resume=str(run)).max_steps == 80
+
+
+def test_a_damaged_gguf_is_named_as_given(tmp_path, monkeypatch):
+    """A file that is not GGUF, or one cut short, is one message naming the user's file (not the
+    folder it is read from), and the cache gets no folder for it."""
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a model")
+    result = run_cli("chat", "--model", fake, "--question", "hi")
+    assert result.exit_code == 1 and f"could not read {fake} as a GGUF model" in result.stderr
+    assert "tinymath-gguf-" not in result.stderr and f"{fake} does not start with the GGUF magic" in result.stderr
+    assert not list((tmp_path / "cache" / "gguf").glob("fake-*"))
+
+
+def test_the_cache_keeps_the_most_recently_used_gguf_conversions(tmp_path, monkeypatch):
+    """Each conversion is the model in fp32 (0.5 GB for SmolLM2, 4 GB for TinyLlama): a new one
+    leaves the GGUF_KEPT most recently used, and using one counts as recent."""
+    import json
+
+    from tinymath.lib import model
+
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
+
+    def fake_convert(gguf, target):
+        target.mkdir(parents=True)
+        (target / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        return target
+
+    monkeypatch.setattr(model, "_convert", fake_convert)
+    files = []
+    for i in range(model.GGUF_KEPT + 1):
+        gguf = tmp_path / f"m{i}.gguf"
+        gguf.write_bytes(b"GGUF" + bytes([i]) * 4096)
+        files.append(gguf)
+    folders = []
+    for i, gguf in enumerate(files[:model.GGUF_KEPT]):
+        folders.append(model.gguf_to_folder(gguf))
+        os.utime(folders[-1], (1_000_000 + i, 1_000_000 + i))  # converted in this order, long ago
+    assert model.gguf_to_folder(files[0]) == folders[0]  # used again: now the most recent
+    newest = model.gguf_to_folder(files[-1])
+    left = {p for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.startswith(".")}
+    assert left == {folders[0], *folders[2:], newest} and len(left) == model.GGUF_KEPT

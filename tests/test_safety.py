@@ -96,7 +96,7 @@ def test_overwrite_refuses_folders_that_are_not_runs(tiny_model, gsm8k_dir, tmp_
     mine.mkdir()
     (mine / "metrics.jsonl").write_text('{"step": 1}\n')  # a name tinymath uses proves nothing
     (mine / "thesis.tex").write_text("years of work")
-    _clean_error(_train(tiny_model, gsm8k_dir, mine, "--max-steps", "1", "--overwrite"), "did not write")
+    _clean_error(_train(tiny_model, gsm8k_dir, mine, "--max-steps", "1", "--overwrite"), "replaces only those")
     assert (mine / "thesis.tex").read_text() == "years of work"
 
 

@@ -2,6 +2,7 @@
 bad flags are refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -80,6 +81,10 @@ def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path
         assert (out / name).exists(), name
     run = json.loads((out / "run.json").read_text())
     assert run["model"] == str(tiny_model) and run["quant"] == "nf4"
+    assert run["out"] == summary["out"] == str(out)  # "run" as given, recorded absolute
+    card = (out / "README.md").read_text()  # a model card saying what this is, not PEFT's blanks
+    assert "More Information Needed" not in card and f"base_model: {tiny_model}" in card
+    assert "2 steps" in card and "tinymath eval --adapter RUN" in card
     assert run["format"] == "instruction" and run["system_prompt"] == "Solve it."
     defaults = TrainConfig()  # unset options are recorded with their defaults
     assert run["lora_r"] == defaults.lora_r and run["lr"] == defaults.lr and run["target_modules"] == "all-linear"
@@ -117,13 +122,25 @@ def test_a_missing_data_path_is_named_before_the_model_is_looked_for(tmp_path):
         assert not out.exists()
 
 
+def test_prepared_data_brings_its_model_unless_one_is_given(tiny_model, gsm8k_dir, tmp_path):
+    """Data tokenized for one model trains no other, so --model defaults to the one prepare-data used
+    (a hub default that is not cached here would fail); a --model given still wins."""
+    prep = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
+    result = run_cli("train", "--data", prep, "--out", tmp_path / "run", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["model"] == str(Path(tiny_model).absolute())
+    result = run_cli("train", "--data", prep, "--model", tmp_path / "other", "--out", tmp_path / "run", "--dry-run")
+    assert result.exit_code == 1 and "other does not exist" in result.stderr
+
+
 def test_existing_out_is_not_destroyed(tiny_model, gsm8k_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, "--max-steps", 1,
                      "--overwrite")
-    assert result.exit_code == 1 and "did not write" in result.stderr
+    assert result.exit_code == 1 and "replaces only those" in result.stderr
     assert (out / "precious.txt").read_text() == "keep me"
 
 

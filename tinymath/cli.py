@@ -515,7 +515,7 @@ def eval_cmd(
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (needed with --samples > 1).", rich_help_panel="Decoding")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.", rich_help_panel="Decoding")] = 0,
     protocol: Annotated[Protocol, typer.Option(help="default: the training format, zero-shot. lm-eval-gsm8k: lm-eval's gsm8k task (5-shot, Question:/Answer:, its stop strings and filters).", rich_help_panel="Decoding")] = Protocol.default,
-    compare: Annotated[Optional[tuple[Path, Path]], typer.Option(help="Compare two eval --out folders (same problems): accuracies, difference with 95% CI, McNemar p, flips.", rich_help_panel="Comparison")] = None,
+    compare: Annotated[Optional[tuple[Path, Path]], typer.Option(help="Compare two eval --out folders (same problems): accuracies, difference with 95% CI, McNemar p, flips.", rich_help_panel="Comparison", metavar="A B")] = None,
     base: Annotated[Optional[str], typer.Option(help="Retention: the base model to compare with (default: the run's base).", rich_help_panel="Retention")] = None,
     lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="Retention: also run these lm-evaluation-harness tasks (e.g. hellaswag,arc_easy) on base and tuned; needs lm-eval.", rich_help_panel="Retention")] = None,
     overwrite: OverwriteOpt = False,
@@ -559,6 +559,10 @@ def _compare(first, second, json_out):
     table.add_row("McNemar p-value", f"{result['mcnemar_p']:.3g}")
     table.add_row("right only in A / only in B", f"{len(result['only_a_correct'])} / {len(result['only_b_correct'])}")
     out_console.print(table)
+    if result["settings_differ"]:
+        differ = ", ".join(f"{key} ({a} vs {b})" for key, (a, b) in result["settings_differ"].items())
+        out_console.print(f"note: the two evaluations also differ in {escape(differ)}, so the difference "
+                          "measures those settings too", style="yellow", highlight=False)
 
 
 app.command("evaluate", hidden=True, help="Alias of eval.")(eval_cmd)

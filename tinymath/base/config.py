@@ -57,7 +57,8 @@ class TrainConfig:
     """Every setting of a training run; saved as run.json (None = taken from the prepared data)."""
 
     data: str = option(DEFAULT_DATA, "A prepare-data folder, or raw data (prepared on the fly).")
-    model: str = option(DEFAULT_MODEL, "Hub id, local folder, or .gguf.", flags=("--model", "-m"))
+    model: str = option(DEFAULT_MODEL, "Hub id, local folder, or .gguf.", flags=("--model", "-m"),
+                        shown=f"the model a prepare-data --data was made for; else {DEFAULT_MODEL}")
     out: str = option("run", "Run folder (adapter, run.json, metrics.jsonl, checkpoints).")
     format: str | None = option(None, "Prompt format (raw data only).", DATA, choices=FORMATS, shown="chat")
     system_prompt: str | None = option(None, "System prompt (raw data only).", DATA)
@@ -220,7 +221,8 @@ def _expected_type(name: str):
     return args[0]
 
 
-def _coerce(name: str, value, where: str):
+def _coerce(name: str, value, where: str, key: str | None = None):
+    """``value`` as setting ``name`` takes it; ``key``: how the file spelled the name, for the message."""
     if value is None:
         return None
     expected = _expected_type(name)
@@ -228,7 +230,8 @@ def _coerce(name: str, value, where: str):
         return float(value)
     if expected is bool and not isinstance(value, bool) or expected is not bool and isinstance(value, bool) \
             or not isinstance(value, expected):
-        raise TinymathError(f"{where}: {name} should be {expected.__name__}, got {value!r} ({type(value).__name__})")
+        raise TinymathError(f"{where}: {key or name} should be {expected.__name__}, got {value!r} "
+                            f"({type(value).__name__})")
     return value
 
 
@@ -251,7 +254,7 @@ def load_config_file(path: str | Path) -> dict:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
             raise TinymathError(f"--config {path}: unknown setting {key!r}{hint}")
-        settings[name] = _coerce(name, value, f"--config {path}")
+        settings[name] = _coerce(name, value, f"--config {path}", key)
     # never taken from a file: replacing a folder, and running a model's own code, are asked for each time
     settings.pop("overwrite", None)
     settings.pop("trust_remote_code", None)
@@ -303,6 +306,8 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
     settings = {**defaults, **settings}
     if settings.get("init_adapter"):
         settings.update(_from_init_adapter(settings["init_adapter"], settings))
+    elif "model" not in settings:
+        settings.update(_from_prepared_data(settings.get("data", DEFAULT_DATA)))
     return TrainConfig(**absolute_paths(settings))
 
 
@@ -327,6 +332,16 @@ def absolute_paths(settings: dict, keys: tuple[str, ...] = PATH_SETTINGS) -> dic
     return {key: os.path.abspath(os.path.expanduser(value))
             if key in keys and isinstance(value, str) and value and Path(value).expanduser().exists()
             else value for key, value in settings.items()}
+
+
+def _from_prepared_data(data: str) -> dict:
+    """The model a prepare-data folder was tokenized for, as the default --model (data tokenized for
+    one model trains no other)."""
+    from tinymath.base.runs import MANIFEST
+
+    manifest = Path(data).expanduser() / MANIFEST
+    model = read_json_object(manifest, "a prepare-data manifest").get("model") if manifest.is_file() else None
+    return {"model": model} if isinstance(model, str) and model else {}
 
 
 def _from_init_adapter(run_dir: str, settings: dict) -> dict:

@@ -267,8 +267,8 @@ def check_output_dir(out: str | Path, overwrite: bool, marker: str | None = None
             raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
         if marker and not (out / marker).exists():
             raise TinymathError(
-                f"--out {out} holds files that tinymath did not write (no {marker}); "
-                "choose another --out, or empty it yourself"
+                f"--out {out} is not an output of this command (no {marker}); --overwrite replaces only "
+                "those: choose another --out, or empty it yourself"
             )
     check_writable(out.absolute().parent, named=out)
 

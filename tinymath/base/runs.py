@@ -10,6 +10,7 @@ A run folder (``tinymath train --out RUN``)::
     RUN/checkpoints/step-000123/                         resumable checkpoints
     RUN/best/                                            the best adapter (--keep best)
     RUN/run.json                                         every setting and the result, written last
+    RUN/README.md                                        a model card: what the adapter is, how to use it
     RUN/.lock                                            held (flock) while a process trains here
 
 A folder without ``run.json`` is an unfinished run. A run asked to ``--overwrite`` an earlier one
@@ -17,7 +18,7 @@ trains in the hidden sibling ``.RUN.partial`` (whose ``.replaces`` file names RU
 place only when it is complete, so a failed new run never costs the old one.
 
 Here too: the names of the other commands' outputs, reading ``run.json`` back (`load_run`), the
-checks of train's output folder, the run lock and reading ``metrics.jsonl``.
+checks of train's output folder, the run lock, reading ``metrics.jsonl`` and the run's model card.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ MANIFEST = "prepare.json"          # prepare-data
 SUMMARY = "summary.json"           # eval
 PREDICTIONS = "predictions.jsonl"  # eval
 MERGE_MARKER = "tinymath.json"     # merge-adapters
+MODEL_CARD = "README.md"
 # run.json keys that a later command needs, with their types
 RUN_KEYS = {"model": str, "quant": str, "format": str, "system_prompt": (str, type(None))}
 
@@ -90,7 +92,7 @@ def load_run(path: str | Path) -> RunInfo:
         raise TinymathError(f"{path} does not exist or is not a folder; give a `tinymath train` output folder")
     missing = [name for name in (RUN_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).exists()]
     if missing:
-        model = " (it is a model folder: give it as --model)" if (path / "config.json").is_file() else ""
+        model = " (it is a model folder, already standalone: eval and chat take it as --model)" if (path / "config.json").is_file() else ""
         raise TinymathError(f"{path} is not a tinymath training run (missing {', '.join(missing)}){model}; "
                             "give the --out folder of `tinymath train`")
     config = read_json_object(path / RUN_FILE, "the settings of a tinymath run")
@@ -172,8 +174,8 @@ def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOu
         hint = f", or --resume {out} to continue it" if resumable else ""
         raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it{hint}")
     if not is_tinymath_run(out):
-        raise TinymathError(f"--out {out} holds files that tinymath did not write (no {RUN_FILE} of a run); "
-                            "choose another --out, or empty it yourself")
+        raise TinymathError(f"--out {out} is not a training run (no {RUN_FILE} of a run); --overwrite replaces "
+                            "only those: choose another --out, or empty it yourself")
     check_not_working_dir(out)
     _check_partial_is_ours(partial_folder(out), out)
     return TrainOutput(live=partial_folder(out), final=out)
@@ -261,3 +263,26 @@ def run_lock(folder: Path):
         yield
     finally:  # the file stays: unlinking a flock'ed file lets a late opener lock a stale inode
         os.close(fd)
+
+
+def model_card(run: dict) -> str:
+    """The run folder's README.md, from its ``run.json``: what the adapter is and how to use it
+    (in place of PEFT's template of blanks)."""
+    result = run.get("result") or {}
+    best = result.get("best_val_accuracy")
+    lines = [
+        "---", f"base_model: {run['model']}", "library_name: peft", "tags:", "- lora", "- gsm8k", "- tinymath", "---",
+        "", f"# GSM8K LoRA adapter for {Path(run['model']).name if Path(run['model']).exists() else run['model']}", "",
+        f"Trained by `tinymath train --method {run.get('method', 'sft')}` on `{run['data']}`: "
+        f"{result.get('steps')} steps, LoRA r{run.get('lora_r')} (alpha {run.get('lora_alpha', 0):g}, "
+        f"{run.get('target_modules')}) on a {run['quant']} base, learning rate {run.get('lr', 0):g}, "
+        f"prompt format `{run['format']}`.",
+    ]
+    if best is not None:
+        lines += ["", f"Best validation accuracy {best:.1%} (step {result.get('best_step')}); "
+                      f"this folder's adapter is from step {result.get('adapter_step', result.get('steps'))}."]
+    lines += ["", "```bash", "tinymath eval --adapter RUN --split test   # GSM8K test accuracy",
+              "tinymath chat --adapter RUN                 # step-by-step answers",
+              "tinymath merge-adapters RUN --out merged    # a standalone model (safetensors, --gguf)", "```", "",
+              "Every setting and the result are in `run.json`; the loss and accuracy curves in `curves.png`.", ""]
+    return "\n".join(lines)

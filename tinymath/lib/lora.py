@@ -116,7 +116,7 @@ def load_merged_model(run: RunInfo, merge_base: str = "dequantized", dtype=None,
     the merge and the weights' dtype and device type, so the next ``eval``/``chat`` of the same run
     loads plain 16-bit weights (without peft or bitsandbytes). Written to a temporary folder and
     renamed, so two processes starting at once are safe."""
-    from tinymath.lib.model import compute_dtype, default_device, load_base_model
+    from tinymath.lib.model import compute_dtype, default_device, load_base_model, touch
 
     if merge_base not in MERGE_BASES:
         raise TinymathError(f"--merge-base {merge_base} is unknown; use one of {', '.join(MERGE_BASES)}")
@@ -130,7 +130,7 @@ def load_merged_model(run: RunInfo, merge_base: str = "dequantized", dtype=None,
         except Exception:  # noqa: BLE001 - a damaged entry (a disk that filled up, say): merge again
             shutil.rmtree(folder, ignore_errors=True)
         else:
-            folder.touch()  # most recently used
+            touch(folder)  # most recently used
             return model
     model = load_adapted_model(run, merge_base, dtype, device, trust_remote_code).merge_and_unload().eval()
     _keep_merged(model, folder)
@@ -162,15 +162,13 @@ def _merged_cache_folder(run: RunInfo, merge_base: str, dtype, device: str):
     return cache_dir() / "merged" / digest.hexdigest()[:24]
 
 
-STALE_WRITE_SECONDS = 3600  # a half-written entry this old was left by a process that died
-
-
 def _keep_merged(model, folder) -> None:
     """Save the merged model into the cache and keep the `MERGED_KEPT` most recently used entries.
     Best effort: any failure (a full disk) leaves nothing behind and only costs the next merge."""
     import tempfile
-    import time
     from pathlib import Path
+
+    from tinymath.lib.model import prune_cache
 
     staging = None
     try:
@@ -182,12 +180,7 @@ def _keep_merged(model, folder) -> None:
             staging = None
         except OSError:  # another process kept the same merge first
             pass
-        entries = list(folder.parent.iterdir())
-        kept = sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
-        stale = [p for p in entries if p.name.startswith(".writing-") and str(p) != staging
-                 and time.time() - p.stat().st_mtime > STALE_WRITE_SECONDS]
-        for old in kept[MERGED_KEPT:] + stale:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_cache(folder.parent, MERGED_KEPT, writing=staging)
     except Exception:  # noqa: BLE001 - safetensors reports a full disk as its own error type
         pass
     finally:

@@ -28,6 +28,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TINYMATH_CACHE", Path.home() / ".cache" / "tinymath"))
 
 
+STALE_WRITE_SECONDS = 3600  # a half-written cache entry this old was left by a process that died
+GGUF_KEPT = 3  # GGUF conversions kept in the cache (the most recently used); each is the model in fp32
+
+
+def prune_cache(folder: Path, kept: int, writing: str | None = None) -> None:
+    """Keep the ``kept`` most recently used entries of one cache folder (an entry's time is that of
+    its last use) and remove entries half-written (``.writing-*``) by a process that died; hidden
+    files (locks, a write in progress: ``writing``) stay. Best effort: a read-only cache is left as it is."""
+    import time
+
+    try:
+        entries = list(folder.iterdir())
+        shown = sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime,
+                       reverse=True)
+        stale = [p for p in entries if p.name.startswith(".writing-") and str(p) != writing
+                 and time.time() - p.stat().st_mtime > STALE_WRITE_SECONDS]
+    except OSError:
+        return
+    for old in shown[kept:] + stale:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def touch(folder: Path) -> None:
+    """Mark a cache entry as just used (nothing where the cache is read-only)."""
+    try:
+        folder.touch()
+    except OSError:
+        pass
+
+
 def resolve_source(source: str) -> str:
     """What ``from_pretrained`` should load for ``source``: a hub id or a local folder.
 
@@ -80,10 +110,13 @@ def gguf_to_folder(gguf: Path) -> Path:
     """Convert a .gguf file into a cached Hugging Face folder (fp32 weights + tokenizer), once."""
     digest = _quick_digest(gguf)
     done = _converted(digest)
-    if done:  # found without writing anything: a read-only cache works once it holds the model
+    if done:  # found without writing anything else: a read-only cache works once it holds the model
+        touch(done)
         return done
     with _converting(digest):  # processes started together (accelerate launch): one converts, the others wait
-        return _converted(digest) or _convert(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{digest}")
+        done = _converted(digest) or _convert(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{digest}")
+    prune_cache(cache_dir() / "gguf", GGUF_KEPT)
+    return done
 
 
 def _converted(digest: str) -> Path | None:
@@ -120,6 +153,17 @@ def _converting(digest: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _no_library_progress_bars():
+    """transformers' own bar while it converts a GGUF file ("Converting and de-quantizing GGUF
+    tensors...", a plain tqdm that its progress-bar switch does not reach) would land in the middle
+    of a command's output."""
+    from unittest import mock
+
+    with mock.patch("transformers.modeling_gguf_pytorch_utils.tqdm", lambda items, **_: items):
+        yield
+
+
 def _convert(gguf: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,18 +173,22 @@ def _convert(gguf: Path, target: Path) -> Path:
     import tempfile
 
     kwargs = dict(gguf_file=gguf.name)
+    # the file read alone: beside a merge-adapters output's tokenizer and config files,
+    # transformers would take those over the GGUF's own (no EOS, no chat template)
+    alone = Path(tempfile.mkdtemp(prefix="tinymath-gguf-"))
     try:
-        # the file read alone: beside a merge-adapters output's tokenizer and config files,
-        # transformers would take those over the GGUF's own (no EOS, no chat template)
-        with tempfile.TemporaryDirectory(prefix="tinymath-gguf-") as alone, _gguf_read_once():
+        with _gguf_read_once(), _no_library_progress_bars():
             try:
-                (Path(alone) / gguf.name).symlink_to(gguf.absolute())
+                (alone / gguf.name).symlink_to(gguf.absolute())
             except OSError:  # no symbolic links here
-                shutil.copy(gguf, Path(alone) / gguf.name)
+                shutil.copy(gguf, alone / gguf.name)
             tokenizer = AutoTokenizer.from_pretrained(alone, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(alone, dtype=torch.float32, **kwargs)
     except Exception as exc:  # gguf raises many kinds of errors for a bad file
-        raise TinymathError(f"could not read {gguf} as a GGUF model: {exc}") from exc
+        detail = str(exc).replace(str(alone / gguf.name), str(gguf)).replace(str(alone), str(gguf.parent))
+        raise TinymathError(f"could not read {gguf} as a GGUF model (is it complete, and a model?): {detail}") from exc
+    finally:
+        shutil.rmtree(alone, ignore_errors=True)
     # Loaded from GGUF, the model carries a "gguf quantizer" that forbids saving; the weights are
     # plain dequantized tensors by now, so drop it.
     model.hf_quantizer = None

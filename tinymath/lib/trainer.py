@@ -687,7 +687,7 @@ class Trainer:
                    "graph_capture_seconds": round(self.graphed.capture_seconds if self.graphed else
                                                   self.capture_seconds_before_fallback, 2),
                    "real_tokens_per_s": round(state.real_tokens / max(state.step_seconds, 1e-9), 1),
-                   "out": str(self.final),
+                   "out": str(self.final.absolute()),
                    "micro_batch_tokens": plan.micro_batch_tokens, "gradient_checkpointing": plan.gradient_checkpointing,
                    "compiled": plan.compiled, "fused_kernels": plan.fused_kernels,
                    "cuda_graphs": self.graphed is not None,
@@ -715,15 +715,15 @@ class Trainer:
         marks a complete run). Returns the run summary."""
         import shutil
 
-        from tinymath.base.files import permissions_as_umask_allows, write_json
-        from tinymath.base.runs import ADAPTER_WEIGHTS
+        from tinymath.base.files import permissions_as_umask_allows, write_json, write_text
+        from tinymath.base.runs import ADAPTER_WEIGHTS, MODEL_CARD, model_card
         from tinymath.lib.curves import plot_curves
 
         self._check_weights_finite(self.plan.total_steps)
         summary = self.summary()
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            run = {**asdict(self.config), "out": str(self.final), **self.data_settings,
+            run = {**asdict(self.config), "out": str(self.final.absolute()), **self.data_settings,
                    "dtype": str(self.dtype).removeprefix("torch."), "base_fingerprint": self.fingerprint,
                    "data_stats": self.data_stats, "versions": _versions(), "git_commit": _git_commit(),
                    "num_processes": self.plan.world, "memory_plan": self.plan.memory_plan, "result": summary}
@@ -732,6 +732,7 @@ class Trainer:
                 shutil.copy(self.out / BEST / ADAPTER_WEIGHTS, self.out / ADAPTER_WEIGHTS)
             self.tokenizer.save_pretrained(str(self.out))
             plot_curves(self.out)
+            write_text(self.out / MODEL_CARD, model_card(run))  # PEFT's own is a template of blanks
             write_json(self.out / RUN_FILE, run)
             permissions_as_umask_allows(self.out)
         self.accelerator.wait_for_everyone()

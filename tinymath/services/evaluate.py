@@ -173,7 +173,13 @@ def compare(first: str | Path, second: str | Path) -> dict:
                             "evaluate both on the same --data, --split and --limit")
     result = paired_comparison([r["correct"] for r in a], [r["correct"] for r in b])
     only_a, only_b = result.pop("only_a"), result.pop("only_b")
+    settings = [read_json_object(Path(folder) / SUMMARY).get("settings") or {} for folder in (first, second)]
     return {**result, "only_a_correct": [a[i]["question"] for i in only_a],
             "only_b_correct": [b[i]["question"] for i in only_b], "a": str(first), "b": str(second),
-            "summary_a": read_json_object(Path(first) / SUMMARY).get("settings"),
-            "summary_b": read_json_object(Path(second) / SUMMARY).get("settings")}
+            "summary_a": settings[0], "summary_b": settings[1],
+            "settings_differ": {key: [settings[0][key], settings[1][key]] for key in DECODING_SETTINGS
+                                if key in settings[0] and key in settings[1] and settings[0][key] != settings[1][key]}}
+
+
+# how answers were generated and scored: two evaluations that differ here measure these settings too
+DECODING_SETTINGS = ("max_new_tokens", "protocol", "calculator", "samples", "temperature")
