@@ -86,6 +86,12 @@ def test_comparison_names_the_generation_settings_that_differ(tmp_path):
     assert json.loads(result.stdout)["settings_differ"] == {"max_new_tokens": [32, 256]}
     result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "b")
     assert result.exit_code == 0 and "also differ in max_new_tokens (32 vs 256)" in " ".join(result.stdout.split())
+    _fake_eval(tmp_path / "c", qs, [True] * 4, {"max_new_tokens": 32, "temperature": None})  # None: greedy
+    _fake_eval(tmp_path / "h", qs, [True] * 4, {"backend": "lm-eval", "max_new_tokens": 32})  # the harness's
+    result = run_cli("eval", "--compare", tmp_path / "c", tmp_path / "a", "--json")
+    assert json.loads(result.stdout)["settings_differ"] == {}
+    result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "h", "--json")
+    assert json.loads(result.stdout)["settings_differ"] == {"backend": ["tinymath", "lm-eval"]}
 
 
 def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir, tmp_path):

@@ -470,7 +470,8 @@ def test_a_damaged_gguf_is_named_as_given(tmp_path, monkeypatch):
 
 def test_the_cache_keeps_the_most_recently_used_gguf_conversions(tmp_path, monkeypatch):
     """Each conversion is the model in fp32 (0.5 GB for SmolLM2, 4 GB for TinyLlama): a new one
-    leaves the GGUF_KEPT most recently used, and using one counts as recent."""
+    leaves the GGUF_KEPT most recently used (using one counts as recent; one used within the hour is
+    spared, another process may be loading it), and clears a conversion that died half-written."""
     import json
 
     from tinymath.lib import model
@@ -493,6 +494,15 @@ def test_the_cache_keeps_the_most_recently_used_gguf_conversions(tmp_path, monke
         folders.append(model.gguf_to_folder(gguf))
         os.utime(folders[-1], (1_000_000 + i, 1_000_000 + i))  # converted in this order, long ago
     assert model.gguf_to_folder(files[0]) == folders[0]  # used again: now the most recent
+    dead = tmp_path / "cache" / "gguf" / ".m9-0123.abcd.partial"  # a conversion killed long ago
+    dead.mkdir()
+    os.utime(dead, (1_000_000, 1_000_000))
     newest = model.gguf_to_folder(files[-1])
     left = {p for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.startswith(".")}
     assert left == {folders[0], *folders[2:], newest} and len(left) == model.GGUF_KEPT
+    assert not dead.exists() and list((tmp_path / "cache" / "gguf").glob(".*.lock"))  # locks stay
+    os.utime(folders[2], None)  # in use a moment ago: spared though beyond the kept count
+    extra = tmp_path / "m-extra.gguf"
+    extra.write_bytes(b"GGUF" + b"x" * 4096)
+    model.gguf_to_folder(extra)
+    assert folders[2].exists()

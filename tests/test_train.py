@@ -83,7 +83,8 @@ def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path
     assert run["model"] == str(tiny_model) and run["quant"] == "nf4"
     assert run["out"] == summary["out"] == str(out)  # "run" as given, recorded absolute
     card = (out / "README.md").read_text()  # a model card saying what this is, not PEFT's blanks
-    assert "More Information Needed" not in card and f"base_model: {tiny_model}" in card
+    assert "More Information Needed" not in card and str(tiny_model) in card
+    assert "base_model:" not in card  # a local base: the hub would refuse a card naming a path there
     assert "2 steps" in card and "tinymath eval --adapter RUN" in card
     assert run["format"] == "instruction" and run["system_prompt"] == "Solve it."
     defaults = TrainConfig()  # unset options are recorded with their defaults
@@ -132,6 +133,10 @@ def test_prepared_data_brings_its_model_unless_one_is_given(tiny_model, gsm8k_di
     assert json.loads(result.stdout)["config"]["model"] == str(Path(tiny_model).absolute())
     result = run_cli("train", "--data", prep, "--model", tmp_path / "other", "--out", tmp_path / "run", "--dry-run")
     assert result.exit_code == 1 and "other does not exist" in result.stderr
+    manifest = json.loads((prep / "prepare.json").read_text())
+    (prep / "prepare.json").write_text(json.dumps({**manifest, "model": str(tmp_path / "moved")}))
+    result = run_cli("train", "--data", prep, "--out", tmp_path / "run", "--dry-run")  # its model moved away
+    assert result.exit_code == 1 and f"was prepared for {tmp_path / 'moved'}, which is no longer there" in result.stderr
 
 
 def test_existing_out_is_not_destroyed(tiny_model, gsm8k_dir, tmp_path):

@@ -337,11 +337,14 @@ def absolute_paths(settings: dict, keys: tuple[str, ...] = PATH_SETTINGS) -> dic
 def _from_prepared_data(data: str) -> dict:
     """The model a prepare-data folder was tokenized for, as the default --model (data tokenized for
     one model trains no other)."""
-    from tinymath.base.runs import MANIFEST
-
     manifest = Path(data).expanduser() / MANIFEST
     model = read_json_object(manifest, "a prepare-data manifest").get("model") if manifest.is_file() else None
-    return {"model": model} if isinstance(model, str) and model else {}
+    if not isinstance(model, str) or not model:
+        return {}
+    if model.startswith("/") and not Path(model).exists():  # prepare-data records a local model absolute
+        raise TinymathError(f"--data {data} was prepared for {model}, which is no longer there; "
+                            "give --model (the same model, wherever it is now)")
+    return {"model": model}
 
 
 def _from_init_adapter(run_dir: str, settings: dict) -> dict:

@@ -267,17 +267,25 @@ def run_lock(folder: Path):
 
 def model_card(run: dict) -> str:
     """The run folder's README.md, from its ``run.json``: what the adapter is and how to use it
-    (in place of PEFT's template of blanks)."""
+    (in place of PEFT's template of blanks). The header names the base only when it is a hub id
+    (the hub refuses a card whose ``base_model`` is a local path)."""
+    import json
+
     result = run.get("result") or {}
-    best = result.get("best_val_accuracy")
+    model = run["model"]
+    local = Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
+    header = ["---", *([] if local else [f"base_model: {json.dumps(model)}"]), "library_name: peft",
+              "tags:", "- lora", "- gsm8k", "- tinymath", "---"]
+    base = "a 4-bit NF4" if run["quant"] == "nf4" else "an unquantized"
+    start = f", continuing the adapter of `{run['init_adapter']}`" if run.get("init_adapter") else ""
     lines = [
-        "---", f"base_model: {run['model']}", "library_name: peft", "tags:", "- lora", "- gsm8k", "- tinymath", "---",
-        "", f"# GSM8K LoRA adapter for {Path(run['model']).name if Path(run['model']).exists() else run['model']}", "",
-        f"Trained by `tinymath train --method {run.get('method', 'sft')}` on `{run['data']}`: "
+        *header, "", f"# GSM8K LoRA adapter for {Path(model).name if local else model}", "",
+        f"Trained by `tinymath train --method {run.get('method', 'sft')}` on `{run['data']}`{start}: "
         f"{result.get('steps')} steps, LoRA r{run.get('lora_r')} (alpha {run.get('lora_alpha', 0):g}, "
-        f"{run.get('target_modules')}) on a {run['quant']} base, learning rate {run.get('lr', 0):g}, "
+        f"{run.get('target_modules')}) on {base} base (`{model}`), learning rate {run.get('lr', 0):g}, "
         f"prompt format `{run['format']}`.",
     ]
+    best = result.get("best_val_accuracy")
     if best is not None:
         lines += ["", f"Best validation accuracy {best:.1%} (step {result.get('best_step')}); "
                       f"this folder's adapter is from step {result.get('adapter_step', result.get('steps'))}."]

@@ -28,32 +28,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TINYMATH_CACHE", Path.home() / ".cache" / "tinymath"))
 
 
-STALE_WRITE_SECONDS = 3600  # a half-written cache entry this old was left by a process that died
+STALE_SECONDS = 3600  # a cache entry used this recently may be in use; a hidden one this old, a dead write
 GGUF_KEPT = 3  # GGUF conversions kept in the cache (the most recently used); each is the model in fp32
 
 
-def prune_cache(folder: Path, kept: int, writing: str | None = None) -> None:
+def prune_cache(folder: Path, kept: int, writing: str | None = None, spare_recent: bool = False) -> None:
     """Keep the ``kept`` most recently used entries of one cache folder (an entry's time is that of
-    its last use) and remove entries half-written (``.writing-*``) by a process that died; hidden
-    files (locks, a write in progress: ``writing``) stay. Best effort: a read-only cache is left as it is."""
+    its last use), and with ``spare_recent`` any used in the last hour (another process may be about
+    to load it, with no way back if it is gone); remove folders half-written (hidden) by a process
+    that died an hour ago or more. Locks and a write in progress (``writing``) stay. Best effort: a
+    read-only cache is left as it is."""
     import time
 
     try:
-        entries = list(folder.iterdir())
-        shown = sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime,
-                       reverse=True)
-        stale = [p for p in entries if p.name.startswith(".writing-") and str(p) != writing
-                 and time.time() - p.stat().st_mtime > STALE_WRITE_SECONDS]
+        entries = [(p, time.time() - p.stat().st_mtime) for p in folder.iterdir()]
     except OSError:
         return
-    for old in shown[kept:] + stale:
-        shutil.rmtree(old, ignore_errors=True)
+    shown = sorted((e for e in entries if not e[0].name.startswith(".")), key=lambda e: e[1])
+    old = [p for p, age in shown[kept:] if age > STALE_SECONDS or not spare_recent]
+    dead = [p for p, age in entries if p.name.startswith(".") and p.is_dir() and str(p) != writing
+            and age > STALE_SECONDS]
+    for path in old + dead:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def touch(folder: Path) -> None:
-    """Mark a cache entry as just used (nothing where the cache is read-only)."""
+    """Mark a cache entry as just used (never creating one; nothing where the cache is read-only)."""
     try:
-        folder.touch()
+        os.utime(folder)
     except OSError:
         pass
 
@@ -115,7 +117,7 @@ def gguf_to_folder(gguf: Path) -> Path:
         return done
     with _converting(digest):  # processes started together (accelerate launch): one converts, the others wait
         done = _converted(digest) or _convert(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{digest}")
-    prune_cache(cache_dir() / "gguf", GGUF_KEPT)
+    prune_cache(cache_dir() / "gguf", GGUF_KEPT, spare_recent=True)
     return done
 
 
@@ -158,9 +160,17 @@ def _no_library_progress_bars():
     """transformers' own bar while it converts a GGUF file ("Converting and de-quantizing GGUF
     tensors...", a plain tqdm that its progress-bar switch does not reach) would land in the middle
     of a command's output."""
+    import importlib
     from unittest import mock
 
-    with mock.patch("transformers.modeling_gguf_pytorch_utils.tqdm", lambda items, **_: items):
+    try:
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:  # another transformers: its bar shows, nothing worse
+        module = None
+    if module is None or not hasattr(module, "tqdm"):
+        yield
+        return
+    with mock.patch.object(module, "tqdm", lambda items, **_: items):
         yield
 
 

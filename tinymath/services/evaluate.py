@@ -177,9 +177,19 @@ def compare(first: str | Path, second: str | Path) -> dict:
     return {**result, "only_a_correct": [a[i]["question"] for i in only_a],
             "only_b_correct": [b[i]["question"] for i in only_b], "a": str(first), "b": str(second),
             "summary_a": settings[0], "summary_b": settings[1],
-            "settings_differ": {key: [settings[0][key], settings[1][key]] for key in DECODING_SETTINGS
-                                if key in settings[0] and key in settings[1] and settings[0][key] != settings[1][key]}}
+            "settings_differ": _settings_differ(*settings)}
 
 
-# how answers were generated and scored: two evaluations that differ here measure these settings too
-DECODING_SETTINGS = ("max_new_tokens", "protocol", "calculator", "samples", "temperature")
+# how the answers were asked for and scored, with what an evaluation that does not record one did
+# (lm-evaluation-harness: its own protocol and prompt); two that differ here measure these too
+COMPARED_SETTINGS = {"backend": "tinymath", "protocol": "lm-eval-gsm8k", "format": None, "system_prompt": None,
+                     "max_new_tokens": None, "calculator": False, "samples": 1, "temperature": 0.0}
+
+
+def _settings_differ(a: dict, b: dict) -> dict:
+    """The `COMPARED_SETTINGS` two evaluations' settings differ in: ``{name: [a's, b's]}``."""
+    def value(settings, key):
+        shown = settings.get(key, COMPARED_SETTINGS[key])
+        return COMPARED_SETTINGS[key] if shown is None and key == "temperature" else shown  # None: greedy
+
+    return {key: [value(a, key), value(b, key)] for key in COMPARED_SETTINGS if value(a, key) != value(b, key)}
