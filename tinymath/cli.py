@@ -34,6 +34,7 @@ from tinymath.lib.lora import MERGE_BASES
 from tinymath.lib.scoring import PROTOCOLS
 from tinymath.services.merge import DTYPES
 
+
 class _Group(typer.core.TyperGroup):
     """Typer's group, with `--help` shown as the flag it is (no `<bool>` value), here and in every command."""
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import check_not_working_dir, check_safetensors, output_path, read_json_object, read_jsonl
+from tinymath.base.files import (check_not_working_dir, check_safetensors, looks_like_path, output_path,
+                                  read_json_object, read_jsonl)
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.json"
@@ -92,7 +93,8 @@ def load_run(path: str | Path) -> RunInfo:
         raise TinymathError(f"{path} does not exist or is not a folder; give a `tinymath train` output folder")
     missing = [name for name in (RUN_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).exists()]
     if missing:
-        model = " (it is a model folder, already standalone: eval and chat take it as --model)" if (path / "config.json").is_file() else ""
+        model = (" (it is a model folder, already standalone: eval and chat take it as --model)"
+                 if (path / "config.json").is_file() else "")
         raise TinymathError(f"{path} is not a tinymath training run (missing {', '.join(missing)}){model}; "
                             "give the --out folder of `tinymath train`")
     config = read_json_object(path / RUN_FILE, "the settings of a tinymath run")
@@ -273,7 +275,7 @@ def model_card(run: dict) -> str:
 
     result = run.get("result") or {}
     model = run["model"]
-    local = Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
+    local = looks_like_path(model, (".gguf",))
     header = ["---", *([] if local else [f"base_model: {json.dumps(model)}"]), "library_name: peft",
               "tags:", "- lora", "- gsm8k", "- tinymath", "---"]
     base = "a 4-bit NF4" if run["quant"] == "nf4" else "an unquantized"
