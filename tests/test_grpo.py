@@ -239,7 +239,12 @@ def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
     assert "at least 2" in refused("--init-adapter", sft_run, "--samples", "1")
     assert "not a tinymath training run" in refused("--init-adapter", tmp_path)
     other = build_tiny_model(tmp_path / "other", seed=1)
-    assert "differ from that run's" in refused("--init-adapter", sft_run, "--model", other)
+    assert "that run has model" in refused("--init-adapter", sft_run, "--model", other)
+    before = sorted(p.name for p in Path(sft_run).iterdir())
+    itself = run_cli("train", "--method", "grpo", "--data", gsm8k_dir, "--init-adapter", sft_run, "--out", sft_run,
+                     "--overwrite", *RL, "--max-steps", "1")  # would replace the adapter it starts from
+    assert itself.exit_code == 1 and "is the run --init-adapter starts from" in itself.stderr
+    assert sorted(p.name for p in Path(sft_run).iterdir()) == before
     run_model = json.loads((Path(sft_run) / "run.json").read_text())["model"]
     relative = os.path.relpath(run_model)  # the run's own base, given relative: no clash
     dry = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--model", relative, "--data", gsm8k_dir,

@@ -62,6 +62,10 @@ def test_merge_bad_input(trained_run, tmp_path):
     assert (other / "config.json").read_text() == "{}"
     result = run_cli("merge-adapters", other, "--out", tmp_path / "m")  # a model folder, not a run
     assert result.exit_code == 1 and "already standalone: eval and chat take it as --model" in result.stderr
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints" / "step-000002").mkdir(parents=True)  # a run stopped before it finished
+    result = run_cli("merge-adapters", stopped, "--out", tmp_path / "m")
+    assert result.exit_code == 1 and f"continue it with `tinymath train --resume {stopped}`" in result.stderr
 
 
 def test_missing_base_model_is_explained(trained_run, tmp_path):

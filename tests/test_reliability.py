@@ -226,6 +226,13 @@ def test_bad_config_files(tmp_path, content, message):
     assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
 
 
+def test_a_run_folder_as_config_points_at_its_run_json(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    result = run_cli("train", "--config", tmp_path / "run", "--dry-run")
+    assert result.exit_code == 1 and f"give {tmp_path / 'run' / 'run.json'} to repeat that run" in result.stderr
+
+
 def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "2").exit_code == 0

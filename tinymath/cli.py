@@ -502,7 +502,7 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N problems.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Problems generated together (default: as many as GPU memory allows; 16 on CPU).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer generated.", show_default="256; 64 for --task retention")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer generated. [default: 256; 64 for --task retention]", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for predictions.jsonl and summary.json.")] = None,
     quant: Annotated[Quant, typer.Option(help="Weights for --model: unquantized (fast) or NF4.", rich_help_panel="Model and prompt")] = Quant.none,
     format: Annotated[Optional[Format], typer.Option(help="Prompt format (default: the run's, else chat).", rich_help_panel="Model and prompt")] = None,

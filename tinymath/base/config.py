@@ -21,7 +21,7 @@ from tinymath.base.errors import TinymathError, choice, raise_if_problems
 from tinymath.base.files import looks_like_path, read_json_object, read_toml, split_file
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
-from tinymath.base.runs import CONFIG_FILE, MANIFEST
+from tinymath.base.runs import CONFIG_FILE, MANIFEST, RUN_FILE
 
 DEFAULT_DATA = "openai/gsm8k"
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -72,9 +72,9 @@ class TrainConfig:
     epochs: float = option(3.0, "Passes over the training data.", SCHEDULE)
     max_steps: int | None = option(None, "Stop after N optimizer steps (overrides --epochs).", SCHEDULE,
                                    shown="by --epochs; 80 with --method grpo")
-    batch_size: int = option(32, "Examples per optimizer step and GPU = --batch-size x --grad-accum (with "
-                                 "--method grpo: questions, each sampled --samples times). With --packing the "
-                                 "step is cut into micro-batches by tokens.", SCHEDULE,
+    batch_size: int = option(32, "Examples per GPU taken together; an optimizer step takes --batch-size x "
+                                 "--grad-accum of them (with --method grpo: questions, each sampled --samples "
+                                 "times). With --packing the step is cut into micro-batches by tokens.", SCHEDULE,
                              shown="32 (questions with --method grpo)")
     grad_accum: int = option(1, "Gradient accumulation (multiplies the examples per step).", SCHEDULE)
     lr: float = option(1e-3, "Peak learning rate, cosine decay.", SCHEDULE, shown="1e-3; 1e-4 with --method grpo")
@@ -238,6 +238,9 @@ def _coerce(name: str, value, where: str, key: str | None = None):
 def load_config_file(path: str | Path) -> dict:
     """Settings from a TOML file (or a run.json/train_config.json): checked names and types."""
     path = Path(path)
+    if path.is_dir():
+        hint = f"; give {path / RUN_FILE} to repeat that run" if (path / RUN_FILE).is_file() else ""
+        raise TinymathError(f"--config {path} is a folder, not a settings file (TOML, or a run's {RUN_FILE}){hint}")
     if not path.is_file():
         raise TinymathError(f"--config {path} does not exist")
     try:
@@ -353,11 +356,15 @@ def _from_init_adapter(run_dir: str, settings: dict) -> dict:
     from tinymath.base.runs import load_run
 
     run = load_run(run_dir).config
+    if Path(settings.get("out", "run")).expanduser().resolve() == Path(run_dir).expanduser().resolve():
+        raise TinymathError(f"--out {settings.get('out', 'run')} is the run --init-adapter starts from; give the "
+                            "new run a folder of its own (it would replace the adapter it learns from)")
     taken = {key: run.get(key) for key in INIT_KEYS if key in run}
     absolute = absolute_paths(settings)  # a path given relative is the same as the run's absolute one
     clash = [key for key, value in taken.items() if key in settings and value not in (settings[key], absolute[key])]
     if clash:
         names = ", ".join(f"--{k.replace('_', '-')} {settings[k]}" for k in clash)
-        raise TinymathError(f"--init-adapter {run_dir}: {names} differ from that run's "
-                            f"({', '.join(f'{k} {taken[k]}' for k in clash)}); drop them")
+        raise TinymathError(f"--init-adapter {run_dir}: that run has {', '.join(f'{k} {taken[k]}' for k in clash)}, "
+                            f"not {names}; drop {'it' if len(clash) == 1 else 'them'} (a run continues its "
+                            "adapter's base, LoRA shape and prompt)")
     return taken

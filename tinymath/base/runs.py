@@ -92,6 +92,9 @@ def load_run(path: str | Path) -> RunInfo:
     if not path.is_dir():
         raise TinymathError(f"{path} does not exist or is not a folder; give a `tinymath train` output folder")
     missing = [name for name in (RUN_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).exists()]
+    if missing and (path / CHECKPOINTS).is_dir():
+        raise TinymathError(f"{path} is a training run that has not finished (it has checkpoints but no {RUN_FILE}); "
+                            f"continue it with `tinymath train --resume {path}`, or give a finished run")
     if missing:
         model = (" (it is a model folder, already standalone: eval and chat take it as --model)"
                  if (path / "config.json").is_file() else "")
