@@ -245,6 +245,12 @@ def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
                      "--overwrite", *RL, "--max-steps", "1")  # would replace the adapter it starts from
     assert itself.exit_code == 1 and "is the run --init-adapter starts from" in itself.stderr
     assert sorted(p.name for p in Path(sft_run).iterdir()) == before
+    prep = tmp_path / "prep-instruction"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", json.loads((Path(sft_run) / "run.json").read_text())
+                   ["model"], "--format", "instruction", "--out", prep).exit_code == 0
+    mismatch = run_cli("train", "--method", "grpo", "--data", prep, "--init-adapter", sft_run, "--out",
+                       tmp_path / "rl", *RL, "--max-steps", "1")  # no --format given: the run's prompt is meant
+    assert mismatch.exit_code == 1 and "was prepared with format instruction, but --init-adapter" in mismatch.stderr
     run_model = json.loads((Path(sft_run) / "run.json").read_text())["model"]
     relative = os.path.relpath(run_model)  # the run's own base, given relative: no clash
     dry = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--model", relative, "--data", gsm8k_dir,

@@ -77,7 +77,8 @@ def test_missing_base_model_is_explained(trained_run, tmp_path):
     run["model"] = str(tmp_path / "gone")
     (broken / "run.json").write_text(json.dumps(run))
     result = run_cli("merge-adapters", broken, "--out", tmp_path / "m")
-    assert result.exit_code == 1 and "base model of run" in result.stderr and "does not exist" in result.stderr
+    assert result.exit_code == 1 and f"base model of run {broken}, {tmp_path / 'gone'}" in result.stderr
+    assert f"is no longer there: put it back, or set `model` in {broken / 'run.json'}" in result.stderr
 
 
 def test_eval_writes_predictions_and_summary(trained_run, gsm8k_dir, tmp_path, monkeypatch):

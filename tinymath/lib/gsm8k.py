@@ -275,6 +275,9 @@ def load_training_data(config, tokenizer) -> tuple[dict[str, list[dict]], dict, 
     settings = {key: manifest.get(key) for key in ("format", "system_prompt", "max_length", "calc_annotations")}
     for key, saved in settings.items():
         given = getattr(config, key)
+        if given is not None and given != saved and getattr(config, "init_adapter", None):
+            raise TinymathError(f"--data {config.data} was prepared with {key} {saved}, but --init-adapter "
+                                f"{config.init_adapter} was trained with {given}; prepare the data as that run's was")
         if given is not None and given != saved:
             raise TinymathError(f"--{key.replace('_', '-')} {given} contradicts the prepared data "
                                 f"({saved}); re-run prepare-data or drop the flag")

@@ -9,9 +9,11 @@ read by `tinymath.base.runs.load_run`; this module only puts its adapter on a mo
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.runs import RunInfo
+from tinymath.base.files import looks_like_path
+from tinymath.base.runs import RUN_FILE, RunInfo
 
 
 def merge_base_quant(run: RunInfo, merge_base: str) -> str:
@@ -72,6 +74,10 @@ def load_adapted_model(run: RunInfo, merge_base: str = "dequantized", dtype=None
     quant = MERGE_BASES[merge_base](run, merge_base)
     # quantize exactly as training did (same dtype), so the dequantized weights are the trained-against ones
     load_dtype = getattr(torch, run.config.get("dtype", "float32")) if quant != "none" else dtype
+    if looks_like_path(run.base_model, (".gguf",)) and not Path(run.base_model).expanduser().exists():
+        raise TinymathError(f"the base model of run {run.path}, {run.base_model} (`model` in its {RUN_FILE}), is no "
+                            f"longer there: put it back, or set `model` in {run.path / RUN_FILE} to where it is now "
+                            "(the adapter is checked against it)")
     try:
         base = load_base_model(run.base_model, quant=quant, dtype=load_dtype, device=device,
                                trust_remote_code=trust_remote_code)
@@ -142,7 +148,6 @@ def _merged_cache_folder(run: RunInfo, merge_base: str, dtype, device: str):
     files' sizes and times, so a replaced base is merged again), the merge and the weights' form."""
     import hashlib
     import json
-    from pathlib import Path
 
     from tinymath.lib.model import cache_dir
 
@@ -166,7 +171,6 @@ def _keep_merged(model, folder) -> None:
     """Save the merged model into the cache and keep the `MERGED_KEPT` most recently used entries.
     Best effort: any failure (a full disk) leaves nothing behind and only costs the next merge."""
     import tempfile
-    from pathlib import Path
 
     from tinymath.lib.model import prune_cache
 
