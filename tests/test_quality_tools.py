@@ -92,6 +92,8 @@ def test_comparison_names_the_generation_settings_that_differ(tmp_path):
     assert json.loads(result.stdout)["settings_differ"] == {}
     result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "h", "--json")
     assert json.loads(result.stdout)["settings_differ"] == {"backend": ["tinymath", "lm-eval"]}
+    result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "cmp")
+    assert result.exit_code == 1 and "writes nothing: drop --out" in result.stderr and not (tmp_path / "cmp").exists()
 
 
 def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir, tmp_path):

@@ -538,6 +538,9 @@ def eval_cmd(
     ```
     """
     if compare:
+        ignored = [flag for flag, value in (("--model", model), ("--adapter", adapter), ("--out", out)) if value]
+        if ignored:
+            raise TinymathError(f"--compare reads two finished evaluations and writes nothing: drop {', '.join(ignored)}")
         return _compare(*compare, json_out)
     return EVAL_TASKS[task.value](locals())
 
