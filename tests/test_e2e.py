@@ -25,6 +25,8 @@ def test_full_pipeline_on_real_weights(smollm2_gguf, real_gsm8k, tmp_path):
     assert json.loads(result.stdout)["steps"] == 3
     saved = json.loads((run / "run.json").read_text())
     assert saved["quant"] == "nf4" and saved["model"] == str(smollm2_gguf.absolute())
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == saved["model"]  # the .gguf given, not tinymath's cache
 
     result = run_cli("merge-adapters", run, "--out", merged, "--json")
     assert result.exit_code == 0, result.output

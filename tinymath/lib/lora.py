@@ -40,8 +40,10 @@ def get_lora_config(r: int, alpha: float, dropout: float, target_modules: str | 
                       bias="none", task_type="CAUSAL_LM")
 
 
-def attach_lora(model, lora_config, gradient_checkpointing: bool = False):
-    """Wrap a (quantized) base model with trainable LoRA adapters; everything else is frozen."""
+def attach_lora(model, lora_config, gradient_checkpointing: bool = False, base_name: str | None = None):
+    """Wrap a (quantized) base model with trainable LoRA adapters; everything else is frozen.
+    ``base_name``: the base as the user gave it, recorded in ``adapter_config.json`` (PEFT would
+    record the folder it was loaded from: for a .gguf, a conversion in tinymath's cache)."""
     from peft import get_peft_model
 
     if gradient_checkpointing:
@@ -49,9 +51,13 @@ def attach_lora(model, lora_config, gradient_checkpointing: bool = False):
         model.enable_input_require_grads()
     model.config.use_cache = False
     try:
-        return get_peft_model(model, lora_config)
+        peft_model = get_peft_model(model, lora_config)
     except ValueError as exc:  # e.g. target modules that the model does not have
         raise TinymathError(f"--target-modules: {exc}") from exc
+    if base_name:
+        for adapter in peft_model.peft_config.values():
+            adapter.base_model_name_or_path = base_name
+    return peft_model
 
 
 def load_adapted_model(run: RunInfo, merge_base: str = "dequantized", dtype=None, device: str | None = None,

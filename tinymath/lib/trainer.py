@@ -190,7 +190,8 @@ class Trainer:
             base.set_attn_implementation(register_packed_attention())
         self.fingerprint = model_fingerprint(base)
         self.model = attach_lora(base, get_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                       config.target_modules), config.gradient_checkpointing)
+                                                       config.target_modules), config.gradient_checkpointing,
+                                 base_name=config.model)
         self.loss_model = build_loss_model(self.model, fast=config.packing)
         self.loss_model.train()  # checkpointing and dropout only act in training mode: plan in it
 
