@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
-from tinymath.base.files import looks_like_path, read_json_object, read_toml, split_file
+from tinymath.base.files import MODEL_SUFFIXES, missing_local, read_json_object, read_toml, split_file
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import CONFIG_FILE, MANIFEST, RUN_FILE
@@ -344,7 +344,7 @@ def _from_prepared_data(data: str) -> dict:
     model = read_json_object(manifest, "a prepare-data manifest").get("model") if manifest.is_file() else None
     if not isinstance(model, str) or not model:
         return {}
-    if looks_like_path(model, (".gguf",)) and not Path(model).exists():
+    if missing_local(model, MODEL_SUFFIXES):
         raise TinymathError(f"--data {data} was prepared for {model}, which is no longer there; "
                             "give --model (the same model, wherever it is now)")
     return {"model": model}

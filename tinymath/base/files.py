@@ -27,6 +27,7 @@ from tinymath.base.errors import TinymathError
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # the data files tinymath reads
+MODEL_SUFFIXES = (".gguf",)  # the one model file tinymath reads (any other model is a folder or a hub id)
 
 
 def split_file(folder: str | Path, split: str) -> Path | None:
@@ -42,9 +43,14 @@ def looks_like_path(source: str, suffixes: tuple[str, ...] = ()) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).suffix in suffixes or source.count("/") != 1
 
 
+def missing_local(source: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether ``source`` is meant as a local path (`looks_like_path`) that does not exist."""
+    return looks_like_path(source, suffixes) and not Path(source).expanduser().exists()
+
+
 def check_local_source(flag: str, source: str, suffixes: tuple[str, ...] = ()) -> None:
     """Refuse a ``flag`` value meant as a local path that does not exist (a hub id passes)."""
-    if looks_like_path(source, suffixes) and not Path(source).expanduser().exists():
+    if missing_local(source, suffixes):
         raise TinymathError(f"{flag} {source} does not exist")
 
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import (check_not_working_dir, check_safetensors, looks_like_path, output_path,
-                                  read_json_object, read_jsonl)
+from tinymath.base.files import (MODEL_SUFFIXES, check_not_working_dir, check_safetensors, looks_like_path,
+                                  output_path, read_json_object, read_jsonl)
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "train_config.json"
@@ -278,7 +278,7 @@ def model_card(run: dict) -> str:
 
     result = run.get("result") or {}
     model = run["model"]
-    local = looks_like_path(model, (".gguf",))
+    local = looks_like_path(model, MODEL_SUFFIXES)
     header = ["---", *([] if local else [f"base_model: {json.dumps(model)}"]), "library_name: peft",
               "tags:", "- lora", "- gsm8k", "- tinymath", "---"]
     base = "a 4-bit NF4" if run["quant"] == "nf4" else "an unquantized"

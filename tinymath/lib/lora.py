@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import looks_like_path
+from tinymath.base.files import MODEL_SUFFIXES, missing_local
 from tinymath.base.runs import RUN_FILE, RunInfo
 
 
@@ -80,7 +80,7 @@ def load_adapted_model(run: RunInfo, merge_base: str = "dequantized", dtype=None
     quant = MERGE_BASES[merge_base](run, merge_base)
     # quantize exactly as training did (same dtype), so the dequantized weights are the trained-against ones
     load_dtype = getattr(torch, run.config.get("dtype", "float32")) if quant != "none" else dtype
-    if looks_like_path(run.base_model, (".gguf",)) and not Path(run.base_model).expanduser().exists():
+    if missing_local(run.base_model, MODEL_SUFFIXES):
         raise TinymathError(f"the base model of run {run.path}, {run.base_model} (`model` in its {RUN_FILE}), is no "
                             f"longer there: put it back, or set `model` in {run.path / RUN_FILE} to where it is now "
                             "(the adapter is checked against it)")

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import check_local_source
+from tinymath.base.files import MODEL_SUFFIXES, check_local_source
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import RUN_FILE
 from tinymath.lib.distributed import default_device
@@ -76,7 +76,7 @@ def resolve_source(source: str) -> str:
         if not (path / "config.json").exists():
             raise TinymathError(f"--model {source} is a folder without config.json, so not a Hugging Face model")
         return str(path)
-    check_local_source("--model", source, (".gguf",))
+    check_local_source("--model", source, MODEL_SUFFIXES)
     offline_unless_reachable()
     return source  # a hub id
 

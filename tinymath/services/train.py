@@ -63,10 +63,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
 def _check_sources(config: TrainConfig) -> None:
     """A local --data or --model that does not exist, named before anything is loaded (the tokenizer
     comes first, and for a hub id that can take seconds)."""
-    from tinymath.base.files import DATA_SUFFIXES, check_local_source
+    from tinymath.base.files import DATA_SUFFIXES, MODEL_SUFFIXES, check_local_source
 
     check_local_source("--data", config.data, DATA_SUFFIXES)
-    check_local_source("--model", config.model, (".gguf",))
+    check_local_source("--model", config.model, MODEL_SUFFIXES)
 
 
 def _claim(held: ExitStack, output, resume: bool) -> TinymathError | None:
