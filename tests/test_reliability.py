@@ -209,8 +209,9 @@ def test_run_json_repeats_a_run(tiny_model, gsm8k_dir, tmp_path):
     saved = json.loads((first / "run.json").read_text())
     assert all(repeated[k] == saved[k] for k in ("lr", "lora_r", "batch_size", "max_steps", "seed", "model"))
     assert json.loads(result.stdout)["out_refused"] is None
-    again = run_cli("train", "--config", first / "run.json", "--dry-run")  # its own --out: taken
-    assert again.exit_code == 0 and "the run itself would stop here" in again.stderr and "already exists" in again.stderr
+    again = run_cli("train", "--config", first / "run.json", "--dry-run", "--json")  # its own --out: taken
+    assert again.exit_code == 1 and "the run itself would stop here" in again.stderr and "already exists" in again.stderr
+    assert json.loads(again.stdout)["out_refused"]  # the report is still printed, for scripts to read
 
 
 @pytest.mark.parametrize("content, message", [
@@ -224,6 +225,17 @@ def test_bad_config_files(tmp_path, content, message):
     toml.write_text(content)
     result = run_cli("train", "--config", toml, "--dry-run")
     assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_a_config_file_s_problems_are_all_named_with_the_file(gsm8k_dir, tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text('lora_rank = 4\nlora-alpha = "x"\n')
+    result = run_cli("train", "--config", toml, "--dry-run")
+    assert result.exit_code == 1 and "'lora_rank'" in result.stderr and "lora-alpha should be float" in result.stderr
+    toml.write_text(f'data = "{gsm8k_dir}"\nlr = -1\nepochs = 0\n')
+    result = run_cli("train", "--config", toml, "--lr", "1", "--dry-run")  # --lr given as a flag: not the file's
+    assert result.exit_code == 1 and "--epochs 0.0 must be positive" in result.stderr and "--lr" not in result.stderr
+    assert f"(epochs: set in --config {toml})" in result.stderr.replace("\n", "")
 
 
 def test_a_run_folder_as_config_points_at_its_run_json(tmp_path):
@@ -263,6 +275,7 @@ def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp
     evaluated = [r for r in rows if "val_accuracy" in r]
     assert [r["step"] for r in evaluated] == [2, 4]
     assert (out / "best" / "adapter_model.safetensors").exists()
+    assert not (out / "best" / "README.md").exists()  # one model card, the run folder's: no blank template
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(result.stdout)

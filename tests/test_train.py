@@ -104,6 +104,7 @@ def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path
     ("--lora-r", "0", "--lora-r 0"),
     ("--lr", "-1", "--lr -1"),
     ("--max-steps", "0", "--max-steps 0"),
+    ("--micro-batch-tokens", "8", "is smaller than the longest training example"),  # could not keep to it
 ])
 def test_bad_flags(tiny_model, gsm8k_dir, tmp_path, flag, value, message):
     out = tmp_path / "run"

@@ -304,10 +304,11 @@ def train_cmd(
 
         report = dry_run_report(resolved, resume=resume is not None)
         if json_out:
-            return _print_json(report)
-        out_console.print_json(data=report)
-        if report["out_refused"]:
-            err_console.print(f"[yellow]note: the run itself would stop here: {escape(report['out_refused'])}[/yellow]")
+            _print_json(report)
+        else:
+            out_console.print_json(data=report)
+        if report["out_refused"]:  # the report is still printed; the exit status says the run would not start
+            raise TinymathError(f"the run itself would stop here: {report['out_refused']}")
         return
     from tinymath.lib.distributed import end_processes, process_state
     from tinymath.services.train import train

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -248,7 +249,7 @@ def load_config_file(path: str | Path) -> dict:
     except TinymathError as exc:
         raise TinymathError(f"--config {exc}") from None
     known = TrainConfig.field_names()
-    settings = {}
+    settings, problems = {}, []  # every unknown name and wrong type in the file at once
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name in RUN_RECORD_KEYS:
@@ -256,8 +257,13 @@ def load_config_file(path: str | Path) -> dict:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
-            raise TinymathError(f"--config {path}: unknown setting {key!r}{hint}")
-        settings[name] = _coerce(name, value, f"--config {path}", key)
+            problems.append(f"--config {path}: unknown setting {key!r}{hint}")
+            continue
+        try:
+            settings[name] = _coerce(name, value, f"--config {path}", key)
+        except TinymathError as exc:
+            problems.append(str(exc))
+    raise_if_problems(problems)
     # never taken from a file: replacing a folder, and running a model's own code, are asked for each time
     settings.pop("overwrite", None)
     settings.pop("trust_remote_code", None)
@@ -294,8 +300,8 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         if "max_memory" in given and "micro_batch_tokens" not in given:
             settings["micro_batch_tokens"] = None  # plan again for the new memory limit
         return TrainConfig(**settings)
-    settings = load_config_file(config_file) if config_file else {}
-    settings.update(given)
+    from_file = load_config_file(config_file) if config_file else {}
+    settings = {**from_file, **given}
     if settings.get("method", "sft") != "grpo":  # RL-only flags would be ignored by SFT: say so
         panels = {f.name: f.metadata.get("panel") for f in fields(TrainConfig)}
         ignored = [k for k in given if panels.get(k) == RL and k not in ("method", "init_adapter", "calculator")]
@@ -311,7 +317,21 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         settings.update(_from_init_adapter(settings["init_adapter"], settings))
     elif "model" not in settings:
         settings.update(_from_prepared_data(settings.get("data", DEFAULT_DATA)))
-    return TrainConfig(**absolute_paths(settings))
+    config = TrainConfig(**absolute_paths(settings))
+    if from_file:
+        _name_the_file(config, [k for k in from_file if k not in given], config_file)
+    return config
+
+
+def _name_the_file(config: TrainConfig, from_file: list[str], config_file: str) -> None:
+    """Validate ``config``; a problem with a setting the file gave (not a flag) says it came from the file."""
+    try:
+        config.validate()
+    except TinymathError as exc:
+        named = [k.replace("_", "-") for k in from_file if re.search(rf"--{k.replace('_', '-')}(?![\w-])", str(exc))]
+        if not named:
+            raise
+        raise TinymathError(f"{exc}\n({', '.join(named)}: set in --config {config_file})") from None
 
 
 PATH_SETTINGS = ("data", "model", "init_adapter", "adapter", "base")  # settings that may name a local path

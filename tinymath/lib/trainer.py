@@ -226,6 +226,11 @@ class Trainer:
         if len(self.train_examples) < world:  # a process with nothing to train on would wait on the others forever
             raise TinymathError(f"--data has {len(self.train_examples)} training example(s), fewer than the "
                                 f"{world} processes launched: each needs at least one; launch fewer processes")
+        longest = max(len(ex["input_ids"]) for ex in self.train_examples)
+        if config.packing and config.micro_batch_tokens and config.method == "sft" and config.micro_batch_tokens < longest:
+            raise TinymathError(f"--micro-batch-tokens {config.micro_batch_tokens} is smaller than the longest "
+                                f"training example ({longest} tokens), which could not keep to it; give at least "
+                                f"{longest}, or leave it out to have it planned")
         per_step, steps_per_epoch, total = step_counts(len(self.train_examples), config, world)
         warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
         plan = RunPlan(world, per_step, steps_per_epoch, total, warmup, config.micro_batch_tokens,
@@ -606,6 +611,7 @@ class Trainer:
             self.state.best = {"accuracy": accuracy, "step": step}
             if self.config.keep == "best":
                 self.model.save_pretrained(str(self.out / BEST))
+                (self.out / BEST / "README.md").unlink(missing_ok=True)  # PEFT's blank card; the run's is the card
 
     def validation_accuracy(self) -> float:
         """Greedy GSM8K accuracy of the model being trained on the held-out rows."""
