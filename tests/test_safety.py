@@ -247,6 +247,18 @@ def test_damaged_adapter_is_one_message(run_copy, tmp_path, damage):
         _clean_error(run_cli(*command), "adapter_model.safetensors")
 
 
+def test_damaged_model_weights_are_one_message(tiny_model, gsm8k_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    for command in (["eval", "--model", model, "--data", gsm8k_dir, "--limit", "1"],
+                    ["chat", "--model", model, "--question", "1+1?"],
+                    ["train", "--model", model, "--data", gsm8k_dir, "--out", tmp_path / "run", "--max-steps", "1"]):
+        _clean_error(run_cli(*command), f"could not load model {model}: a weights file is damaged or incomplete")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("content", ["{not json", "{}", '{"model": 3, "quant": "nf4", "format": "chat"}', "[1, 2]"])
 def test_damaged_run_json_is_one_message(run_copy, tmp_path, content):
     (run_copy / "run.json").write_text(content)

@@ -281,10 +281,15 @@ def load_base_model(source: str, quant: str = "nf4", dtype=None, device: str | N
     quantization = get_quantization_config(quant, dtype)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as exc:  # missing files, unknown architectures, remote code refused
         raise TinymathError(f"could not load model {source}: {missing_files_reason(exc)}") from exc
+    except SafetensorError as exc:  # a weights file cut short or not safetensors at all
+        raise TinymathError(f"could not load model {source}: a weights file is damaged or incomplete ({exc}); "
+                            "copy or download the model again") from None
     return model
 
 
