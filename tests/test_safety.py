@@ -247,6 +247,18 @@ def test_damaged_adapter_is_one_message(run_copy, tmp_path, damage):
         _clean_error(run_cli(*command), "adapter_model.safetensors")
 
 
+def test_a_run_folder_given_as_a_model_is_refused_everywhere(run_copy, gsm8k_dir, tmp_path):
+    """prepare-data used to accept it (the run carries a tokenizer) and train then named an --adapter it has not."""
+    base = json.loads((run_copy / "run.json").read_text())["model"]
+    for command in (["prepare-data", "--data", gsm8k_dir, "--model", run_copy, "--out", tmp_path / "prep"],
+                    ["train", "--data", gsm8k_dir, "--model", run_copy, "--out", tmp_path / "r", "--max-steps", "1"],
+                    ["train", "--data", gsm8k_dir, "--model", run_copy, "--out", tmp_path / "r", "--dry-run"],
+                    ["eval", "--model", run_copy, "--data", gsm8k_dir, "--limit", "1"]):
+        _clean_error(run_cli(*command), f"--model {run_copy} is a tinymath training run (a LoRA adapter), not a "
+                     f"model; its base model is {base}", f"--init-adapter {run_copy}")
+    assert not (tmp_path / "prep").exists() and not (tmp_path / "r").exists()
+
+
 def test_damaged_model_weights_are_one_message(tiny_model, gsm8k_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)

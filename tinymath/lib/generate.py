@@ -89,7 +89,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
         raise TinymathError("give exactly one of --model (a model) or --adapter (a `tinymath train` run folder)")
     if adapter is not None:
         run = load_run(adapter)
-        tokenizer = load_tokenizer(str(run.path), trust_remote_code)
+        tokenizer = load_tokenizer(str(run.path), trust_remote_code, run=True)
         weights = load_merged_model(run, merge_base=merge_base, trust_remote_code=trust_remote_code)
         use_decode_attention(weights)
         return InferenceModel(weights, tokenizer, fmt or run.prompt_format,

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import MODEL_SUFFIXES, check_local_source
+from tinymath.base.files import MODEL_SUFFIXES, check_local_source, read_json_object
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import RUN_FILE
 from tinymath.lib.distributed import default_device
@@ -60,6 +60,22 @@ def touch(folder: Path) -> None:
         pass
 
 
+def _is_run_folder(path: Path) -> bool:
+    return (path / RUN_FILE).exists() and not (path / "config.json").exists()
+
+
+def _run_given_as_model(source: str, path: Path) -> str:
+    """What to say when a `tinymath train` run folder is given where a model belongs."""
+    try:
+        base = read_json_object(path / RUN_FILE).get("model")
+    except (TinymathError, AttributeError):
+        base = None
+    base_hint = f"; its base model is {base}" if isinstance(base, str) else ""
+    return (f"--model {source} is a tinymath training run (a LoRA adapter), not a model{base_hint}. eval and chat "
+            f"take it as --adapter {source}, train --method grpo as --init-adapter {source}, and merge-adapters "
+            "makes it a standalone model")
+
+
 def resolve_source(source: str) -> str:
     """What ``from_pretrained`` should load for ``source``: a hub id or a local folder.
 
@@ -71,8 +87,8 @@ def resolve_source(source: str) -> str:
             return str(gguf_to_folder(path))
         raise TinymathError(f"--model {source} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
     if path.is_dir():
-        if (path / RUN_FILE).exists() and not (path / "config.json").exists():
-            raise TinymathError(f"--model {source} is a training run folder; use --adapter {source} instead")
+        if _is_run_folder(path):
+            raise TinymathError(_run_given_as_model(source, path))
         if not (path / "config.json").exists():
             raise TinymathError(f"--model {source} is a folder without config.json, so not a Hugging Face model")
         return str(path)
@@ -232,12 +248,15 @@ def _quick_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_tokenizer(source: str, trust_remote_code: bool = False):
-    """The tokenizer of a model source, with a pad token set (generation pads on the left)."""
+def load_tokenizer(source: str, trust_remote_code: bool = False, run: bool = False):
+    """The tokenizer of a model source, with a pad token set (generation pads on the left);
+    ``run``: ``source`` is a `tinymath train` run folder (given as --adapter), which carries its
+    tokenizer. A run folder given as a model is refused."""
     from transformers import AutoTokenizer
 
     path = Path(source).expanduser()
-    # a run folder carries its tokenizer (saved by train), so it loads directly
+    if not run and _is_run_folder(path):
+        raise TinymathError(_run_given_as_model(source, path))
     resolved = str(path) if (path / "tokenizer_config.json").is_file() else resolve_source(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)

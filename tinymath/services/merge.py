@@ -52,7 +52,7 @@ def merge_adapters(run_dir: str | Path, out: str | Path, dtype: str = "bf16", me
     raise_if_problems(problems + (choice("--gguf", gguf, GGUF_TYPES) if gguf is not None else []))
     run = load_run(run_dir)
     check_output_dir(out, overwrite, marker=MERGE_MARKER)
-    tokenizer = load_tokenizer(str(run.path), trust_remote_code)
+    tokenizer = load_tokenizer(str(run.path), trust_remote_code, run=True)
     adapted = load_adapted_model(run, merge_base=merge_base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if gguf is not None:  # before any work: an architecture, tokenizer or prompt the files cannot take
         from tinymath.lib.gguf_export import check_exportable, modelfile
