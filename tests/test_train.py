@@ -122,6 +122,20 @@ def test_a_missing_data_path_is_named_before_the_model_is_looked_for(tmp_path):
                          *extra)
         assert result.exit_code == 1 and f"--data {tmp_path / 'gsm8k'} does not exist" in result.stderr
         assert not out.exists()
+        (tmp_path / "empty.jsonl").write_text("")  # there, but nothing to train on: also said first
+        result = run_cli("train", "--data", tmp_path / "empty.jsonl", "--model", "nobody/not-cached-model", "--out",
+                         out, *extra)
+        assert result.exit_code == 1 and f"--data {tmp_path / 'empty.jsonl'} is empty" in result.stderr
+        assert not out.exists()
+
+
+def test_a_dry_run_refuses_a_tracker_that_is_not_installed(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    import tinymath.base.config
+
+    monkeypatch.setitem(tinymath.base.config.REPORTERS, "tensorboard", "no_such_tracker_module")
+    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "run",
+                     "--report-to", "tensorboard", "--dry-run")
+    assert result.exit_code == 1 and "no_such_tracker_module is not installed" in result.stderr
 
 
 def test_prepared_data_brings_its_model_unless_one_is_given(tiny_model, gsm8k_dir, tmp_path):

@@ -61,12 +61,18 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
 
 
 def _check_sources(config: TrainConfig) -> None:
-    """A local --data or --model that does not exist, named before anything is loaded (the tokenizer
-    comes first, and for a hub id that can take seconds)."""
+    """A local --data or --model that does not exist, and local raw data that cannot be read (empty,
+    malformed, no answers), named before anything is loaded: the tokenizer comes first, and for a
+    hub id (the default model) that can mean a download."""
+    from pathlib import Path
+
     from tinymath.base.files import DATA_SUFFIXES, MODEL_SUFFIXES, check_local_source
+    from tinymath.lib.gsm8k import is_prepared, train_and_validation
 
     check_local_source("--data", config.data, DATA_SUFFIXES)
     check_local_source("--model", config.model, MODEL_SUFFIXES)
+    if Path(config.data).expanduser().exists() and not is_prepared(config.data):
+        train_and_validation(config.data, config.val_size)  # read again, tokenized, once the tokenizer is loaded
 
 
 def _claim(held: ExitStack, output, resume: bool) -> TinymathError | None:
@@ -107,6 +113,7 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     from tinymath.lib.trainer import step_counts
 
     config.validate()
+    _check_reporter(config)
     _check_sources(config)
     try:
         plan_train_output(config.out, config.overwrite, resume)
