@@ -92,8 +92,29 @@ def test_comparison_names_the_generation_settings_that_differ(tmp_path):
     assert json.loads(result.stdout)["settings_differ"] == {}
     result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "h", "--json")
     assert json.loads(result.stdout)["settings_differ"] == {"backend": ["tinymath", "lm-eval"]}
+    # lm-eval's prompt ignores the format recorded: the protocol is the difference, not a "chat vs none"
+    _fake_eval(tmp_path / "p", qs, [True] * 4, {"protocol": "lm-eval-gsm8k", "format": "chat", "max_new_tokens": 32})
+    _fake_eval(tmp_path / "q", qs, [True] * 4, {"backend": "lm-eval", "format": None, "max_new_tokens": 32})
+    result = run_cli("eval", "--compare", tmp_path / "p", tmp_path / "q", "--json")
+    assert json.loads(result.stdout)["settings_differ"] == {"backend": ["tinymath", "lm-eval"]}
     result = run_cli("eval", "--compare", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "cmp")
-    assert result.exit_code == 1 and "writes nothing: drop --out" in result.stderr and not (tmp_path / "cmp").exists()
+    assert result.exit_code == 1 and "does not use --out: drop it" in result.stderr and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "A", "B", "--samples", "3", "--limit", "1"], "--compare (it reads two finished evaluations and "
+                                                               "writes nothing) does not use --limit, --samples"),
+    (["--model", "M", "--merge-base", "original"], "with --model there is nothing to merge"),
+    (["--adapter", "A", "--quant", "nf4"], "an --adapter run is merged into its base (--merge-base): drop --quant"),
+    (["--model", "M", "--base", "M"], "a GSM8K evaluation (--base and --lm-eval are --task retention settings) "
+                                      "does not use --base"),
+    (["--task", "retention", "--adapter", "A", "--calculator", "--split", "train"], "does not use --split, --calculator"),
+    (["--backend", "lm-eval", "--model", "M", "--temperature", "0.5"], "does not use --temperature"),
+])
+def test_eval_refuses_options_the_evaluation_would_not_use(args, message):
+    """Said before anything is read (A, B and M need not exist), as train refuses RL-only flags."""
+    result = run_cli("eval", *args)
+    assert result.exit_code == 1 and message in " ".join(result.stderr.split()), result.output
 
 
 def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir, tmp_path):

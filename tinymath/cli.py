@@ -497,6 +497,7 @@ Task = choices("Task", EVAL_TASKS)
 @app.command("eval")
 @command
 def eval_cmd(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, folder, .gguf, or a merge-adapters output.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A `tinymath train` run folder (its base, format and prompt are reused).")] = None,
     data: DataOpt = DEFAULT_DATA,
@@ -538,12 +539,44 @@ def eval_cmd(
     accelerate launch --num_processes 2 -m tinymath eval --adapter run --out ev
     ```
     """
+    _refuse_unused_eval_options(ctx, compare is not None, task.value, backend.value, model, adapter)
     if compare:
-        ignored = [flag for flag, value in (("--model", model), ("--adapter", adapter), ("--out", out)) if value]
-        if ignored:
-            raise TinymathError(f"--compare reads two finished evaluations and writes nothing: drop {', '.join(ignored)}")
         return _compare(*compare, json_out)
     return EVAL_TASKS[task.value](locals())
+
+
+# what each kind of evaluation reads of eval's options; any other option given is refused, not ignored
+_EVAL_ALWAYS = {"json_out", "trust_remote_code"}
+_EVAL_USES = {
+    "compare": ({"compare", "json_out"}, "--compare (it reads two finished evaluations and writes nothing)"),
+    "retention": ({"task", "model", "adapter", "base", "out", "overwrite", "limit", "lm_eval", "max_new_tokens",
+                   *_EVAL_ALWAYS}, "--task retention (drift from the base on its own general prompts)"),
+    "lm-eval": ({"backend", "task", "model", "adapter", "data", "limit", "out", "overwrite", "batch_size",
+                 "max_new_tokens", "merge_base", *_EVAL_ALWAYS},
+                "--backend lm-eval (the harness's own gsm8k task: its prompt, decoding and scoring)"),
+    "tinymath": ({"backend", "task", "model", "adapter", "data", "split", "limit", "out", "overwrite", "batch_size",
+                  "max_new_tokens", "quant", "format", "system_prompt", "merge_base", "calculator", "compile",
+                  "samples", "temperature", "seed", "protocol", *_EVAL_ALWAYS},
+                 "a GSM8K evaluation (--base and --lm-eval are --task retention settings)"),
+}
+
+
+def _refuse_unused_eval_options(ctx, comparing: bool, task: str, backend: str, model, adapter) -> None:
+    """An option the chosen evaluation would not read is refused by name (as train refuses RL-only
+    options), rather than silently dropped."""
+    kind = "compare" if comparing else "retention" if task == "retention" else backend
+    used, why = _EVAL_USES[kind]
+    given = {p.name: p.opts[0] for p in ctx.command.params
+             if p.name and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"}
+    unused = [flag for name, flag in given.items() if name not in used]
+    if unused:
+        raise TinymathError(f"{why} does not use {', '.join(unused)}: drop {'it' if len(unused) == 1 else 'them'}")
+    if "merge_base" in given and model is not None:
+        raise TinymathError("--merge-base chooses the weights an --adapter run is merged into; with --model there is "
+                            "nothing to merge: drop it")
+    if "quant" in given and adapter is not None:
+        raise TinymathError("--quant chooses how a --model is loaded; an --adapter run is merged into its base "
+                            "(--merge-base): drop --quant")
 
 
 def _compare(first, second, json_out):
@@ -565,7 +598,8 @@ def _compare(first, second, json_out):
     table.add_row("right only in A / only in B", f"{len(result['only_a_correct'])} / {len(result['only_b_correct'])}")
     out_console.print(table)
     if result["settings_differ"]:
-        differ = ", ".join(f"{key} ({a} vs {b})" for key, (a, b) in result["settings_differ"].items())
+        differ = ", ".join(f"{key} ({'none' if a is None else a} vs {'none' if b is None else b})"
+                           for key, (a, b) in result["settings_differ"].items())
         out_console.print(f"note: the two evaluations also differ in {escape(differ)}, so the difference "
                           "measures those settings too", style="yellow", highlight=False)
 

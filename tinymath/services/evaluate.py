@@ -192,4 +192,9 @@ def _settings_differ(a: dict, b: dict) -> dict:
         shown = settings.get(key, COMPARED_SETTINGS[key])
         return COMPARED_SETTINGS[key] if shown is None and key == "temperature" else shown  # None: greedy
 
-    return {key: [value(a, key), value(b, key)] for key in COMPARED_SETTINGS if value(a, key) != value(b, key)}
+    def own_prompt(settings):  # lm-eval's prompt: the format and system prompt recorded were not applied
+        return settings.get("backend") == "lm-eval" or settings.get("protocol") == "lm-eval-gsm8k"
+
+    skipped = {"format", "system_prompt"} if own_prompt(a) or own_prompt(b) else set()
+    return {key: [value(a, key), value(b, key)] for key in COMPARED_SETTINGS
+            if key not in skipped and value(a, key) != value(b, key)}
