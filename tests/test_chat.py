@@ -33,6 +33,13 @@ def test_question_flag_and_plain_output(tiny_model):
     assert "answer:" not in result.stdout  # nothing decorative in scripted mode
 
 
+def test_prepared_data_given_as_a_model_is_named_as_data(tiny_model, gsm8k_dir, tmp_path):
+    prep = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
+    result = run_cli("chat", "--model", prep, "--question", "1+1?")
+    assert result.exit_code == 1 and f"--model {prep} is a prepare-data output (training data)" in result.stderr
+
+
 def test_bad_input(tiny_model, tmp_path):
     result = run_cli("chat", "--model", tiny_model, "--temperature", "-1", input="hi\n")
     assert result.exit_code == 1 and "--temperature -1" in result.stderr

@@ -176,6 +176,16 @@ def test_eval_scores_known_completions():
 def test_eval_bad_input(tiny_model, gsm8k_dir, tmp_path):
     result = run_cli("eval", "--adapter", tmp_path, "--data", gsm8k_dir)
     assert result.exit_code == 1 and "not a tinymath training run" in result.stderr
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    for command in (["eval", "--adapter", tmp_path / "model.gguf", "--data", gsm8k_dir],
+                    ["merge-adapters", tmp_path / "model.gguf", "--out", tmp_path / "m"]):
+        result = run_cli(*command)  # a model file where a run belongs: not "does not exist"
+        assert result.exit_code == 1 and "is a file, not a `tinymath train` run folder (a model: eval and chat take " \
+            "it as --model)" in " ".join(result.stderr.split())
+    (tmp_path / "starting").mkdir()  # a run in its first steps: its settings written, no checkpoint yet
+    (tmp_path / "starting" / "train_config.json").write_text("{}")
+    result = run_cli("eval", "--adapter", tmp_path / "starting", "--data", gsm8k_dir)
+    assert result.exit_code == 1 and "has not finished and has no checkpoint yet" in result.stderr
     result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 0)
     assert result.exit_code == 1 and "--limit 0" in result.stderr
     result = run_cli("eval", "--model", tmp_path / "nothing", "--data", gsm8k_dir)

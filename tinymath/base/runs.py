@@ -89,12 +89,18 @@ def load_run(path: str | Path) -> RunInfo:
     from tinymath.base.quantization import QUANTIZATIONS
 
     path = Path(path)
+    if path.is_file():
+        model = " (a model: eval and chat take it as --model)" if path.suffix in (".gguf", ".safetensors") else ""
+        raise TinymathError(f"{path} is a file, not a `tinymath train` run folder{model}")
     if not path.is_dir():
-        raise TinymathError(f"{path} does not exist or is not a folder; give a `tinymath train` output folder")
+        raise TinymathError(f"{path} does not exist; give a `tinymath train` output folder")
     missing = [name for name in (RUN_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).exists()]
     if missing and (path / CHECKPOINTS).is_dir():
         raise TinymathError(f"{path} is a training run that has not finished (it has checkpoints but no {RUN_FILE}); "
                             f"continue it with `tinymath train --resume {path}`, or give a finished run")
+    if RUN_FILE in missing and (path / CONFIG_FILE).is_file():
+        raise TinymathError(f"{path} is a training run that has not finished and has no checkpoint yet (it may "
+                            "still be training); give it once it is done, or a finished run")
     if missing:
         model = (" (it is a model folder, already standalone: eval and chat take it as --model)"
                  if (path / "config.json").is_file() else "")

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.runs import BEST, CHECKPOINTS
+from tinymath.base.runs import BEST, CHECKPOINTS, CONFIG_FILE
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -145,7 +145,8 @@ def load_latest_checkpoint(run: Path, peft_model, optimizer, scheduler, say=prin
         except (TinymathError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: wrong shapes
             problems.append(f"{path.name}: {exc}")
             say(f"tinymath: checkpoint {path} is damaged ({exc}); trying an older one")
-    raise TinymathError(f"--resume {run}: no intact checkpoint ({'; '.join(problems)})")
+    raise TinymathError(f"--resume {run}: no intact checkpoint ({'; '.join(problems)}); start the run again "
+                        f"from its settings: tinymath train --config {Path(run) / CONFIG_FILE} --out NEW")
 
 
 def restore_best(path: Path, run: Path, state: dict) -> None:

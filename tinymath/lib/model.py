@@ -18,7 +18,7 @@ from pathlib import Path
 from tinymath.base.errors import TinymathError
 from tinymath.base.files import MODEL_SUFFIXES, check_local_source, read_json_object
 from tinymath.base.quantization import QUANTIZATIONS
-from tinymath.base.runs import RUN_FILE
+from tinymath.base.runs import MANIFEST, RUN_FILE
 from tinymath.lib.distributed import default_device
 from tinymath.lib.hub import missing_files_reason, offline_unless_reachable
 
@@ -89,6 +89,9 @@ def resolve_source(source: str) -> str:
     if path.is_dir():
         if _is_run_folder(path):
             raise TinymathError(_run_given_as_model(source, path))
+        if (path / MANIFEST).is_file():
+            raise TinymathError(f"--model {source} is a prepare-data output (training data), not a model; give it "
+                                "as --data")
         if not (path / "config.json").exists():
             raise TinymathError(f"--model {source} is a folder without config.json, so not a Hugging Face model")
         return str(path)
