@@ -405,9 +405,3 @@ def test_a_checkpoint_with_adapter_tensors_of_another_shape_is_passed_over(tiny_
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["resumed_from_step"] == 2
     assert "step-000004 is damaged" in result.stderr
-    (out / "run.json").unlink()  # now every checkpoint is damaged: the message says how to start again
-    for checkpoint in (out / "checkpoints").iterdir():
-        (checkpoint / "adapter_model.safetensors").write_text("x")
-    result = run_cli("train", "--resume", out)
-    assert result.exit_code == 1 and "no intact checkpoint" in result.stderr
-    assert f"tinymath train --config {out / 'train_config.json'} --out NEW" in " ".join(result.stderr.split())
