@@ -37,7 +37,9 @@ def test_prepared_data_given_as_a_model_is_named_as_data(tiny_model, gsm8k_dir, 
     prep = tmp_path / "prep"
     assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
     result = run_cli("chat", "--model", prep, "--question", "1+1?")
-    assert result.exit_code == 1 and f"--model {prep} is a prepare-data output (training data)" in result.stderr
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 1 and "is a prepare-data output (training data), not a model" in said
+    assert f"prepared for the model {tiny_model}" in said  # what to give instead
 
 
 def test_bad_input(tiny_model, tmp_path):

@@ -180,8 +180,12 @@ def test_eval_bad_input(tiny_model, gsm8k_dir, tmp_path):
     for command in (["eval", "--adapter", tmp_path / "model.gguf", "--data", gsm8k_dir],
                     ["merge-adapters", tmp_path / "model.gguf", "--out", tmp_path / "m"]):
         result = run_cli(*command)  # a model file where a run belongs: not "does not exist"
-        assert result.exit_code == 1 and "is a file, not a `tinymath train` run folder (a model: eval and chat take " \
-            "it as --model)" in " ".join(result.stderr.split())
+        assert result.exit_code == 1 and "eval and chat take it as --model" in " ".join(result.stderr.split())
+    (tmp_path / "run").mkdir()  # a run's adapter file given for the run: the folder is meant
+    for name in ("run.json", "adapter_model.safetensors"):
+        (tmp_path / "run" / name).write_text("{}")
+    result = run_cli("eval", "--adapter", tmp_path / "run" / "adapter_model.safetensors", "--data", gsm8k_dir)
+    assert result.exit_code == 1 and f"give the folder that holds it ({tmp_path / 'run'})" in result.stderr
     (tmp_path / "starting").mkdir()  # a run in its first steps: its settings written, no checkpoint yet
     (tmp_path / "starting" / "train_config.json").write_text("{}")
     result = run_cli("eval", "--adapter", tmp_path / "starting", "--data", gsm8k_dir)

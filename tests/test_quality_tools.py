@@ -102,12 +102,12 @@ def test_comparison_names_the_generation_settings_that_differ(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--compare", "A", "B", "--samples", "3", "--limit", "1"], "--compare (it reads two finished evaluations and "
-                                                               "writes nothing) does not use --limit, --samples"),
+    (["--compare", "A", "B", "--samples", "3", "--limit", "1"], "does not use --limit, --samples"),
+    (["--model", "M", "--task", "retention", "--no-calculator"], "does not use --no-calculator"),  # as typed
+    (["--model", "M", "--protocol", "lm-eval-gsm8k", "--format", "chat"], "does not use --format"),
     (["--model", "M", "--merge-base", "original"], "with --model there is nothing to merge"),
     (["--adapter", "A", "--quant", "nf4"], "an --adapter run is merged into its base (--merge-base): drop --quant"),
-    (["--model", "M", "--base", "M"], "a GSM8K evaluation (--base and --lm-eval are --task retention settings) "
-                                      "does not use --base"),
+    (["--model", "M", "--base", "M"], "does not use --base"),
     (["--task", "retention", "--adapter", "A", "--calculator", "--split", "train"], "does not use --split, --calculator"),
     (["--backend", "lm-eval", "--model", "M", "--temperature", "0.5"], "does not use --temperature"),
 ])

@@ -236,6 +236,10 @@ def test_a_config_file_s_problems_are_all_named_with_the_file(gsm8k_dir, tmp_pat
     result = run_cli("train", "--config", toml, "--lr", "1", "--dry-run")  # --lr given as a flag: not the file's
     assert result.exit_code == 1 and "--epochs 0.0 must be positive" in result.stderr and "--lr" not in result.stderr
     assert f"(epochs: set in --config {toml})" in result.stderr.replace("\n", "")
+    toml.write_text(f'data = "{gsm8k_dir}"\nval-size = 0\n')  # as run.json records it; named only when the
+    result = run_cli("train", "--config", toml, "--eval-every", "5", "--dry-run")  # problem is about it
+    assert result.exit_code == 1 and "--eval-every needs a validation split: --val-size N" in result.stderr
+    assert "set in --config" not in result.stderr
 
 
 def test_a_run_folder_as_config_points_at_its_run_json(tmp_path):

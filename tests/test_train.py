@@ -108,9 +108,10 @@ def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path
 ])
 def test_bad_flags(tiny_model, gsm8k_dir, tmp_path, flag, value, message):
     out = tmp_path / "run"
-    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, flag, value)
-    assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
-    assert not out.exists()
+    for dry_run in ((), ("--dry-run",)):  # a dry run refuses what the run would
+        result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, flag, value, *dry_run)
+        assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+        assert not out.exists()
 
 
 def test_a_missing_data_path_is_named_before_the_model_is_looked_for(tmp_path):

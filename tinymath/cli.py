@@ -566,7 +566,8 @@ def _refuse_unused_eval_options(ctx, comparing: bool, task: str, backend: str, m
     options), rather than silently dropped."""
     kind = "compare" if comparing else "retention" if task == "retention" else backend
     used, why = _EVAL_USES[kind]
-    given = {p.name: p.opts[0] for p in ctx.command.params
+    given = {p.name: (p.secondary_opts or p.opts)[0] if ctx.params.get(p.name) is False else p.opts[0]
+             for p in ctx.command.params  # named as typed: --no-calculator, not --calculator
              if p.name and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"}
     unused = [flag for name, flag in given.items() if name not in used]
     if unused:
@@ -574,6 +575,10 @@ def _refuse_unused_eval_options(ctx, comparing: bool, task: str, backend: str, m
     if "merge_base" in given and model is not None:
         raise TinymathError("--merge-base chooses the weights an --adapter run is merged into; with --model there is "
                             "nothing to merge: drop it")
+    prompt = [given[name] for name in ("format", "system_prompt") if name in given]
+    if prompt and ctx.params.get("protocol") is not None and ctx.params["protocol"].value == "lm-eval-gsm8k":
+        raise TinymathError(f"--protocol lm-eval-gsm8k asks in lm-eval's own 5-shot prompt; it does not use "
+                            f"{', '.join(prompt)}: drop {'it' if len(prompt) == 1 else 'them'}")
     if "quant" in given and adapter is not None:
         raise TinymathError("--quant chooses how a --model is loaded; an --adapter run is merged into its base "
                             "(--merge-base): drop --quant")

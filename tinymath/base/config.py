@@ -328,7 +328,9 @@ def _name_the_file(config: TrainConfig, from_file: list[str], config_file: str) 
     try:
         config.validate()
     except TinymathError as exc:
-        named = [k.replace("_", "-") for k in from_file if re.search(rf"--{k.replace('_', '-')}(?![\w-])", str(exc))]
+        problems = [line.removeprefix("  - ") for line in str(exc).splitlines()]  # one, or "several problems:"
+        named = [k.replace("_", "-") for k in from_file  # the setting a problem is about: the flag it starts with
+                 if any(re.match(rf"--{k.replace('_', '-')}(?![\w-])", line) for line in problems)]
         if not named:
             raise
         raise TinymathError(f"{exc}\n({', '.join(named)}: set in --config {config_file})") from None

@@ -90,8 +90,9 @@ def load_run(path: str | Path) -> RunInfo:
 
     path = Path(path)
     if path.is_file():
-        model = " (a model: eval and chat take it as --model)" if path.suffix in (".gguf", ".safetensors") else ""
-        raise TinymathError(f"{path} is a file, not a `tinymath train` run folder{model}")
+        hint = (" (a model: eval and chat take it as --model)" if path.suffix == ".gguf" else
+                f"; give the folder that holds it ({path.parent})" if (path.parent / RUN_FILE).is_file() else "")
+        raise TinymathError(f"{path} is a file, not a `tinymath train` run folder{hint}")
     if not path.is_dir():
         raise TinymathError(f"{path} does not exist; give a `tinymath train` output folder")
     missing = [name for name in (RUN_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).exists()]

@@ -7,6 +7,7 @@ examples are packed, does not change the math.
 from __future__ import annotations
 
 from tinymath.base.config import TrainConfig
+from tinymath.base.errors import TinymathError
 
 
 def pack_examples(examples: list[dict]):
@@ -71,6 +72,18 @@ def process_examples(examples: list[dict], index: int, processes: int) -> list[d
         tokens[owner[i]] += len(examples[i]["input_ids"])
         counts[owner[i]] += 1
     return [ex for ex, p in zip(examples, owner) if p == index]
+
+
+def check_micro_batch_tokens(config: TrainConfig, examples: list[dict]) -> None:
+    """A ``--micro-batch-tokens`` below the longest SFT example is refused: that example would make a
+    micro-batch of its own, larger than the size asked for (GRPO's solutions are not known yet)."""
+    if not (config.packing and config.micro_batch_tokens and config.method == "sft"):
+        return
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    if config.micro_batch_tokens < longest:
+        raise TinymathError(f"--micro-batch-tokens {config.micro_batch_tokens} is smaller than the longest training "
+                            f"example ({longest} tokens), and a micro-batch holds at least one whole example; give at "
+                            f"least {longest}, or leave it out to have it planned")
 
 
 def micro_batches(examples: list[dict], config: TrainConfig, pad_id: int, max_tokens: int | None = None):

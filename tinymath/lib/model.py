@@ -76,6 +76,14 @@ def _run_given_as_model(source: str, path: Path) -> str:
             "makes it a standalone model")
 
 
+def _prepared_for(path: Path) -> str:
+    try:
+        model = read_json_object(path / MANIFEST).get("model")
+    except (TinymathError, AttributeError):
+        model = None
+    return f"; it was prepared for the model {model}" if isinstance(model, str) else ""
+
+
 def resolve_source(source: str) -> str:
     """What ``from_pretrained`` should load for ``source``: a hub id or a local folder.
 
@@ -90,8 +98,8 @@ def resolve_source(source: str) -> str:
         if _is_run_folder(path):
             raise TinymathError(_run_given_as_model(source, path))
         if (path / MANIFEST).is_file():
-            raise TinymathError(f"--model {source} is a prepare-data output (training data), not a model; give it "
-                                "as --data")
+            raise TinymathError(f"--model {source} is a prepare-data output (training data), not a model"
+                                f"{_prepared_for(path)}")
         if not (path / "config.json").exists():
             raise TinymathError(f"--model {source} is a folder without config.json, so not a Hugging Face model")
         return str(path)

@@ -32,7 +32,13 @@ from tinymath.base.config import TrainConfig, parse_memory
 from tinymath.base.errors import Stopped, TinymathError
 from tinymath.base.progress import status_line
 from tinymath.base.runs import BEST, CHECKPOINTS, CONFIG_FILE, METRICS, RUN_FILE
-from tinymath.lib.batching import count_label_tokens, micro_batches, process_examples, to_device
+from tinymath.lib.batching import (
+    check_micro_batch_tokens,
+    count_label_tokens,
+    micro_batches,
+    process_examples,
+    to_device,
+)
 from tinymath.lib.distributed import peers_lost_as_error
 from tinymath.lib.speed import eager, inference_mode
 
@@ -165,6 +171,7 @@ class Trainer:
         self.train_examples = self.splits["train"]
         if not self.train_examples:
             raise TinymathError(f"--data {config.data} has no training examples")
+        check_micro_batch_tokens(config, self.train_examples)
         self.val_rows = self.splits.get("validation", [])[:config.eval_limit] if config.eval_every else []
         self.pad_id = self.tokenizer.pad_token_id
 
@@ -226,11 +233,6 @@ class Trainer:
         if len(self.train_examples) < world:  # a process with nothing to train on would wait on the others forever
             raise TinymathError(f"--data has {len(self.train_examples)} training example(s), fewer than the "
                                 f"{world} processes launched: each needs at least one; launch fewer processes")
-        longest = max(len(ex["input_ids"]) for ex in self.train_examples)
-        if config.packing and config.micro_batch_tokens and config.method == "sft" and config.micro_batch_tokens < longest:
-            raise TinymathError(f"--micro-batch-tokens {config.micro_batch_tokens} is smaller than the longest "
-                                f"training example ({longest} tokens), which could not keep to it; give at least "
-                                f"{longest}, or leave it out to have it planned")
         per_step, steps_per_epoch, total = step_counts(len(self.train_examples), config, world)
         warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * total))
         plan = RunPlan(world, per_step, steps_per_epoch, total, warmup, config.micro_batch_tokens,

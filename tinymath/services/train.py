@@ -107,7 +107,7 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     from accelerate import PartialState
 
     from tinymath.base.runs import plan_train_output
-    from tinymath.lib.batching import count_label_tokens
+    from tinymath.lib.batching import check_micro_batch_tokens, count_label_tokens
     from tinymath.lib.gsm8k import load_training_data
     from tinymath.lib.model import load_tokenizer
     from tinymath.lib.trainer import step_counts
@@ -122,6 +122,7 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
         refused = str(exc)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     splits, _, settings = load_training_data(config, tokenizer)
+    check_micro_batch_tokens(config, splits["train"])
     per_step, steps_per_epoch, total = step_counts(len(splits["train"]), config, PartialState().num_processes)
     return {"config": {**asdict(config), **settings},
             "data": {name: {"examples": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
