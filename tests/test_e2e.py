@@ -46,6 +46,15 @@ def test_full_pipeline_on_real_weights(smollm2_gguf, real_gsm8k, tmp_path):
     modelfile = (tmp_path / "merged16" / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "<|im_start|>assistant" in modelfile and "{{ .Prompt }}" in modelfile
+    # the chat template's own system text is Ollama's SYSTEM (replaceable), and with it the prompt is the trained one
+    from tinymath.base.prompts import build_prompt
+    from tinymath.lib.model import load_tokenizer
+
+    template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
+    system = modelfile.split('SYSTEM """')[1].split('"""')[0]
+    assert "{{ .System }}" in template and system
+    trained = build_prompt(load_tokenizer(str(run), run=True), "{{ .Prompt }}", "chat", None)
+    assert template.replace("{{ .System }}", system) == trained
     exported = tmp_path / "exported" / "model-f16.gguf"
     exported.parent.mkdir()
     (tmp_path / "merged16" / "model-f16.gguf").rename(exported)

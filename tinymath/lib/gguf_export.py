@@ -194,13 +194,31 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, gguf_type: str, title
     return path
 
 
-def modelfile(gguf_name: str, tokenizer, fmt: str, system_prompt: str | None) -> str:
-    """An Ollama Modelfile: the weights, the prompt format as a template, the stop tokens and the
-    run's system prompt."""
+def _template_and_system(tokenizer, fmt: str, system_prompt: str | None) -> tuple[str, str | None]:
+    """The Modelfile's prompt template, with the system text as ``{{ .System }}`` where the format
+    has one, and the SYSTEM it defaults to: the run's system prompt, else the text the chat template
+    puts there by itself (SmolLM2's "You are a helpful AI assistant ..."), so the prompt is the one
+    trained on and ``ollama run`` can still replace the system text."""
     from tinymath.base.prompts import build_prompt
 
-    system = "{{ .System }}" if system_prompt else None
-    template = build_prompt(tokenizer, "{{ .Prompt }}", fmt, system)
+    if system_prompt:
+        return build_prompt(tokenizer, "{{ .Prompt }}", fmt, "{{ .System }}"), system_prompt
+    plain = build_prompt(tokenizer, "{{ .Prompt }}", fmt, None)
+    mark = "\x00tinymath-system\x00"
+    marked = build_prompt(tokenizer, "{{ .Prompt }}", fmt, mark)
+    if marked.count(mark) == 1:
+        before, after = marked.split(mark)
+        default = plain[len(before):len(plain) - len(after)] if plain.startswith(before) and plain.endswith(after) \
+            and len(plain) > len(before) + len(after) else None
+        if default:  # the template's own system text sits exactly where a system prompt goes
+            return f"{before}{{{{ .System }}}}{after}", default
+    return plain, None
+
+
+def modelfile(gguf_name: str, tokenizer, fmt: str, system_prompt: str | None) -> str:
+    """An Ollama Modelfile: the weights, the prompt format as a template, the stop tokens and the
+    system text (`_template_and_system`)."""
+    template, system_prompt = _template_and_system(tokenizer, fmt, system_prompt)
     stops = [tokenizer.eos_token] + (["### Instruction:"] if fmt == "instruction" else [])
     for what, text, fix in (("the run's system prompt", system_prompt, "or use a system prompt without it"),
                             ("the model's chat template", template, "then convert the merged folder with "
