@@ -64,24 +64,27 @@ def _is_run_folder(path: Path) -> bool:
     return (path / RUN_FILE).exists() and not (path / "config.json").exists()
 
 
+def _recorded_model(record: Path) -> str | None:
+    """The ``model`` a run.json or prepare-data manifest names, if it can be read (for messages)."""
+    try:
+        model = read_json_object(record).get("model")
+    except TinymathError:
+        return None
+    return model if isinstance(model, str) else None
+
+
 def _run_given_as_model(source: str, path: Path) -> str:
     """What to say when a `tinymath train` run folder is given where a model belongs."""
-    try:
-        base = read_json_object(path / RUN_FILE).get("model")
-    except (TinymathError, AttributeError):
-        base = None
-    base_hint = f"; its base model is {base}" if isinstance(base, str) else ""
+    base = _recorded_model(path / RUN_FILE)
+    base_hint = f"; its base model is {base}" if base else ""
     return (f"--model {source} is a tinymath training run (a LoRA adapter), not a model{base_hint}. eval and chat "
             f"take it as --adapter {source}, train --method grpo as --init-adapter {source}, and merge-adapters "
             "makes it a standalone model")
 
 
 def _prepared_for(path: Path) -> str:
-    try:
-        model = read_json_object(path / MANIFEST).get("model")
-    except (TinymathError, AttributeError):
-        model = None
-    return f"; it was prepared for the model {model}" if isinstance(model, str) else ""
+    model = _recorded_model(path / MANIFEST)
+    return f"; it was prepared for the model {model}" if model else ""
 
 
 def resolve_source(source: str) -> str:
