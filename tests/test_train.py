@@ -105,6 +105,9 @@ def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path
     ("--lr", "-1", "--lr -1"),
     ("--max-steps", "0", "--max-steps 0"),
     ("--micro-batch-tokens", "8", "is smaller than the longest training example"),  # could not keep to it
+    # PEFT would quietly skip the misspelt name and train q_proj alone
+    ("--target-modules", "q_proj,v_prj", "the model has no linear layer named v_prj; its linear layers are "
+                                         "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
 ])
 def test_bad_flags(tiny_model, gsm8k_dir, tmp_path, flag, value, message):
     out = tmp_path / "run"

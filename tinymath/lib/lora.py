@@ -30,14 +30,38 @@ def original_base_quant(run: RunInfo, merge_base: str) -> str:
 MERGE_BASES = {"dequantized": merge_base_quant, "original": original_base_quant}
 
 
+def target_module_names(target_modules: str | list[str]) -> str | list[str]:
+    """``--target-modules`` as PEFT takes it: ``all-linear``, or the list of comma-separated names."""
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        return [name.strip() for name in target_modules.split(",") if name.strip()]
+    return target_modules
+
+
 def get_lora_config(r: int, alpha: float, dropout: float, target_modules: str | list[str]):
     """The PEFT LoraConfig; ``target_modules="all-linear"`` means every linear layer but the LM head."""
     from peft import LoraConfig
 
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [name.strip() for name in target_modules.split(",") if name.strip()]
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_module_names(target_modules),
                       bias="none", task_type="CAUSAL_LM")
+
+
+def check_target_modules(model, target_modules) -> None:
+    """Every name in ``target_modules`` (a list or set; ``all-linear`` passes) names a linear layer
+    of ``model``, as PEFT matches them (the module's name, or a dotted tail of it): PEFT itself only
+    refuses a list where no name matches, and quietly skips a misspelt one among right ones.
+    ``model`` may be `tinymath.lib.model.model_skeleton`'s weightless copy."""
+    import torch
+
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return
+        target_modules = [target_modules]
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise TinymathError(f"--target-modules: the model has no linear layer named {', '.join(sorted(missing))}; "
+                            f"its linear layers are {', '.join(names)} (or give all-linear)")
 
 
 def attach_lora(model, lora_config, gradient_checkpointing: bool = False, base_name: str | None = None):
@@ -50,6 +74,7 @@ def attach_lora(model, lora_config, gradient_checkpointing: bool = False, base_n
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    check_target_modules(model, lora_config.target_modules)
     try:
         peft_model = get_peft_model(model, lora_config)
     except ValueError as exc:  # e.g. target modules that the model does not have

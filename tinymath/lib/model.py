@@ -326,6 +326,21 @@ def load_base_model(source: str, quant: str = "nf4", dtype=None, device: str | N
     return model
 
 
+def model_skeleton(source: str, trust_remote_code: bool = False):
+    """The model's layers without their weights (on PyTorch's meta device): its module names and
+    shapes from its config alone, for checks that should not wait for a load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = resolve_source(source)
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # missing files, unknown architectures, remote code refused
+        raise TinymathError(f"could not load model {source}: {missing_files_reason(exc)}") from exc
+
+
 def model_fingerprint(model) -> dict:
     """Enough of a model's config to tell two base models apart (checked when an adapter is loaded)."""
     cfg = model.config

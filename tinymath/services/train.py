@@ -100,7 +100,7 @@ def _agree_on_claim(state, refusal: TinymathError | None) -> None:
 
 
 def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
-    """The resolved config and what the data amounts to, without loading the model; and
+    """The resolved config and what the data amounts to, without loading the model's weights; and
     (``out_refused``) why the real run would refuse its ``--out``, if it would."""
     from dataclasses import asdict
 
@@ -109,7 +109,8 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     from tinymath.base.runs import plan_train_output
     from tinymath.lib.batching import check_micro_batch_tokens, count_label_tokens
     from tinymath.lib.gsm8k import load_training_data
-    from tinymath.lib.model import load_tokenizer
+    from tinymath.lib.lora import check_target_modules, target_module_names
+    from tinymath.lib.model import load_tokenizer, model_skeleton
     from tinymath.lib.trainer import step_counts
 
     config.validate()
@@ -121,6 +122,9 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     except TinymathError as exc:
         refused = str(exc)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    if config.target_modules != "all-linear":
+        check_target_modules(model_skeleton(config.model, config.trust_remote_code),
+                             target_module_names(config.target_modules))
     splits, _, settings = load_training_data(config, tokenizer)
     check_micro_batch_tokens(config, splits["train"])
     per_step, steps_per_epoch, total = step_counts(len(splits["train"]), config, PartialState().num_processes)
