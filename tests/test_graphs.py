@@ -206,9 +206,10 @@ def test_fused_kernels_asked_for_without_a_gpu_is_a_clear_error(tiny_model, gsm8
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
     # refused before anything is loaded: a model that is not there is not even looked for
-    result = run_cli("train", "--data", gsm8k_dir, "--model", tmp_path / "missing", "--out", tmp_path / "run",
-                     "--fused-kernels")
-    assert result.exit_code == 1 and "--fused-kernels: they run on a GPU only" in result.stderr
+    for dry_run in ((), ("--dry-run",)):  # and a dry run says what the run would
+        result = run_cli("train", "--data", gsm8k_dir, "--model", tmp_path / "missing", "--out", tmp_path / "run",
+                         "--fused-kernels", *dry_run)
+        assert result.exit_code == 1 and "--fused-kernels: they run on a GPU only" in result.stderr
 
 
 def test_compiling_pays_later_where_fused_kernels_can_run():

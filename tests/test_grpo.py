@@ -236,6 +236,12 @@ def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
         assert not out.exists()
         return result.stderr
 
+    def refused_data(data, *extra):
+        result = run_cli("train", "--method", "grpo", "--data", data, "--init-adapter", sft_run, "--out",
+                         tmp_path / "rl", *RL, "--max-steps", "1", *extra)
+        assert result.exit_code == 1 and not (tmp_path / "rl").exists()
+        return " ".join(result.stderr.split())
+
     assert "at least 2" in refused("--init-adapter", sft_run, "--samples", "1")
     assert "not a tinymath training run" in refused("--init-adapter", tmp_path)
     other = build_tiny_model(tmp_path / "other", seed=1)
@@ -251,6 +257,10 @@ def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
     mismatch = run_cli("train", "--method", "grpo", "--data", prep, "--init-adapter", sft_run, "--out",
                        tmp_path / "rl", *RL, "--max-steps", "1")  # no --format given: the run's prompt is meant
     assert mismatch.exit_code == 1 and "was prepared with format instruction, but --init-adapter" in mismatch.stderr
+    prep = tmp_path / "prep-run-format"  # a length of the user's own is theirs, not the run's
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", json.loads((Path(sft_run) / "run.json").read_text())
+                   ["model"], "--out", prep).exit_code == 0
+    assert "--max-length 300 contradicts the prepared data" in refused_data(prep, "--max-length", "300")
     run_model = json.loads((Path(sft_run) / "run.json").read_text())["model"]
     relative = os.path.relpath(run_model)  # the run's own base, given relative: no clash
     dry = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--model", relative, "--data", gsm8k_dir,

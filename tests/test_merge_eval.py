@@ -190,6 +190,11 @@ def test_eval_bad_input(tiny_model, gsm8k_dir, tmp_path):
     (tmp_path / "starting" / "train_config.json").write_text("{}")
     result = run_cli("eval", "--adapter", tmp_path / "starting", "--data", gsm8k_dir)
     assert result.exit_code == 1 and "has not finished and has no checkpoint yet" in result.stderr
+    result = run_cli("eval", "--model", tmp_path / "starting", "--data", gsm8k_dir)  # also not a model
+    assert result.exit_code == 1 and "is a tinymath training run (a LoRA adapter), not a model" in result.stderr
+    (tmp_path / "run" / "checkpoints").mkdir()  # finished (run.json), checkpoints kept, adapter files lost:
+    result = run_cli("eval", "--adapter", tmp_path / "run", "--data", gsm8k_dir)  # not "continue it with --resume"
+    assert result.exit_code == 1 and "is a finished training run missing adapter_config.json" in result.stderr
     result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 0)
     assert result.exit_code == 1 and "--limit 0" in result.stderr
     result = run_cli("eval", "--model", tmp_path / "nothing", "--data", gsm8k_dir)

@@ -70,6 +70,8 @@ def test_refusals(tiny_model, tmp_path):
     assert "Traceback" not in result.output
     result = run_cli("evaluate", "--task", "retention", "--model", tiny_model)
     assert result.exit_code == 1 and "needs --base" in result.stderr
+    result = run_cli("eval", "--task", "retention", "--model", tiny_model, "--base", tmp_path / "typo", "--limit", 2)
+    assert result.exit_code == 1 and f"--base {tmp_path / 'typo'} does not exist" in result.stderr
 
 
 def test_retention_recorded_while_training(tiny_model, gsm8k_dir, tmp_path):

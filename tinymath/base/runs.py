@@ -96,12 +96,15 @@ def load_run(path: str | Path) -> RunInfo:
     if not path.is_dir():
         raise TinymathError(f"{path} does not exist; give a `tinymath train` output folder")
     missing = [name for name in (RUN_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).exists()]
-    if missing and (path / CHECKPOINTS).is_dir():
+    if is_unfinished_run(path):
         raise TinymathError(f"{path} is a training run that has not finished (it has checkpoints but no {RUN_FILE}); "
                             f"continue it with `tinymath train --resume {path}`, or give a finished run")
     if RUN_FILE in missing and (path / CONFIG_FILE).is_file():
         raise TinymathError(f"{path} is a training run that has not finished and has no checkpoint yet (it may "
                             "still be training); give it once it is done, or a finished run")
+    if missing and RUN_FILE not in missing:  # finished, then something taken away
+        raise TinymathError(f"{path} is a finished training run missing {', '.join(missing)}; copy the whole run "
+                            "folder again")
     if missing:
         model = (" (it is a model folder, already standalone: eval and chat take it as --model)"
                  if (path / "config.json").is_file() else "")
@@ -140,6 +143,11 @@ def keep_metrics_until(run: str | Path, step: int) -> None:
 
 
 # ---------------------------------------------------------------- train's output folder
+
+
+def is_unfinished_run(folder: Path) -> bool:
+    """A run stopped before its end (Ctrl-C, a crash): checkpoints to resume from, no ``run.json`` yet."""
+    return (folder / CHECKPOINTS).is_dir() and not (folder / RUN_FILE).exists()
 
 
 def is_tinymath_run(folder: Path) -> bool:
@@ -182,8 +190,7 @@ def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOu
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return TrainOutput(live=out, final=out)
     if not overwrite:
-        resumable = (out / CHECKPOINTS).is_dir() and not (out / RUN_FILE).exists()
-        hint = f", or --resume {out} to continue it" if resumable else ""
+        hint = f", or --resume {out} to continue it" if is_unfinished_run(out) else ""
         raise TinymathError(f"--out {out} already exists and is not empty; pass --overwrite to replace it{hint}")
     if not is_tinymath_run(out):
         raise TinymathError(f"--out {out} is not a training run (no {RUN_FILE} of a run); --overwrite replaces "

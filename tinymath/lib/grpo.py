@@ -118,7 +118,7 @@ class GRPOTrainer(Trainer):
     def _check_init_tokenizer(self) -> None:
         from tinymath.lib.model import load_tokenizer
 
-        theirs = load_tokenizer(self.config.init_adapter, run=True)
+        theirs = load_tokenizer(self.config.init_adapter, self.config.trust_remote_code, run=True)
         if len(theirs) != len(self.tokenizer) or theirs.eos_token != self.tokenizer.eos_token:
             raise TinymathError(f"--init-adapter {self.config.init_adapter} was trained with another tokenizer "
                                 f"({len(theirs)} tokens, EOS {theirs.eos_token!r}) than --model {self.config.model} "

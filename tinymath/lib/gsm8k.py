@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tinymath.base.config import DEFAULT_DATA, val_size_problems
+from tinymath.base.config import DEFAULT_DATA, INIT_KEYS, val_size_problems
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
 from tinymath.base.files import (DATA_SUFFIXES, check_local_source, read_json, read_json_object, read_jsonl,
                                   split_file)
@@ -275,7 +275,7 @@ def load_training_data(config, tokenizer) -> tuple[dict[str, list[dict]], dict, 
     settings = {key: manifest.get(key) for key in ("format", "system_prompt", "max_length", "calc_annotations")}
     for key, saved in settings.items():
         given = getattr(config, key)
-        if given is not None and given != saved and getattr(config, "init_adapter", None):
+        if given is not None and given != saved and getattr(config, "init_adapter", None) and key in INIT_KEYS:
             raise TinymathError(f"--data {config.data} was prepared with {key} {saved}, but --init-adapter "
                                 f"{config.init_adapter} was trained with {given}; prepare the data as that run's was")
         if given is not None and given != saved:

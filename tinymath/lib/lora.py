@@ -111,7 +111,7 @@ def load_adapted_model(run: RunInfo, merge_base: str = "dequantized", dtype=None
                             "(the adapter is checked against it)")
     try:
         base = load_base_model(run.base_model, quant=quant, dtype=load_dtype, device=device,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, flag=f"its {RUN_FILE}'s model")
     except TinymathError as exc:
         raise TinymathError(f"the base model of run {run.path} cannot be loaded: {exc}") from exc
     if quant != "none":

@@ -18,7 +18,7 @@ from pathlib import Path
 from tinymath.base.errors import TinymathError
 from tinymath.base.files import MODEL_SUFFIXES, check_local_source, read_json_object
 from tinymath.base.quantization import QUANTIZATIONS
-from tinymath.base.runs import MANIFEST, RUN_FILE
+from tinymath.base.runs import CONFIG_FILE, MANIFEST, RUN_FILE
 from tinymath.lib.distributed import default_device
 from tinymath.lib.hub import missing_files_reason, offline_unless_reachable
 
@@ -61,7 +61,8 @@ def touch(folder: Path) -> None:
 
 
 def _is_run_folder(path: Path) -> bool:
-    return (path / RUN_FILE).exists() and not (path / "config.json").exists()
+    """A `tinymath train` output, finished (run.json) or not (train_config.json): not a model folder."""
+    return ((path / RUN_FILE).exists() or (path / CONFIG_FILE).exists()) and not (path / "config.json").exists()
 
 
 def _recorded_model(record: Path) -> str | None:
@@ -73,11 +74,11 @@ def _recorded_model(record: Path) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def _run_given_as_model(source: str, path: Path) -> str:
+def _run_given_as_model(source: str, path: Path, flag: str = "--model") -> str:
     """What to say when a `tinymath train` run folder is given where a model belongs."""
-    base = _recorded_model(path / RUN_FILE)
+    base = _recorded_model(path / RUN_FILE) or _recorded_model(path / CONFIG_FILE)
     base_hint = f"; its base model is {base}" if base else ""
-    return (f"--model {source} is a tinymath training run (a LoRA adapter), not a model{base_hint}. eval and chat "
+    return (f"{flag} {source} is a tinymath training run (a LoRA adapter), not a model{base_hint}. eval and chat "
             f"take it as --adapter {source}, train --method grpo as --init-adapter {source}, and merge-adapters "
             "makes it a standalone model")
 
@@ -87,26 +88,27 @@ def _prepared_for(path: Path) -> str:
     return f"; it was prepared for the model {model}" if model else ""
 
 
-def resolve_source(source: str) -> str:
+def resolve_source(source: str, flag: str = "--model") -> str:
     """What ``from_pretrained`` should load for ``source``: a hub id or a local folder.
 
-    Raises a clear error for a path that does not exist or a folder that is not a model.
+    Raises a clear error for a path that does not exist or a folder that is not a model, naming
+    ``source`` as the option it came from (``flag``).
     """
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".gguf":
             return str(gguf_to_folder(path))
-        raise TinymathError(f"--model {source} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
+        raise TinymathError(f"{flag} {source} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
     if path.is_dir():
         if _is_run_folder(path):
-            raise TinymathError(_run_given_as_model(source, path))
+            raise TinymathError(_run_given_as_model(source, path, flag))
         if (path / MANIFEST).is_file():
-            raise TinymathError(f"--model {source} is a prepare-data output (training data), not a model"
+            raise TinymathError(f"{flag} {source} is a prepare-data output (training data), not a model"
                                 f"{_prepared_for(path)}")
         if not (path / "config.json").exists():
-            raise TinymathError(f"--model {source} is a folder without config.json, so not a Hugging Face model")
+            raise TinymathError(f"{flag} {source} is a folder without config.json, so not a Hugging Face model")
         return str(path)
-    check_local_source("--model", source, MODEL_SUFFIXES)
+    check_local_source(flag, source, MODEL_SUFFIXES)
     offline_unless_reachable()
     return source  # a hub id
 
@@ -303,13 +305,14 @@ def get_quantization_config(quant: str, dtype):
 
 
 def load_base_model(source: str, quant: str = "nf4", dtype=None, device: str | None = None,
-                    trust_remote_code: bool = False):
-    """Load a causal LM from ``source``: NF4-quantized (default) or in ``dtype`` (default: `compute_dtype`)."""
+                    trust_remote_code: bool = False, flag: str = "--model"):
+    """Load a causal LM from ``source``: NF4-quantized (default) or in ``dtype`` (default: `compute_dtype`);
+    ``flag``: the option ``source`` came from, for messages."""
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     dtype = dtype or compute_dtype(device)
-    resolved = resolve_source(source)
+    resolved = resolve_source(source, flag)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device})
     quantization = get_quantization_config(quant, dtype)
     if quantization is not None:

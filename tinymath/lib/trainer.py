@@ -274,7 +274,7 @@ class Trainer:
         finished = self._finished_steps()
         if finished is not None and not any((self.out / CHECKPOINTS).glob("step-*")):
             raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}) and, "
-                                "trained without --save-every, kept no checkpoint to continue from; to train "
+                                "kept no checkpoint to continue from (--save-every below its length keeps one); to train "
                                 f"longer, start a new run: tinymath train --config {self.out / RUN_FILE} --out NEW "
                                 "--max-steps N (or --epochs N)")
         if finished is not None and finished >= self.plan.total_steps:

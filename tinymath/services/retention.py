@@ -56,7 +56,7 @@ def evaluate_retention(model: str | None = None, adapter: str | None = None, bas
             raise TinymathError("--task retention with --model needs --base (the model it was tuned from)")
         base = run.base_model
     tuned = load_for_inference(model, adapter, trust_remote_code=trust_remote_code)
-    base_model = load_base_model(base, quant="none", trust_remote_code=trust_remote_code).eval()
+    base_model = load_base_model(base, quant="none", trust_remote_code=trust_remote_code, flag="--base").eval()
     found = model_fingerprint(base_model)
     expected = run.config.get("base_fingerprint") if run else model_fingerprint(tuned.model)
     if expected and any(expected.get(k) != found.get(k) for k in expected):
@@ -122,7 +122,7 @@ def _run_lm_eval(base: str, tuned, tasks: str) -> dict:
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     results = {}
-    for label, model in (("base", load_base_model(base, quant="none")), ("tuned", tuned.model)):
+    for label, model in (("base", load_base_model(base, quant="none", flag="--base")), ("tuned", tuned.model)):
         try:
             out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tuned.tokenizer), tasks=names)
         except (OSError, ConnectionError, ValueError, KeyError) as exc:  # an unknown task, no hub, no dataset

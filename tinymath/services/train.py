@@ -29,18 +29,12 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
 
     ``resume``: continue the run in ``config.out`` from its latest intact checkpoint.
     """
-    from tinymath.base.errors import choice, raise_if_problems
     from tinymath.base.files import check_writable, sigterm_as_interrupt
     from tinymath.base.runs import plan_train_output
-    from tinymath.lib.distributed import default_device, peers_lost_as_error, process_state
+    from tinymath.lib.distributed import peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
-    from tinymath.lib.speed import check_fused_kernels_asked
 
-    config.validate()
-    raise_if_problems(choice("--method", config.method, METHODS))
-    _check_reporter(config)
-    check_fused_kernels_asked(config, default_device())
-    _check_sources(config)
+    _preflight(config)
     output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
     check_writable(output.live.absolute().parent, named=output.final)
     if resume and not output.live.is_dir():
@@ -58,6 +52,21 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     finally:
         trainer.restore_process()  # a model built later in this process (an evaluation's, say) is plain
     return summary
+
+
+def _preflight(config: TrainConfig) -> None:
+    """What the run and its dry run refuse before anything is loaded: the settings, the method, the
+    tracker, fused kernels where they cannot run, and the local sources."""
+    from tinymath.base.errors import choice, raise_if_problems
+    from tinymath.lib.distributed import default_device
+    from tinymath.lib.grpo import METHODS
+    from tinymath.lib.speed import check_fused_kernels_asked
+
+    config.validate()
+    raise_if_problems(choice("--method", config.method, METHODS))
+    _check_reporter(config)
+    check_fused_kernels_asked(config, default_device())
+    _check_sources(config)
 
 
 def _check_sources(config: TrainConfig) -> None:
@@ -113,9 +122,7 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     from tinymath.lib.model import load_tokenizer, model_skeleton
     from tinymath.lib.trainer import step_counts
 
-    config.validate()
-    _check_reporter(config)
-    _check_sources(config)
+    _preflight(config)
     try:
         plan_train_output(config.out, config.overwrite, resume)
         refused = None
