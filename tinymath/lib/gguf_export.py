@@ -220,7 +220,7 @@ def modelfile(gguf_name: str, tokenizer, fmt: str, system_prompt: str | None) ->
     system text (`_template_and_system`)."""
     template, system_prompt = _template_and_system(tokenizer, fmt, system_prompt)
     stops = [tokenizer.eos_token] + (["### Instruction:"] if fmt == "instruction" else [])
-    for what, text, fix in (("the run's system prompt", system_prompt, "or use a system prompt without it"),
+    for what, text, fix in (("the system prompt", system_prompt, "or use a system prompt without it"),
                             ("the model's chat template", template, "then convert the merged folder with "
                                                                      "llama.cpp's convert_hf_to_gguf.py")):
         if text and '"""' in text:  # Ollama's parser ends a """-quoted value at the first """ it meets

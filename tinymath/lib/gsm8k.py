@@ -233,7 +233,8 @@ def tokenize_split(rows: list[dict], tokenizer, fmt: str, system_prompt: str | N
 
 
 def is_prepared(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).exists()
+    """Whether ``path`` is a prepare-data output (its manifest is there)."""
+    return (Path(path).expanduser() / MANIFEST).exists()
 
 
 def load_prepared(path: str | Path):
