@@ -106,7 +106,7 @@ def test_a_checkpoint_saved_after_a_damaged_newer_one_is_the_one_kept(tiny_model
 
 def test_sigterm_while_the_run_sets_up_leaves_nothing_behind(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     """SIGTERM (a scheduler's stop, `kill`) while the model loads: the command ends as interrupted
-    and the run folder it created is gone, not left holding a lock and nothing to resume."""
+    (exit 143, as shells expect) and the run folder it created is gone, not left holding a lock and nothing to resume."""
     from tinymath.lib import trainer
 
     load = trainer.Trainer._load_model
@@ -118,7 +118,7 @@ def test_sigterm_while_the_run_sets_up_leaves_nothing_behind(tiny_model, gsm8k_d
     monkeypatch.setattr(trainer.Trainer, "_load_model", terminated_while_loading)
     out = tmp_path / "run"
     result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "3")
-    assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
+    assert result.exit_code == 143 and "stopped by SIGTERM" in result.stderr, result.output  # 128 + SIGTERM
     assert not out.exists()
 
 
@@ -530,3 +530,30 @@ def test_the_cache_keeps_the_most_recently_used_gguf_conversions(tmp_path, monke
     extra.write_bytes(b"GGUF" + b"x" * 4096)
     model.gguf_to_folder(extra)
     assert folders[2].exists()
+
+
+def test_ctrl_c_under_two_processes_is_reported_once_with_the_launch_that_resumes(tiny_model, gsm8k_dir, tmp_path):
+    """Ctrl-C reaches every process of a launch: the stop is said once (the first process's), and
+    the command it gives to continue is the two-process launch a resume needs."""
+    import os
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tinymath",
+           "train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--out", str(out), *COMMON,
+           "--max-steps", "200", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the launcher and both processes
+    _, stderr = proc.communicate(timeout=120)
+    ours = stderr.split("Traceback")[0]  # the launcher's own report of the signal follows
+    assert ours.count("stopped by SIGINT after step") == 1, stderr[-3000:]
+    assert f"Continue with: accelerate launch --num_processes 2 -m tinymath train --resume {out}" in \
+        " ".join(ours.split())
+    assert "interrupted" not in ours
+    assert list((out / "checkpoints").glob("step-*/adapter_model.safetensors"))

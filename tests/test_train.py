@@ -332,6 +332,54 @@ def test_when_the_first_machine_cannot_claim_the_folder_every_machine_says_so(ti
     assert not any("Traceback" in err for err in ours), ours
 
 
+def test_a_folder_one_machine_lacks_stops_both_machines_with_its_reason(tiny_model, gsm8k_dir, tmp_path):
+    """Every process joins the launch before it checks its files: a machine without the data says
+    so, and the other stops at once naming that reason, instead of waiting to meet it (train, and
+    eval likewise)."""
+    missing = tmp_path / "not-on-this-machine"
+    for lacking in (1, 0):
+        for command in (["train", "--model", str(tiny_model), "--quant", "none", "--max-steps", "2", "--batch-size",
+                         "2", "--out", str(tmp_path / f"run{lacking}")],
+                        ["eval", "--model", str(tiny_model), "--limit", "2", "--max-new-tokens", "4"]):
+            port = _free_port()
+            nodes = [_launch(n, 2, port, *command, "--data", str(missing if n == lacking else gsm8k_dir))
+                     for n in (0, 1)]
+            errors = [node.communicate(timeout=240)[1] for node in nodes]
+            assert [node.returncode for node in nodes] == [1, 1], errors
+            said = f"--data {missing} does not exist"
+            assert said in errors[lacking]
+            assert f"process {lacking} of this launch refused to start ({said}" in errors[1 - lacking], errors
+            ours = [err.split("torch/distributed/elastic")[0] for err in errors]
+            assert not any("Traceback" in err for err in ours), ours
+        assert not (tmp_path / f"run{lacking}").exists()
+
+
+def test_a_launch_that_started_one_process_of_several_is_refused(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """``accelerate launch --num_processes 2`` without --multi_gpu, on a machine with fewer than two
+    GPUs, runs one plain process (it sets the rendezvous address, no WORLD_SIZE): refused, with
+    the flag that launches them all, instead of a quiet one-process run."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "run", "--max-steps", 1)
+    assert result.exit_code == 1 and "add --multi_gpu to the launch" in result.stderr, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dry_run_under_two_processes_counts_both_and_reports_once(tiny_model, gsm8k_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tinymath"]
+    done = subprocess.run([*launch, "train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--batch-size", "2",
+                           "--out", str(tmp_path / "run"), "--dry-run", "--json"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and reports[0]["examples_per_step"] == 4
+
+
 def test_a_process_that_dies_ends_the_others_promptly_with_one_message(tiny_model, gsm8k_dir, tmp_path):
     """Killing the process of one machine mid-run: the other machine's process exits within seconds
     with one tinymath message (not a traceback), instead of waiting on a collective."""

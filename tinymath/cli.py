@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tinymath.base.config import DEFAULT_DATA, DEFAULT_MODEL, TrainConfig
-from tinymath.base.errors import TinymathError
+from tinymath.base.errors import Terminated, TinymathError
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import PREDICTIONS
@@ -150,7 +150,8 @@ def command(fn):
         try:
             return fn(*args, **kwargs)
         except TinymathError as exc:
-            _print_error(str(exc))
+            if not (exc.every_process and _launched_rank()):  # said once, by the first process (rank 0)
+                _print_error(str(exc))
             raise typer.Exit(exc.exit_code)
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:  # a path given on the command line: the user's to shorten
@@ -161,11 +162,26 @@ def command(fn):
             _print_error(f"{exc.filename or 'an output file'}: {exc.strerror}; nothing was left half-written, "
                          "free some space or choose another --out and run the command again")
             raise typer.Exit(1)
+        except Terminated:
+            if _launched_rank() is None:
+                err_console.print("[yellow]stopped by SIGTERM[/yellow]")
+            else:  # another process failed, and the launcher stops the rest
+                err_console.print("[yellow]stopped by SIGTERM[/yellow], which a launcher sends every process "
+                                  "once one of them has failed: that process's error says why", soft_wrap=True)
+            raise typer.Exit(143)
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/yellow]")
+            if not _launched_rank():  # Ctrl-C reaches every process of a launch: said once
+                err_console.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130)
 
     return wrapper
+
+
+def _launched_rank() -> int | None:
+    """This process's rank under ``accelerate launch`` or torchrun (None: a plain command)."""
+    import os
+
+    return int(os.environ["RANK"]) if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ else None
 
 
 def _print_error(message: str) -> None:
@@ -303,12 +319,10 @@ def train_cmd(
         from tinymath.services.train import dry_run_report
 
         report = dry_run_report(resolved, resume=resume is not None)
-        if json_out:
-            _print_json(report)
-        else:
-            out_console.print_json(data=report)
+        if not _launched_rank():  # under a launcher: one report, the first process's
+            _print_json(report) if json_out else out_console.print_json(data=report)
         if report["out_refused"]:  # the report is still printed; the exit status says the run would not start
-            raise TinymathError(f"the run itself would stop here: {report['out_refused']}")
+            raise TinymathError(f"the run itself would stop here: {report['out_refused']}", every_process=True)
         return
     from tinymath.lib.distributed import end_processes, process_state
     from tinymath.services.train import train

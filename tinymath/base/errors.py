@@ -8,21 +8,32 @@ SIGTERM (`Stopped`), as shells expect (a malformed command line, such as an unkn
 
 
 class TinymathError(Exception):
-    """A user-facing error: bad flag, bad file, missing model. The message says how to fix it."""
+    """A user-facing error: bad flag, bad file, missing model. The message says how to fix it.
+    ``every_process``: under several processes, each raises the same one, and only the first
+    process's is printed."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", every_process: bool = False):
+        super().__init__(message)
+        self.every_process = every_process
 
 
 class Stopped(TinymathError):
     """A run stopped by a signal (Ctrl-C, SIGTERM) after saving what it had; the message says how
     to continue."""
 
-    def __init__(self, message: str, signal_name: str):
+    def __init__(self, message: str, signal_name: str, every_process: bool = False):
         import signal
 
-        super().__init__(message)
+        super().__init__(message, every_process)
         number = getattr(signal.Signals, signal_name, None)  # None for "a signal" (another process's)
         self.exit_code = 128 + int(number) if number is not None else 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be (`tinymath.base.files.sigterm_as_interrupt`): under a
+    launcher, usually its way of stopping every process once one has failed."""
 
 
 def raise_if_problems(problems: list[str]) -> None:

@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from tinymath.base.errors import TinymathError
+from tinymath.base.errors import Terminated, TinymathError
 
 
 # ---------------------------------------------------------------- reading
@@ -310,7 +310,7 @@ def sigterm_as_interrupt(unless_handled: bool = False):
     `stop_on_signals` takes over for its loop). ``unless_handled``: leave a handler someone else
     installed in place (a checkpoint saved inside the training loop stops as the loop decides)."""
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     if unless_handled and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         yield

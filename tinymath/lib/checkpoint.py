@@ -85,13 +85,19 @@ def save_checkpoint(run: Path, step: int, peft_model, optimizer, scheduler, extr
     return target
 
 
+def resume_command(run: Path, processes: int) -> str:
+    """The command that continues ``run``, launched as it trained (a run resumes with as many
+    processes as it had)."""
+    launch = f"accelerate launch --num_processes {processes} -m " if processes > 1 else ""
+    return f"{launch}tinymath train --resume {run}"
+
+
 def check_processes(state: dict, processes: int, run: Path) -> None:
     """A run resumes with as many processes as it trained with: the global batch, the data position
     and each process's random numbers depend on it."""
     saved = state.get("processes")
     if saved is not None and saved != processes:
-        launch = (f"accelerate launch --num_processes {saved} -m tinymath train --resume {run}" if saved > 1
-                  else f"tinymath train --resume {run} (one process)")
+        launch = resume_command(run, saved) + ("" if saved > 1 else " (one process)")
         raise TinymathError(f"--resume {run}: the run trained with {saved} process(es), this launch has {processes}; "
                             f"resume it as it ran: {launch}")
 

@@ -19,10 +19,35 @@ def process_state():
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
+    if _one_started_of_several():
+        raise TinymathError("accelerate launch was asked for several processes but started one: it starts "
+                            "several by itself only on a machine with 2 or more GPUs; add --multi_gpu to the "
+                            "launch (one GPU per machine, or processes on a CPU)")
+    try:
+        state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
+    except RuntimeError as exc:  # the rendezvous: a process that should be there never came, or left
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise TinymathError(f"could not meet the other processes of this launch ({type(exc).__name__}: "
+                            f"{_shortened(detail)}); a process that stopped before says why in its own output") \
+            from exc
     if torch.cuda.is_available():
         check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)), torch.cuda.device_count())
     return state
+
+
+def _one_started_of_several() -> bool:
+    """``accelerate launch --num_processes N`` without ``--multi_gpu`` on a machine with fewer than
+    2 GPUs starts one plain process: it sets the rendezvous address (MASTER_ADDR) but no WORLD_SIZE."""
+    import os
+
+    return ("ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" not in os.environ)
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit].rstrip() + "..."
 
 
 def check_gpus(local_processes: int, gpus: int) -> None:
@@ -30,6 +55,27 @@ def check_gpus(local_processes: int, gpus: int) -> None:
     if local_processes > gpus:
         raise TinymathError(f"accelerate launched {local_processes} processes on this machine but it has {gpus} "
                             f"GPU(s); use --num_processes {gpus} per machine")
+
+
+def checked_together(state, check):
+    """``check()`` on every process, then stop them all if it refused on any: the refusing process
+    with its own error, the others naming it, so no process goes on to wait for one that has
+    stopped (on several machines, a folder one of them lacks). Returns ``check()``'s result."""
+    try:
+        result, refusal = check(), None
+    except TinymathError as exc:
+        result, refusal = None, exc
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        said = gather_object([str(refusal) if refusal is not None else None])
+        first = next(((rank, text) for rank, text in enumerate(said) if text is not None), None)
+        if refusal is None and first is not None:
+            refusal = TinymathError(f"process {first[0]} of this launch refused to start ({first[1]}), so this one "
+                                    "stops too")
+    if refusal is not None:
+        raise refusal
+    return result
 
 
 def end_processes(state) -> None:
@@ -93,4 +139,4 @@ def peers_lost_as_error(processes: int, next_step=lambda: ""):
             raise
         detail = next((line.strip() for line in text.splitlines() if line.strip()), "")
         raise TinymathError(f"another process of this run stopped, so this one stops too ({type(exc).__name__}: "
-                            f"{detail[:200]}); its own output says why. {next_step()}".strip()) from exc
+                            f"{_shortened(detail)}); its own output says why. {next_step()}".strip()) from exc

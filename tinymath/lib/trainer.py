@@ -539,9 +539,9 @@ class Trainer:
         return loss_sum / step_tokens, stop_votes
 
     def _resume_hint(self) -> str:
-        from tinymath.lib.checkpoint import latest_checkpoint
+        from tinymath.lib.checkpoint import latest_checkpoint, resume_command
 
-        return f"Continue from its last checkpoint with: tinymath train --resume {self.out}" \
+        return f"Continue from its last checkpoint with: {resume_command(self.out, self.plan.world)}" \
             if latest_checkpoint(self.out) else ""
 
     def _fail_non_finite(self, what: str) -> None:
@@ -649,8 +649,11 @@ class Trainer:
         if stopping:
             self.stop["signal"] = stopping
             self.save(done)
-            raise Stopped(f"stopped by {stopping} after step {done} of {self.plan.total_steps}; "
-                          f"a checkpoint is saved. Continue with: tinymath train --resume {self.out}", stopping)
+            from tinymath.lib.checkpoint import resume_command
+
+            raise Stopped(f"stopped by {stopping} after step {done} of {self.plan.total_steps}; a checkpoint is "
+                          f"saved. Continue with: {resume_command(self.out, self.plan.world)}", stopping,
+                          every_process=self.plan.world > 1)
 
     def save(self, step: int) -> None:
         """A resumable checkpoint after ``step`` (the main process writes; all wait)."""

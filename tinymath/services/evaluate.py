@@ -53,21 +53,26 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     from tinymath.base.progress import progress_bar
     from tinymath.base.runs import load_run
     from tinymath.lib.decode import totals as decode_totals
-    from tinymath.lib.distributed import process_share, process_state
+    from tinymath.lib.distributed import checked_together, process_share, process_state
     from tinymath.lib.generate import GenerationSettings, generate_across_processes, load_for_inference
     from tinymath.lib.gsm8k import read_gsm8k
     from tinymath.lib.speed import compile_seconds
 
-    _check_options(limit, protocol, samples, temperature)
+    _check_options(limit, protocol, samples, temperature)  # the command line: the same on every process
     chosen = PROTOCOLS[protocol]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature or 0.0,
                                   calculator=bool(calculator), stop=chosen.stop, static_cache=compile)
-    settings.validate()
-    if out is not None:
-        check_output_dir(out, overwrite, marker=SUMMARY)
-    if adapter is not None:  # a wrong run folder is reported before any data is fetched
-        load_run(adapter)
-    rows = read_gsm8k(data, split, limit)
+
+    def check():  # files: a machine of several may lack one
+        settings.validate()
+        if out is not None:
+            check_output_dir(out, overwrite, marker=SUMMARY)
+        if adapter is not None:  # a wrong run folder is reported before any data is fetched
+            load_run(adapter)
+        return read_gsm8k(data, split, limit)
+
+    state = process_state()  # every process joins first, so none stops before the others know
+    rows = checked_together(state, check)
     loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
@@ -75,7 +80,6 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     prompts = chosen.prompts(inference.tokenizer, rows, inference.format, inference.system_prompt,
                              lambda: read_gsm8k(data, "train"), split)
 
-    state = process_state()
     flat = [p for p in prompts for _ in range(samples)]
     torch.manual_seed(seed + state.process_index)
     decoded_before, compiled_before = decode_totals(), compile_seconds()

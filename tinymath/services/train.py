@@ -31,17 +31,20 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     """
     from tinymath.base.files import check_writable, sigterm_as_interrupt
     from tinymath.base.runs import plan_train_output
-    from tinymath.lib.distributed import peers_lost_as_error, process_state
+    from tinymath.lib.distributed import checked_together, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
 
-    _preflight(config)
-    output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
-    check_writable(output.live.absolute().parent, named=output.final)
-    if resume and not output.live.is_dir():
-        raise TinymathError(f"--resume {output.live}: no such run folder")
+    def check():
+        _preflight(config)
+        output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
+        check_writable(output.live.absolute().parent, named=output.final)
+        if resume and not output.live.is_dir():
+            raise TinymathError(f"--resume {output.live}: no such run folder")
+        return output
+
+    state = process_state()  # every process joins first, so none stops before the others know
+    output = checked_together(state, check)  # and every process has checked the folder before it changes
     trainer = METHODS[config.method](config, output.live, show_progress, resume, final=output.final)
-    state = process_state()
-    state.wait_for_everyone()  # every process has checked the folder before the main one changes it
     try:
         with sigterm_as_interrupt(), peers_lost_as_error(state.num_processes), ExitStack() as held:
             # the main process claims the folder (and puts the result in place); the others learn
@@ -113,10 +116,9 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     (``out_refused``) why the real run would refuse its ``--out``, if it would."""
     from dataclasses import asdict
 
-    from accelerate import PartialState
-
     from tinymath.base.runs import plan_train_output
     from tinymath.lib.batching import check_micro_batch_tokens, count_label_tokens
+    from tinymath.lib.distributed import process_state
     from tinymath.lib.gsm8k import load_training_data
     from tinymath.lib.lora import check_target_modules, target_module_names
     from tinymath.lib.model import load_tokenizer, model_skeleton
@@ -134,7 +136,7 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
                              target_module_names(config.target_modules))
     splits, _, settings = load_training_data(config, tokenizer)
     check_micro_batch_tokens(config, splits["train"])
-    per_step, steps_per_epoch, total = step_counts(len(splits["train"]), config, PartialState().num_processes)
+    per_step, steps_per_epoch, total = step_counts(len(splits["train"]), config, process_state().num_processes)
     return {"config": {**asdict(config), **settings},
             "data": {name: {"examples": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
                             "answer_tokens": count_label_tokens(rows)} for name, rows in splits.items()},
