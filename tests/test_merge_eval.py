@@ -81,6 +81,19 @@ def test_missing_base_model_is_explained(trained_run, tmp_path):
     assert f"is no longer there: put it back, or set `model` in {broken / 'run.json'}" in result.stderr
 
 
+def test_a_run_without_its_tokenizer_is_named_as_a_run(trained_run, gsm8k_dir, tmp_path):
+    """Not "a training run given as --model: take it as --adapter" to someone who did."""
+    import shutil
+
+    broken = tmp_path / "run"
+    shutil.copytree(trained_run, broken)
+    (broken / "tokenizer_config.json").unlink()
+    for command in (["eval", "--adapter", broken, "--data", gsm8k_dir, "--limit", 1], ["merge-adapters", broken, "--out", tmp_path / "m"]):
+        result = run_cli(*command)
+        assert result.exit_code == 1 and f"the run {broken} has no tokenizer_config.json" in result.stderr, \
+            result.output
+
+
 def test_eval_writes_predictions_and_summary(trained_run, gsm8k_dir, tmp_path, monkeypatch):
     out = tmp_path / "ev"
     monkeypatch.chdir(gsm8k_dir.parent)  # --data given relative: the summary records where it is

@@ -273,6 +273,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, run: bool = Fal
     path = Path(source).expanduser()
     if not run and _is_run_folder(path):
         raise TinymathError(_run_given_as_model(source, path))
+    if run and not (path / "tokenizer_config.json").is_file():
+        raise TinymathError(f"the run {source} has no tokenizer_config.json (a run folder carries its tokenizer); "
+                            "copy the whole run folder again")
     resolved = str(path) if (path / "tokenizer_config.json").is_file() else resolve_source(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)

@@ -634,8 +634,12 @@ class Trainer:
         return total / max(count_label_tokens(examples), 1)
 
     def _stop_notice(self) -> str:
-        return ("tinymath: stopping after this step, with a checkpoint to resume from (the last step finishes "
-                "the run instead); Ctrl-C again stops at once")
+        # several processes: the signal may be the launcher's, after another process died, and then
+        # no checkpoint can be saved (this process then says that the other stopped)
+        saving = "a checkpoint to resume from" if self.plan.world == 1 else \
+            "a checkpoint to resume from if every process of the run is still there"
+        return (f"tinymath: stopping after this step, with {saving} (the last step finishes the run instead); "
+                "Ctrl-C again stops at once")
 
     def _stop_if_asked(self, done: int, stop_votes: float) -> None:
         """Save and stop after this step when Ctrl-C (or SIGTERM) came; after the last step the run
