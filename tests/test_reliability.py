@@ -553,7 +553,7 @@ def test_ctrl_c_under_two_processes_is_reported_once_with_the_launch_that_resume
     _, stderr = proc.communicate(timeout=120)
     ours = stderr.split("Traceback")[0]  # the launcher's own report of the signal follows
     assert ours.count("stopped by SIGINT after step") == 1, stderr[-3000:]
-    assert f"Continue with: accelerate launch --num_processes 2 -m tinymath train --resume {out}" in \
+    assert f"Continue with: accelerate launch --multi_gpu --num_processes 2 -m tinymath train --resume {out}" in \
         " ".join(ours.split())
     assert "interrupted" not in ours
     assert list((out / "checkpoints").glob("step-*/adapter_model.safetensors"))

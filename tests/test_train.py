@@ -364,6 +364,17 @@ def test_a_launch_that_started_one_process_of_several_is_refused(tiny_model, gsm
     result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "run", "--max-steps", 1)
     assert result.exit_code == 1 and "add --multi_gpu to the launch" in result.stderr, result.output
     assert not (tmp_path / "run").exists()
+    # a MASTER_ADDR the launch already had (a cluster's job script sets it) is no sign of several
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    command = shlex.join([sys.executable, "-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model",
+                          str(tiny_model), "--out", str(tmp_path / "run"), "--dry-run", "--json"])
+    done = subprocess.run(["bash", "-c", f"{command}; echo exit=$?"], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "MASTER_ADDR": "127.0.0.1", "ACCELERATE_MIXED_PRECISION": "no"})
+    assert "exit=0" in done.stdout, done.stderr[-2000:]
 
 
 def test_a_dry_run_under_two_processes_counts_both_and_reports_once(tiny_model, gsm8k_dir, tmp_path):

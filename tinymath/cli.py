@@ -150,7 +150,7 @@ def command(fn):
         try:
             return fn(*args, **kwargs)
         except TinymathError as exc:
-            if not (exc.every_process and _launched_rank()):  # said once, by the first process (rank 0)
+            if not (exc.every_process and _launched_rank()):  # said once a machine, by its first process
                 _print_error(str(exc))
             raise typer.Exit(exc.exit_code)
         except OSError as exc:
@@ -170,7 +170,7 @@ def command(fn):
                                   "once one of them has failed: that process's error says why", soft_wrap=True)
             raise typer.Exit(143)
         except KeyboardInterrupt:
-            if not _launched_rank():  # Ctrl-C reaches every process of a launch: said once
+            if not _launched_rank():  # Ctrl-C reaches every process of a launch: said once a machine
                 err_console.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130)
 
@@ -178,10 +178,12 @@ def command(fn):
 
 
 def _launched_rank() -> int | None:
-    """This process's rank under ``accelerate launch`` or torchrun (None: a plain command)."""
+    """This process's rank on its machine under ``accelerate launch`` or torchrun (None: a plain
+    command): what every process would say, the first of each machine says, on that machine's terminal."""
     import os
 
-    return int(os.environ["RANK"]) if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ else None
+    launched = os.environ.get("WORLD_SIZE", "1") != "1" and "LOCAL_RANK" in os.environ
+    return int(os.environ["LOCAL_RANK"]) if launched else None
 
 
 def _print_error(message: str) -> None:
@@ -319,7 +321,7 @@ def train_cmd(
         from tinymath.services.train import dry_run_report
 
         report = dry_run_report(resolved, resume=resume is not None)
-        if not _launched_rank():  # under a launcher: one report, the first process's
+        if not _launched_rank():  # under a launcher: one report a machine, its first process's
             _print_json(report) if json_out else out_console.print_json(data=report)
         if report["out_refused"]:  # the report is still printed; the exit status says the run would not start
             raise TinymathError(f"the run itself would stop here: {report['out_refused']}", every_process=True)

@@ -85,11 +85,14 @@ def save_checkpoint(run: Path, step: int, peft_model, optimizer, scheduler, extr
     return target
 
 
-def resume_command(run: Path, processes: int) -> str:
+def resume_command(run: Path, processes: int, several_machines: bool = False) -> str:
     """The command that continues ``run``, launched as it trained (a run resumes with as many
     processes as it had)."""
-    launch = f"accelerate launch --num_processes {processes} -m " if processes > 1 else ""
-    return f"{launch}tinymath train --resume {run}"
+    if processes == 1:
+        return f"tinymath train --resume {run}"
+    machines = (" (on each machine, with the --num_machines, --machine_rank and --main_process_ip it started "
+                "with)") if several_machines else ""
+    return f"accelerate launch --multi_gpu --num_processes {processes} -m tinymath train --resume {run}{machines}"
 
 
 def check_processes(state: dict, processes: int, run: Path) -> None:

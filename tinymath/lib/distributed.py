@@ -6,6 +6,7 @@ and every function here is then trivial.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 from tinymath.base.errors import TinymathError
 
@@ -39,11 +40,26 @@ def process_state():
 
 def _one_started_of_several() -> bool:
     """``accelerate launch --num_processes N`` without ``--multi_gpu`` on a machine with fewer than
-    2 GPUs starts one plain process: it sets the rendezvous address (MASTER_ADDR) but no WORLD_SIZE."""
+    2 GPUs starts one plain process: it sets a rendezvous address (MASTER_ADDR) that the launch
+    itself did not have (a job script's own MASTER_ADDR is not a sign), and no WORLD_SIZE."""
     import os
 
-    return ("ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ
-            and "WORLD_SIZE" not in os.environ)
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ or "MASTER_ADDR" not in os.environ \
+            or "WORLD_SIZE" in os.environ:
+        return False
+    try:  # the launcher is this process's parent; what it was started with (Linux)
+        launcher = Path(f"/proc/{os.getppid()}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False  # cannot tell: a plain process, as accelerate started it
+    return not any(entry.startswith(b"MASTER_ADDR=") for entry in launcher)
+
+
+def several_machines() -> bool:
+    """Whether this launch spans several machines (fewer processes here than in all)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world
 
 
 def _shortened(text: str, limit: int = 200) -> str:

@@ -540,9 +540,11 @@ class Trainer:
 
     def _resume_hint(self) -> str:
         from tinymath.lib.checkpoint import latest_checkpoint, resume_command
+        from tinymath.lib.distributed import several_machines
 
-        return f"Continue from its last checkpoint with: {resume_command(self.out, self.plan.world)}" \
-            if latest_checkpoint(self.out) else ""
+        if not latest_checkpoint(self.out):
+            return ""
+        return f"Continue from its last checkpoint with: {resume_command(self.out, self.plan.world, several_machines())}"
 
     def _fail_non_finite(self, what: str) -> None:
         from tinymath.lib.checkpoint import latest_checkpoint
@@ -654,10 +656,11 @@ class Trainer:
             self.stop["signal"] = stopping
             self.save(done)
             from tinymath.lib.checkpoint import resume_command
+            from tinymath.lib.distributed import several_machines
 
+            resume = resume_command(self.out, self.plan.world, several_machines())
             raise Stopped(f"stopped by {stopping} after step {done} of {self.plan.total_steps}; a checkpoint is "
-                          f"saved. Continue with: {resume_command(self.out, self.plan.world)}", stopping,
-                          every_process=self.plan.world > 1)
+                          f"saved. Continue with: {resume}", stopping, every_process=self.plan.world > 1)
 
     def save(self, step: int) -> None:
         """A resumable checkpoint after ``step`` (the main process writes; all wait)."""
