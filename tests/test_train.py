@@ -106,8 +106,9 @@ def test_run_folder_is_enough_for_later_commands(tiny_model, gsm8k_dir, tmp_path
     ("--max-steps", "0", "--max-steps 0"),
     ("--micro-batch-tokens", "8", "is smaller than the longest training example"),  # could not keep to it
     # PEFT would quietly skip the misspelt name and train q_proj alone
-    ("--target-modules", "q_proj,v_prj", "the model has no linear layer named v_prj; its linear layers are "
-                                         "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    ("--target-modules", "q_proj,v_prj", "the model has no layer named v_prj; its layers with weight matrices are "
+                                         "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
+                                         "v_proj"),
 ])
 def test_bad_flags(tiny_model, gsm8k_dir, tmp_path, flag, value, message):
     out = tmp_path / "run"
@@ -354,27 +355,30 @@ def test_a_folder_one_machine_lacks_stops_both_machines_with_its_reason(tiny_mod
         assert not (tmp_path / f"run{lacking}").exists()
 
 
-def test_a_launch_that_started_one_process_of_several_is_refused(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+def test_a_launch_that_started_one_process_of_several_is_refused(tiny_model, gsm8k_dir, tmp_path):
     """``accelerate launch --num_processes 2`` without --multi_gpu, on a machine with fewer than two
     GPUs, runs one plain process (it sets the rendezvous address, no WORLD_SIZE): refused, with
-    the flag that launches them all, instead of a quiet one-process run."""
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "run", "--max-steps", 1)
-    assert result.exit_code == 1 and "add --multi_gpu to the launch" in result.stderr, result.output
-    assert not (tmp_path / "run").exists()
-    # a MASTER_ADDR the launch already had (a cluster's job script sets it) is no sign of several
+    the flag that launches them all, instead of a quiet one-process run. A MASTER_ADDR that a job
+    script set, outside accelerate, is no such sign."""
     import os
     import shlex
     import subprocess
     import sys
 
-    command = shlex.join([sys.executable, "-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model",
-                          str(tiny_model), "--out", str(tmp_path / "run"), "--dry-run", "--json"])
-    done = subprocess.run(["bash", "-c", f"{command}; echo exit=$?"], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "MASTER_ADDR": "127.0.0.1", "ACCELERATE_MIXED_PRECISION": "no"})
-    assert "exit=0" in done.stdout, done.stderr[-2000:]
+    args = ["-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--out",
+            str(tmp_path / "run"), "--dry-run", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    import torch
+
+    if torch.cuda.device_count() < 2:  # with two GPUs accelerate starts both by itself
+        launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", *args],
+                                  capture_output=True, text=True, timeout=240, env=env)
+        assert launched.returncode != 0 and "add --multi_gpu to the launch" in launched.stderr, launched.stderr[-2000:]
+        assert not (tmp_path / "run").exists()
+    script = ("export MASTER_ADDR=127.0.0.1 ACCELERATE_MIXED_PRECISION=no; "  # set by the script, not its parent
+              f"{shlex.join([sys.executable, *args])}; echo exit=$?")
+    scripted = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=240, env=env)
+    assert "exit=0" in scripted.stdout, scripted.stderr[-2000:]
 
 
 def test_a_dry_run_under_two_processes_counts_both_and_reports_once(tiny_model, gsm8k_dir, tmp_path):
@@ -469,3 +473,23 @@ def test_a_model_with_soft_capped_logits_is_refused_for_packing(tiny_model, gsm8
     args = ["train", "--data", gsm8k_dir, "--model", capped, "--quant", "none", "--max-steps", "1", "--batch-size", "2"]
     result = run_cli(*args, "--out", tmp_path / "packed")
     assert result.exit_code == 1 and "--no-packing" in result.stderr and not (tmp_path / "packed").exists()
+
+
+def test_target_modules_are_checked_as_peft_matches_them():
+    """Any layer PEFT would find passes (an embedding; GPT-2's Conv1D projections), by its name or a
+    dotted tail of it; a name no layer has is refused with the names there are."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from tinymath.base.errors import TinymathError
+    from tinymath.lib.lora import check_target_modules
+
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1))
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    check_target_modules(llama, ["embed_tokens", "self_attn.q_proj", "v_proj"])
+    check_target_modules(gpt2, ["c_attn", "c_proj"])
+    check_target_modules(gpt2, "all-linear")
+    with pytest.raises(TinymathError, match="no layer named q_proj; its layers with weight matrices are .*c_attn"):
+        check_target_modules(gpt2, ["c_attn", "q_proj"])

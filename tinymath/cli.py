@@ -163,11 +163,13 @@ def command(fn):
                          "free some space or choose another --out and run the command again")
             raise typer.Exit(1)
         except Terminated:
-            if _launched_rank() is None:
+            rank = _launched_rank()
+            if rank is None:
                 err_console.print("[yellow]stopped by SIGTERM[/yellow]")
-            else:  # another process failed, and the launcher stops the rest
+            elif rank == 0:  # once a machine: most often the launcher stopping the rest after one failed
                 err_console.print("[yellow]stopped by SIGTERM[/yellow], which a launcher sends every process "
-                                  "once one of them has failed: that process's error says why", soft_wrap=True)
+                                  "once one of them has failed: that process's error, if any, says why",
+                                  soft_wrap=True)
             raise typer.Exit(143)
         except KeyboardInterrupt:
             if not _launched_rank():  # Ctrl-C reaches every process of a launch: said once a machine
@@ -320,9 +322,12 @@ def train_cmd(
     if dry_run:
         from tinymath.services.train import dry_run_report
 
+        from tinymath.lib.distributed import end_processes, process_state
+
         report = dry_run_report(resolved, resume=resume is not None)
         if not _launched_rank():  # under a launcher: one report a machine, its first process's
             _print_json(report) if json_out else out_console.print_json(data=report)
+        end_processes(process_state())
         if report["out_refused"]:  # the report is still printed; the exit status says the run would not start
             raise TinymathError(f"the run itself would stop here: {report['out_refused']}", every_process=True)
         return

@@ -20,7 +20,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-from tinymath.base.errors import TinymathError
+from tinymath.base.errors import Terminated, TinymathError
 from tinymath.base.runs import BEST, CHECKPOINTS, CONFIG_FILE
 
 
@@ -180,8 +180,8 @@ def stop_on_signals(notice: str | None = None):
     previous = {}
 
     def handler(signum, frame):
-        if flag["signal"] is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if flag["signal"] is not None:  # a second Ctrl-C (or SIGTERM): stop now
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         flag["signal"] = signal.Signals(signum).name
         if notice:
             print(f"\n{notice}", file=sys.stderr, flush=True)

@@ -11,10 +11,11 @@ from pathlib import Path
 from tinymath.base.errors import TinymathError
 
 
-def process_state():
+def process_state(gpu_check: bool = True):
     """accelerate's view of this process (rank, world size), after checking that ``accelerate launch``
     did not start more processes on this machine than it has GPUs (each process needs a GPU of its
-    own; with several machines, only this machine's processes count)."""
+    own; with several machines, only this machine's processes count). ``gpu_check`` False: the
+    caller checks them (`check_local_gpus`) with its other checks (`checked_together`)."""
     import os
 
     import torch
@@ -26,16 +27,26 @@ def process_state():
                             "launch (one GPU per machine, or processes on a CPU)")
     try:
         state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
-    except RuntimeError as exc:  # the rendezvous: a process that should be there never came, or left
+    except getattr(torch.distributed, "DistError", RuntimeError) as exc:  # the rendezvous: a process never came
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise
         detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         raise TinymathError(f"could not meet the other processes of this launch ({type(exc).__name__}: "
                             f"{_shortened(detail)}); a process that stopped before says why in its own output") \
             from exc
+    if gpu_check:
+        check_local_gpus(state)
+    return state
+
+
+def check_local_gpus(state) -> None:
+    """One GPU per process of this machine (nothing to check without GPUs)."""
+    import os
+
+    import torch
+
     if torch.cuda.is_available():
         check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)), torch.cuda.device_count())
-    return state
 
 
 def _one_started_of_several() -> bool:
@@ -47,11 +58,14 @@ def _one_started_of_several() -> bool:
     if "ACCELERATE_MIXED_PRECISION" not in os.environ or "MASTER_ADDR" not in os.environ \
             or "WORLD_SIZE" in os.environ:
         return False
-    try:  # the launcher is this process's parent; what it was started with (Linux)
-        launcher = Path(f"/proc/{os.getppid()}/environ").read_bytes().split(b"\0")
+    parent = Path(f"/proc/{os.getppid()}")
+    try:  # the launcher is this process's parent: what it runs, and what it was started with (Linux)
+        command = parent.joinpath("cmdline").read_bytes()
+        launcher = parent.joinpath("environ").read_bytes().split(b"\0")
     except OSError:
         return False  # cannot tell: a plain process, as accelerate started it
-    return not any(entry.startswith(b"MASTER_ADDR=") for entry in launcher)
+    return b"accelerate" in command and b"launch" in command and \
+        not any(entry.startswith(b"MASTER_ADDR=") for entry in launcher)
 
 
 def several_machines() -> bool:
@@ -79,12 +93,14 @@ def checked_together(state, check):
     stopped (on several machines, a folder one of them lacks). Returns ``check()``'s result."""
     try:
         result, refusal = check(), None
-    except TinymathError as exc:
+    except Exception as exc:  # not only a refusal: an unreadable folder must not leave the others waiting
         result, refusal = None, exc
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 
-        said = gather_object([str(refusal) if refusal is not None else None])
+        mine = None if refusal is None else str(refusal) if isinstance(refusal, TinymathError) else \
+            f"{type(refusal).__name__}: {refusal}"
+        said = gather_object([mine])
         first = next(((rank, text) for rank, text in enumerate(said) if text is not None), None)
         if refusal is None and first is not None:
             refusal = TinymathError(f"process {first[0]} of this launch refused to start ({first[1]}), so this one "

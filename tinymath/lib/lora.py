@@ -46,22 +46,30 @@ def get_lora_config(r: int, alpha: float, dropout: float, target_modules: str | 
 
 
 def check_target_modules(model, target_modules) -> None:
-    """Every name in ``target_modules`` (a list or set; ``all-linear`` passes) names a linear layer
-    of ``model``, as PEFT matches them (the module's name, or a dotted tail of it): PEFT itself only
-    refuses a list where no name matches, and quietly skips a misspelt one among right ones.
-    ``model`` may be `tinymath.lib.model.model_skeleton`'s weightless copy."""
-    import torch
-
+    """Every name in ``target_modules`` (a list or set; ``all-linear`` passes) names a layer of
+    ``model``, as PEFT matches them (the module's name, or a dotted tail of it): PEFT itself only
+    refuses a list where no name matches, and quietly skips a misspelt one among right ones (a
+    layer of a kind LoRA cannot wrap is left to PEFT's own message). ``model`` may be
+    `tinymath.lib.model.model_skeleton`'s weightless copy."""
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
             return
         target_modules = [target_modules]
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise TinymathError(f"--target-modules: the model has no linear layer named {', '.join(sorted(missing))}; "
-                            f"its linear layers are {', '.join(names)} (or give all-linear)")
+        layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if getattr(getattr(module, "weight", None), "ndim", 0) == 2})  # Linear, Embedding, Conv1D
+        raise TinymathError(f"--target-modules: the model has no layer named {', '.join(sorted(missing))}; "
+                            f"its layers with weight matrices are {', '.join(layers)} (or give all-linear)")
+
+
+def check_base_present(run: RunInfo) -> None:
+    """A run's base model (`model` in its run.json), when a local path, is still there."""
+    if missing_local(run.base_model, MODEL_SUFFIXES):
+        raise TinymathError(f"the base model of run {run.path}, {run.base_model} (`model` in its {RUN_FILE}), is no "
+                            f"longer there: put it back, or set `model` in {run.path / RUN_FILE} to where it is now "
+                            "(the adapter is checked against it)")
 
 
 def attach_lora(model, lora_config, gradient_checkpointing: bool = False, base_name: str | None = None):
@@ -105,10 +113,7 @@ def load_adapted_model(run: RunInfo, merge_base: str = "dequantized", dtype=None
     quant = MERGE_BASES[merge_base](run, merge_base)
     # quantize exactly as training did (same dtype), so the dequantized weights are the trained-against ones
     load_dtype = getattr(torch, run.config.get("dtype", "float32")) if quant != "none" else dtype
-    if missing_local(run.base_model, MODEL_SUFFIXES):
-        raise TinymathError(f"the base model of run {run.path}, {run.base_model} (`model` in its {RUN_FILE}), is no "
-                            f"longer there: put it back, or set `model` in {run.path / RUN_FILE} to where it is now "
-                            "(the adapter is checked against it)")
+    check_base_present(run)
     try:
         base = load_base_model(run.base_model, quant=quant, dtype=load_dtype, device=device,
                                trust_remote_code=trust_remote_code, flag=f"its {RUN_FILE}'s model")

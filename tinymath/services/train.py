@@ -31,18 +31,20 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     """
     from tinymath.base.files import check_writable, sigterm_as_interrupt
     from tinymath.base.runs import plan_train_output
-    from tinymath.lib.distributed import checked_together, peers_lost_as_error, process_state
+    from tinymath.lib.distributed import check_local_gpus, checked_together, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
 
-    def check():
-        _preflight(config)
+    def check():  # what one machine of several may see otherwise: its GPUs, its files
+        check_local_gpus(state)
+        _check_machine(config)
         output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
         check_writable(output.live.absolute().parent, named=output.final)
         if resume and not output.live.is_dir():
             raise TinymathError(f"--resume {output.live}: no such run folder")
         return output
 
-    state = process_state()  # every process joins first, so none stops before the others know
+    _check_settings(config)  # the command line: the same on every process
+    state = process_state(gpu_check=False)  # every process joins before its own checks, so none stops alone
     output = checked_together(state, check)  # and every process has checked the folder before it changes
     trainer = METHODS[config.method](config, output.live, show_progress, resume, final=output.final)
     try:
@@ -57,19 +59,30 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     return summary
 
 
-def _preflight(config: TrainConfig) -> None:
-    """What the run and its dry run refuse before anything is loaded: the settings, the method, the
-    tracker, fused kernels where they cannot run, and the local sources."""
+def _check_settings(config: TrainConfig) -> None:
+    """What the run and its dry run refuse in the settings alone (the same on every process)."""
     from tinymath.base.errors import choice, raise_if_problems
-    from tinymath.lib.distributed import default_device
     from tinymath.lib.grpo import METHODS
-    from tinymath.lib.speed import check_fused_kernels_asked
 
     config.validate()
     raise_if_problems(choice("--method", config.method, METHODS))
+
+
+def _check_machine(config: TrainConfig) -> None:
+    """What the run and its dry run refuse on this machine before the weights are loaded: the
+    tracker, fused kernels where they cannot run, the local sources, and LoRA layers the model lacks
+    (from its config alone)."""
+    from tinymath.lib.distributed import default_device
+    from tinymath.lib.lora import check_target_modules, target_module_names
+    from tinymath.lib.model import model_skeleton
+    from tinymath.lib.speed import check_fused_kernels_asked
+
     _check_reporter(config)
     check_fused_kernels_asked(config, default_device())
     _check_sources(config)
+    if config.target_modules != "all-linear":
+        check_target_modules(model_skeleton(config.model, config.trust_remote_code),
+                             target_module_names(config.target_modules))
 
 
 def _check_sources(config: TrainConfig) -> None:
@@ -120,20 +133,17 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     from tinymath.lib.batching import check_micro_batch_tokens, count_label_tokens
     from tinymath.lib.distributed import process_state
     from tinymath.lib.gsm8k import load_training_data
-    from tinymath.lib.lora import check_target_modules, target_module_names
-    from tinymath.lib.model import load_tokenizer, model_skeleton
+    from tinymath.lib.model import load_tokenizer
     from tinymath.lib.trainer import step_counts
 
-    _preflight(config)
+    _check_settings(config)
+    _check_machine(config)
     try:
         plan_train_output(config.out, config.overwrite, resume)
         refused = None
     except TinymathError as exc:
         refused = str(exc)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    if config.target_modules != "all-linear":
-        check_target_modules(model_skeleton(config.model, config.trust_remote_code),
-                             target_module_names(config.target_modules))
     splits, _, settings = load_training_data(config, tokenizer)
     check_micro_batch_tokens(config, splits["train"])
     per_step, steps_per_epoch, total = step_counts(len(splits["train"]), config, process_state().num_processes)
