@@ -11,11 +11,11 @@ from pathlib import Path
 from tinymath.base.errors import TinymathError
 
 
-def process_state(gpu_check: bool = True):
+def process_state():
     """accelerate's view of this process (rank, world size), after checking that ``accelerate launch``
     did not start more processes on this machine than it has GPUs (each process needs a GPU of its
-    own; with several machines, only this machine's processes count). ``gpu_check`` False: the
-    caller checks them (`check_local_gpus`) with its other checks (`checked_together`)."""
+    own; with several machines, only this machine's processes count: checked before any exchange,
+    since two processes on one GPU cannot exchange anything through NCCL)."""
     import os
 
     import torch
@@ -34,19 +34,9 @@ def process_state(gpu_check: bool = True):
         raise TinymathError(f"could not meet the other processes of this launch ({type(exc).__name__}: "
                             f"{_shortened(detail)}); a process that stopped before says why in its own output") \
             from exc
-    if gpu_check:
-        check_local_gpus(state)
-    return state
-
-
-def check_local_gpus(state) -> None:
-    """One GPU per process of this machine (nothing to check without GPUs)."""
-    import os
-
-    import torch
-
     if torch.cuda.is_available():
         check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)), torch.cuda.device_count())
+    return state
 
 
 def _one_started_of_several() -> bool:

@@ -55,7 +55,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     from tinymath.base.runs import load_run
     from tinymath.lib.lora import check_base_present
     from tinymath.lib.decode import totals as decode_totals
-    from tinymath.lib.distributed import check_local_gpus, checked_together, process_share, process_state
+    from tinymath.lib.distributed import checked_together, process_share, process_state
     from tinymath.lib.generate import GenerationSettings, generate_across_processes, load_for_inference
     from tinymath.lib.gsm8k import read_gsm8k
     from tinymath.lib.speed import compile_seconds
@@ -65,8 +65,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature or 0.0,
                                   calculator=bool(calculator), stop=chosen.stop, static_cache=compile)
 
-    def check():  # what one machine of several may see otherwise: its GPUs, its files
-        check_local_gpus(state)
+    def check():  # what one machine of several may see otherwise: its files
         settings.validate()
         if out is not None:
             check_output_dir(out, overwrite, marker=SUMMARY)
@@ -76,7 +75,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
             check_base_present(load_run(adapter))
         return read_gsm8k(data, split, limit)
 
-    state = process_state(gpu_check=False)  # every process joins before its own checks, so none stops alone
+    state = process_state()  # every process joins before its own checks, so none stops alone
     rows = checked_together(state, check)
     loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)

@@ -31,11 +31,10 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     """
     from tinymath.base.files import check_writable, sigterm_as_interrupt
     from tinymath.base.runs import plan_train_output
-    from tinymath.lib.distributed import check_local_gpus, checked_together, peers_lost_as_error, process_state
+    from tinymath.lib.distributed import checked_together, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
 
-    def check():  # what one machine of several may see otherwise: its GPUs, its files
-        check_local_gpus(state)
+    def check():  # what one machine of several may see otherwise: its files
         _check_machine(config)
         output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
         check_writable(output.live.absolute().parent, named=output.final)
@@ -44,7 +43,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
         return output
 
     _check_settings(config)  # the command line: the same on every process
-    state = process_state(gpu_check=False)  # every process joins before its own checks, so none stops alone
+    state = process_state()  # every process joins before its own checks, so none stops alone
     output = checked_together(state, check)  # and every process has checked the folder before it changes
     trainer = METHODS[config.method](config, output.live, show_progress, resume, final=output.final)
     try:
