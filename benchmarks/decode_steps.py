@@ -3,9 +3,11 @@ several batch sizes on one GPU. For each row count: whether the step graph was c
 prefill, a whole step (graph replay plus the sampling kernels around it, from the difference of two
 forced-length decodes), an eager step, and a natural-stopping decode of 256 tokens as eval runs it
 (``--profile``: the kernels of 24 eager steps by GPU time). Answers "does a step scale with the
-rows?", which decides how evaluation splits over several GPUs.
+rows?", which decides how evaluation splits over several GPUs. ``--fused``: then the same again
+with Liger's fused RMSNorm, rotary and SwiGLU kernels swapped in (`tinymath.lib.speed.fuse_kernels`),
+and how many of ``--equal`` problems get the same greedy answer both ways.
 
-    OUT=/tmp/out python benchmarks/decode_steps.py --model SmolLM2.gguf --data gsm8k_dir [--rows 1319,660,330]
+    OUT=/tmp/out python benchmarks/decode_steps.py --model SmolLM2.gguf --data gsm8k_dir [--rows 1319,660,330] [--fused]
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def main():
     parser.add_argument("--rows", default="1319,660,330")
     parser.add_argument("--steps", type=int, default=96)
     parser.add_argument("--profile", action="store_true", help="also the kernels of 24 eager steps")
+    parser.add_argument("--fused", action="store_true", help="then again with Liger's fused kernels")
+    parser.add_argument("--equal", type=int, default=256, help="--fused: problems whose greedy answers are compared")
     args = parser.parse_args()
 
     import torch
@@ -42,7 +46,8 @@ def main():
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     never = -1  # no EOS: every row runs every step
-    for rows in (int(r) for r in args.rows.split(",")):
+
+    def batch(rows):
         chunk = sorted(prompts[:rows], key=len, reverse=True)
         width = len(chunk[0])
         ids = torch.full((rows, width), tok.pad_token_id, dtype=torch.long)
@@ -50,39 +55,63 @@ def main():
         for r, p in enumerate(chunk):
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
+        return ids.to(model.device), mask.to(model.device), width
 
-        def timed(n, eos=never, graphs=None):
+    variants = ["plain", "fused"] if args.fused else ["plain"]
+    answers = {}
+    for variant in variants:
+        if variant == "fused":
+            from tinymath.lib.speed import fuse_kernels
+
+            fuse_kernels(model)
+        ids, mask, _ = batch(args.equal)
+        answers[variant] = decode_mod.decode(model, ids, mask, 256, tok.eos_token_id, tok.pad_token_id).cpu()
+        for rows in (int(r) for r in args.rows.split(",")):
+            measure(model, tok, decode_mod, batch, rows, variant, args, sync, never)
+    if args.fused:
+        same = sum(bool((a == b).all()) for a, b in zip(answers["plain"], answers["fused"]))
+        log(event="decode_fused_equal", problems=args.equal, identical_greedy_rows=same)
+
+
+def measure(model, tok, decode_mod, batch, rows, variant, args, sync, never):
+    import torch
+
+    ids, mask, width = batch(rows)
+
+    def timed(n, eos=never, graphs=None):
+        sync()
+        t = time.perf_counter()
+        decode_mod.decode(model, ids, mask, n, eos, tok.pad_token_id, graphs=graphs)
+        sync()
+        return time.perf_counter() - t
+
+    timed(8)  # warm-up (cuBLAS, the first capture)
+    prefill = timed(1)
+    short, long = timed(32), timed(32 + args.steps)
+    natural = timed(256, eos=tok.eos_token_id)  # what eval does: rows stop at EOS
+    before = decode_mod.totals()
+    timed(16)
+    after = decode_mod.totals()
+    captured = after["replayed_steps"] > before["replayed_steps"]
+    eager_short, eager_long = timed(8, graphs=False), timed(8 + 32, graphs=False)
+    record = dict(event="decode_steps", variant=variant, model=Path(args.model).name, rows=rows, width=width,
+                  graph_captured=captured, failed_captures=after["failed_captures"],
+                  prefill_s=round(prefill, 3), per_step_ms=round((long - short) / args.steps * 1000, 2),
+                  eager_step_ms=round((eager_long - eager_short) / 32 * 1000, 2),
+                  natural_stop_256_s=round(natural, 3))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = model.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            decode_mod.decode(model, ids, mask, 24, never, tok.pad_token_id, graphs=False)
             sync()
-            t = time.perf_counter()
-            decode_mod.decode(model, ids, mask, n, eos, tok.pad_token_id, graphs=graphs)
-            sync()
-            return time.perf_counter() - t
+        kernels = sorted(((e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1000, e.count)
+                          for e in prof.key_averages()), key=lambda k: -k[1])
+        record["kernels_per_eager_step"] = round(sum(count for _, _, count in kernels) / 24, 1)
+        record["top_kernels_24_eager_steps_ms"] = [(name[:70], round(ms, 3), count) for name, ms, count in kernels[:12]]
+    log(**record)
 
-        timed(8)  # warm-up (cuBLAS, the first capture)
-        prefill = timed(1)
-        short, long = timed(32), timed(32 + args.steps)
-        natural = timed(256, eos=tok.eos_token_id)  # what eval does: rows stop at EOS
-        before = decode_mod.totals()
-        timed(16)
-        after = decode_mod.totals()
-        captured = after["replayed_steps"] > before["replayed_steps"]
-        eager_short, eager_long = timed(8, graphs=False), timed(8 + 32, graphs=False)
-        record = dict(event="decode_steps", model=Path(args.model).name, rows=rows, width=width,
-                      graph_captured=captured, failed_captures=after["failed_captures"],
-                      prefill_s=round(prefill, 3), per_step_ms=round((long - short) / args.steps * 1000, 2),
-                      eager_step_ms=round((eager_long - eager_short) / 32 * 1000, 2),
-                      natural_stop_256_s=round(natural, 3))
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-                decode_mod.decode(model, ids, mask, 24, never, tok.pad_token_id, graphs=False)
-                sync()
-            kernels = sorted(((e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1000, e.count)
-                              for e in prof.key_averages()), key=lambda k: -k[1])
-            record["top_kernels_24_eager_steps_ms"] = [(name[:70], round(ms, 3), count) for name, ms, count in kernels[:12]]
-        log(**record)
 
 if __name__ == "__main__":
     main()

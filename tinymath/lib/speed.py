@@ -218,10 +218,10 @@ def plan_layers(config: TrainConfig, device: str, total_tokens: float, peft_mode
     return compiled, use_fused_kernels(config, device, compiled, peft_model)
 
 
-def fuse_kernels(peft_model):
+def fuse_kernels(model):
     """Swap the decoder layers' RMSNorm, rotary embedding and SwiGLU for Liger's Triton kernels
     (each a single fused kernel forward and backward, instead of several PyTorch ones) in this
-    model. Liger swaps them in the architecture's module too (its rotary function, which the
+    model (a PEFT model or a plain one). Liger swaps them in the architecture's module too (its rotary function, which the
     layers look up there, and its norm and MLP classes), so for the process; returns the function
     that puts that module back as it was (the run calls it when it ends, so that a model built
     later in the process, an evaluation's say, is plain). The LM head and loss stay tinymath's
@@ -231,7 +231,7 @@ def fuse_kernels(peft_model):
 
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    causal_lm = peft_model.get_base_model()
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     module = sys.modules[type(causal_lm).__module__]  # e.g. transformers.models.llama.modeling_llama
     before = dict(vars(module))
     logging.getLogger("liger_kernel").setLevel(logging.WARNING)
