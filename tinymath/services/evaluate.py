@@ -49,11 +49,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     import torch
 
     from tinymath.base.config import absolute_paths
-    from tinymath.base.files import check_output_dir
     from tinymath.base.progress import progress_bar
-    from tinymath.base.files import MODEL_SUFFIXES, check_local_source
-    from tinymath.base.runs import load_run
-    from tinymath.lib.lora import check_base_present
     from tinymath.lib.decode import totals as decode_totals
     from tinymath.lib.distributed import checked_together, process_share, process_state
     from tinymath.lib.generate import GenerationSettings, generate_across_processes, load_for_inference
@@ -65,18 +61,8 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature or 0.0,
                                   calculator=bool(calculator), stop=chosen.stop, static_cache=compile)
 
-    def check():  # what one machine of several may see otherwise: its files
-        settings.validate()
-        if out is not None:
-            check_output_dir(out, overwrite, marker=SUMMARY)
-        if model is not None:
-            check_local_source("--model", model, MODEL_SUFFIXES)
-        if adapter is not None:  # a wrong run folder is reported before any data is fetched
-            check_base_present(load_run(adapter))
-        return read_gsm8k(data, split, limit)
-
     state = process_state()  # every process joins before its own checks, so none stops alone
-    rows = checked_together(state, check)
+    rows = checked_together(state, lambda: _checked_rows(settings, out, overwrite, model, adapter, data, split, limit))
     loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
@@ -113,6 +99,25 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     if out is not None and state.is_main_process:
         _write_eval(out, rows, outputs, scored["rows"], summary)
     return summary
+
+
+def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: str | None, data: str, split: str,
+                  limit: int | None) -> list[dict]:
+    """The problems to answer, after the checks of what one machine of several may see otherwise:
+    its files (the output folder, the model, the run and its base, the data)."""
+    from tinymath.base.files import MODEL_SUFFIXES, check_local_source, check_output_dir
+    from tinymath.base.runs import load_run
+    from tinymath.lib.gsm8k import read_gsm8k
+    from tinymath.lib.lora import check_base_present
+
+    settings.validate()
+    if out is not None:
+        check_output_dir(out, overwrite, marker=SUMMARY)
+    if model is not None:
+        check_local_source("--model", model, MODEL_SUFFIXES)
+    if adapter is not None:  # a wrong run folder is reported before any data is fetched
+        check_base_present(load_run(adapter))
+    return read_gsm8k(data, split, limit)
 
 
 def _saying_compiling(update, inference, settings, prompts: int):
