@@ -355,30 +355,76 @@ def test_a_folder_one_machine_lacks_stops_both_machines_with_its_reason(tiny_mod
         assert not (tmp_path / f"run{lacking}").exists()
 
 
-def test_a_launch_that_started_one_process_of_several_is_refused(tiny_model, gsm8k_dir, tmp_path):
-    """``accelerate launch --num_processes 2`` without --multi_gpu, on a machine with fewer than two
-    GPUs, runs one plain process (it sets the rendezvous address, no WORLD_SIZE): refused, with
-    the flag that launches them all, instead of a quiet one-process run. A MASTER_ADDR that a job
-    script set, outside accelerate, is no such sign."""
+def test_a_config_file_or_dry_run_data_one_machine_lacks_stops_both_machines(tiny_model, gsm8k_dir, tmp_path):
+    """The settings file (and a run's run.json for --resume) is read after every process joins, and
+    so is what a dry run reads: a machine without it says so, and the other stops naming it."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'model = "{tiny_model}"\nquant = "none"\nmax_steps = 2\nbatch_size = 2\n')
+    missing = tmp_path / "not-on-this-machine"
+    cases = [(lambda n: ["train", "--data", str(gsm8k_dir), "--out", str(tmp_path / "run"),
+                         "--config", str(missing if n == 1 else recipe)], f"--config {missing} does not exist"),
+             (lambda n: ["train", "--model", str(tiny_model), "--out", str(tmp_path / "dry"), "--dry-run",
+                         "--data", str(missing if n == 1 else gsm8k_dir)], f"--data {missing} does not exist")]
+    for command, said in cases:
+        port = _free_port()
+        nodes = [_launch(n, 2, port, *command(n)) for n in (0, 1)]
+        outputs = [node.communicate(timeout=240) for node in nodes]
+        errors = [err for _, err in outputs]
+        assert [node.returncode for node in nodes] == [1, 1], errors
+        assert said in errors[1], errors[1][-2000:]
+        assert f"process 1 of this launch refused to start ({said}" in errors[0], errors[0][-2000:]
+        assert not any("Traceback" in err.split("torch/distributed/elastic")[0] for err in errors), errors
+        assert outputs[0][0].strip() == "", outputs[0][0]  # no dry-run report from the machine that could read
+    assert not (tmp_path / "run").exists() and not (tmp_path / "dry").exists()
+
+
+def test_a_setting_every_process_refuses_is_said_once(tiny_model, gsm8k_dir, tmp_path):
+    """Two processes on one machine refusing the same setting: one message, not one a process."""
     import os
-    import shlex
     import subprocess
     import sys
 
-    args = ["-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--out",
-            str(tmp_path / "run"), "--dry-run", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model", str(tiny_model),
+                           "--lr", "-1", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert done.returncode != 0
+    assert done.stderr.count("--lr -1.0 must be positive") == 1, done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_launch_that_started_one_process_of_several_is_refused(tiny_model, gsm8k_dir, tmp_path):
+    """``accelerate launch --num_processes 2`` without --multi_gpu, on a machine with fewer than two
+    GPUs, runs one plain process (it sets the rendezvous address, no WORLD_SIZE): refused, with
+    the flag that launches them all, instead of a quiet one-process run; also where a job script
+    had set MASTER_ADDR itself (SLURM's habit), and with --cpu, whose fix is another. A one-process
+    launch from such a script is no one-of-several launch: it runs."""
+    import os
+    import subprocess
+    import sys
+
     import torch
 
+    args = ["-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model", str(tiny_model), "--out",
+            str(tmp_path / "run"), "--dry-run", "--json"]
+
+    def launch(*options, script_address=False):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if script_address:
+            env["MASTER_ADDR"] = "127.0.0.1"
+        return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *options, *args],
+                              capture_output=True, text=True, timeout=240, env=env)
+
     if torch.cuda.device_count() < 2:  # with two GPUs accelerate starts both by itself
-        launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", *args],
-                                  capture_output=True, text=True, timeout=240, env=env)
-        assert launched.returncode != 0 and "add --multi_gpu to the launch" in launched.stderr, launched.stderr[-2000:]
+        for launched in (launch("--num_processes", "2"), launch("--num_processes", "2", script_address=True)):
+            assert launched.returncode != 0 and "add --multi_gpu to the launch" in launched.stderr, \
+                launched.stderr[-2000:]
+        on_cpu = launch("--cpu", "--num_processes", "2")
+        assert on_cpu.returncode != 0 and "--cpu always runs one process: drop it and add --multi_gpu" in \
+            on_cpu.stderr, on_cpu.stderr[-2000:]
         assert not (tmp_path / "run").exists()
-    script = ("export MASTER_ADDR=127.0.0.1 ACCELERATE_MIXED_PRECISION=no; "  # set by the script, not its parent
-              f"{shlex.join([sys.executable, *args])}; echo exit=$?")
-    scripted = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=240, env=env)
-    assert "exit=0" in scripted.stdout, scripted.stderr[-2000:]
+    alone = launch("--num_processes", "1", script_address=True)
+    assert alone.returncode == 0, alone.stderr[-2000:]
 
 
 def test_a_dry_run_under_two_processes_counts_both_and_reports_once(tiny_model, gsm8k_dir, tmp_path):

@@ -316,26 +316,25 @@ def train_cmd(
     ```
     """
     from tinymath.base.config import resolve_train_config
+    from tinymath.lib.distributed import checked_together, end_processes, process_state
 
     flags = {name: value.value if isinstance(value, Enum) else value for name, value in options.items()}
-    resolved = resolve_train_config(flags, str(config) if config else None, str(resume) if resume else None)
+    state = process_state()  # every process joins before reading a file (--config, --resume): none stops alone
+    resolved = checked_together(state, lambda: resolve_train_config(flags, str(config) if config else None,
+                                                                     str(resume) if resume else None))
     if dry_run:
         from tinymath.services.train import dry_run_report
 
-        from tinymath.lib.distributed import end_processes, process_state
-
-        report = dry_run_report(resolved, resume=resume is not None)
+        report = checked_together(state, lambda: dry_run_report(resolved, resume=resume is not None))
         if not _launched_rank():  # under a launcher: one report a machine, its first process's
             _print_json(report) if json_out else out_console.print_json(data=report)
-        end_processes(process_state())
+        end_processes(state)
         if report["out_refused"]:  # the report is still printed; the exit status says the run would not start
             raise TinymathError(f"the run itself would stop here: {report['out_refused']}", every_process=True)
         return
-    from tinymath.lib.distributed import end_processes, process_state
     from tinymath.services.train import train
 
     summary = train(resolved, show_progress=not json_out, resume=resume is not None)
-    state = process_state()
     end_processes(state)
     if not state.is_main_process:  # under accelerate launch: one report, rank 0's
         return

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tinymath.base.errors import Terminated, TinymathError
 from tinymath.base.runs import BEST, CHECKPOINTS, CONFIG_FILE
+from tinymath.lib.distributed import several_machines
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -100,7 +101,7 @@ def check_processes(state: dict, processes: int, run: Path) -> None:
     and each process's random numbers depend on it."""
     saved = state.get("processes")
     if saved is not None and saved != processes:
-        launch = resume_command(run, saved) + ("" if saved > 1 else " (one process)")
+        launch = resume_command(run, saved, several_machines()) + ("" if saved > 1 else " (one process)")
         raise TinymathError(f"--resume {run}: the run trained with {saved} process(es), this launch has {processes}; "
                             f"resume it as it ran: {launch}")
 

@@ -21,10 +21,14 @@ def process_state():
     import torch
     from accelerate import PartialState
 
-    if _one_started_of_several():
-        raise TinymathError("accelerate launch was asked for several processes but started one: it starts "
-                            "several by itself only on a machine with 2 or more GPUs; add --multi_gpu to the "
-                            "launch (one GPU per machine, or processes on a CPU)")
+    launcher = _one_started_of_several()
+    if launcher is not None:
+        raise TinymathError("accelerate launch was asked for several processes but started one: it starts several "
+                            "by itself only on a machine with 2 or more GPUs (this one has "
+                            f"{torch.cuda.device_count()}); " + (
+                                "--cpu always runs one process: drop it and add --multi_gpu (CPU processes meet "
+                                "through gloo), or use torchrun --nproc_per_node N" if "--cpu" in launcher else
+                                "add --multi_gpu to the launch (one GPU per machine, or processes on a CPU)"))
     try:
         state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
     except getattr(torch.distributed, "DistError", RuntimeError) as exc:  # the rendezvous: a process never came
@@ -39,23 +43,38 @@ def process_state():
     return state
 
 
-def _one_started_of_several() -> bool:
-    """``accelerate launch --num_processes N`` without ``--multi_gpu`` on a machine with fewer than
-    2 GPUs starts one plain process: it sets a rendezvous address (MASTER_ADDR) that the launch
-    itself did not have (a job script's own MASTER_ADDR is not a sign), and no WORLD_SIZE."""
+def _one_started_of_several() -> list[str] | None:
+    """The launcher's arguments when ``accelerate launch`` asked for several processes (or machines)
+    started this one alone, else None. Without ``--multi_gpu``, on a machine with fewer than 2 GPUs
+    (or with ``--cpu``), it starts one plain process: no WORLD_SIZE, and a rendezvous address
+    (MASTER_ADDR) that it sets only when several were asked for: asked on its command line, or, from
+    its config file, an address the launcher itself did not have (a job script's own is no sign)."""
     import os
 
     if "ACCELERATE_MIXED_PRECISION" not in os.environ or "MASTER_ADDR" not in os.environ \
             or "WORLD_SIZE" in os.environ:
-        return False
+        return None
     parent = Path(f"/proc/{os.getppid()}")
     try:  # the launcher is this process's parent: what it runs, and what it was started with (Linux)
-        command = parent.joinpath("cmdline").read_bytes()
-        launcher = parent.joinpath("environ").read_bytes().split(b"\0")
+        command = [arg.decode(errors="replace") for arg in parent.joinpath("cmdline").read_bytes().split(b"\0")]
+        environment = parent.joinpath("environ").read_bytes().split(b"\0")
     except OSError:
-        return False  # cannot tell: a plain process, as accelerate started it
-    return b"accelerate" in command and b"launch" in command and \
-        not any(entry.startswith(b"MASTER_ADDR=") for entry in launcher)
+        return None  # cannot tell: a plain process, as accelerate started it
+    if not any("accelerate" in arg for arg in command) or "launch" not in " ".join(command):
+        return None
+    asked = max(_launch_option(command, "--num_processes"), _launch_option(command, "--num_machines")) > 1
+    set_by_launch = not any(entry.startswith(b"MASTER_ADDR=") for entry in environment)
+    return command if asked or set_by_launch else None
+
+
+def _launch_option(command: list[str], name: str) -> int:
+    """An integer option of the launcher's command line (``--name N`` or ``--name=N``); 0 if absent."""
+    for i, arg in enumerate(command):
+        value = command[i + 1] if arg == name and i + 1 < len(command) else \
+            arg.partition("=")[2] if arg.startswith(name + "=") else None
+        if value is not None:
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def several_machines() -> bool:
@@ -95,6 +114,8 @@ def checked_together(state, check):
         if refusal is None and first is not None:
             refusal = TinymathError(f"process {first[0]} of this launch refused to start ({first[1]}), so this one "
                                     "stops too")
+        elif isinstance(refusal, TinymathError) and len(set(said)) == 1:  # every process said the same:
+            refusal.every_process = True  # once a machine is enough (a shared folder, a bad setting)
     if refusal is not None:
         raise refusal
     return result

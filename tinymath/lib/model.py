@@ -334,7 +334,8 @@ def load_base_model(source: str, quant: str = "nf4", dtype=None, device: str | N
 
 def model_skeleton(source: str, trust_remote_code: bool = False):
     """The model's layers without their weights (on PyTorch's meta device): its module names and
-    shapes from its config alone, for checks that should not wait for a load."""
+    shapes from its config alone, for checks that should not wait for a load. None where the
+    model's code cannot be built on the meta device (the same checks then run on the loaded model)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -345,6 +346,8 @@ def model_skeleton(source: str, trust_remote_code: bool = False):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # missing files, unknown architectures, remote code refused
         raise TinymathError(f"could not load model {source}: {missing_files_reason(exc)}") from exc
+    except Exception:  # e.g. remote code that reads a tensor's value while it is built: not a user mistake
+        return None
 
 
 def model_fingerprint(model) -> dict:

@@ -34,7 +34,8 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     from tinymath.lib.distributed import checked_together, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
 
-    def check():  # what one machine of several may see otherwise: its files
+    def check():  # the settings, and what one machine of several may see otherwise: its files
+        _check_settings(config)
         _check_machine(config)
         output = plan_train_output(config.out, config.overwrite, resume)  # reads only, on every process
         check_writable(output.live.absolute().parent, named=output.final)
@@ -42,7 +43,6 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
             raise TinymathError(f"--resume {output.live}: no such run folder")
         return output
 
-    _check_settings(config)  # the command line: the same on every process
     state = process_state()  # every process joins before its own checks, so none stops alone
     output = checked_together(state, check)  # and every process has checked the folder before it changes
     trainer = METHODS[config.method](config, output.live, show_progress, resume, final=output.final)
@@ -79,9 +79,9 @@ def _check_machine(config: TrainConfig) -> None:
     _check_reporter(config)
     check_fused_kernels_asked(config, default_device())
     _check_sources(config)
-    if config.target_modules != "all-linear":
-        check_target_modules(model_skeleton(config.model, config.trust_remote_code),
-                             target_module_names(config.target_modules))
+    skeleton = model_skeleton(config.model, config.trust_remote_code) if config.target_modules != "all-linear" else None
+    if skeleton is not None:  # else checked on the loaded model
+        check_target_modules(skeleton, target_module_names(config.target_modules))
 
 
 def _check_sources(config: TrainConfig) -> None:
