@@ -539,3 +539,36 @@ def test_target_modules_are_checked_as_peft_matches_them():
     check_target_modules(gpt2, "all-linear")
     with pytest.raises(TinymathError, match="no layer named q_proj; its layers with weight matrices are .*c_attn"):
         check_target_modules(gpt2, ["c_attn", "q_proj"])
+
+
+def test_training_after_an_eval_mode_call_gets_the_same_gradients(tiny_model):
+    """Validation runs the training model in eval mode. On a CPU with AVX512-BF16, bitsandbytes
+    would then repack the 4-bit weights for a bf16 kernel without gradients and keep them so, and
+    the training steps after it would get wrong gradients: the layers keep their trainable layout."""
+    import torch
+
+    from tinymath.lib.lora import attach_lora, get_lora_config
+    from tinymath.lib.model import load_base_model
+
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+
+    def gradients(validate_first: bool) -> dict:
+        torch.manual_seed(0)
+        model = attach_lora(load_base_model(str(tiny_model), "nf4", dtype=torch.float32, device="cpu"),
+                            get_lora_config(8, 16, 0.0, "all-linear"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+        if validate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, after = gradients(False), gradients(True)
+    assert plain.keys() == after.keys() and plain
+    assert all(torch.allclose(plain[k], after[k], atol=1e-6) for k in plain), \
+        max((plain[k] - after[k]).abs().max().item() for k in plain)

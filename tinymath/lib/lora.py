@@ -82,6 +82,9 @@ def attach_lora(model, lora_config, gradient_checkpointing: bool = False, base_n
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    for module in model.modules():  # bitsandbytes' 4-bit layers, on a CPU with AVX512-BF16, repack their
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # weights at the first eval-mode call (validation)
+            module.support_avx512bf16_for_cpu = False  # for a bf16 kernel with no gradient, and keep them so
     check_target_modules(model, lora_config.target_modules)
     try:
         peft_model = get_peft_model(model, lora_config)
