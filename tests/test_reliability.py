@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from tinymath.base.runs import CONFIG_FILE
+
 COMMON = ["--quant", "none", "--batch-size", "2", "--lr", "0.02", "--warmup", "0", "--lora-r", "8"]
 
 
@@ -268,6 +270,14 @@ def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     assert result.exit_code == 1 and "drop --out" in result.stderr and not (tmp_path / "elsewhere").exists()
     result = run_cli("train", "--resume", out, "--out", "run")  # the same folder, relative: no conflict
     assert result.exit_code == 1 and "kept no checkpoint to continue from" in result.stderr
+    killed = tmp_path / "killed"  # killed (kill -9) before its first checkpoint: its settings, nothing more
+    killed.mkdir()
+    shutil.copy(out / CONFIG_FILE, killed / CONFIG_FILE)
+    result = run_cli("train", "--resume", killed)
+    again = f"tinymath train --config {killed / CONFIG_FILE} --out {killed} --overwrite"
+    assert result.exit_code == 1 and "no checkpoint to resume from" in result.stderr
+    assert again in result.stderr.replace("\n", ""), result.stderr
+    assert run_cli(*again.split()[1:]).exit_code == 0 and (killed / "run.json").is_file()
 
 
 def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp_path):

@@ -101,7 +101,9 @@ def load_run(path: str | Path) -> RunInfo:
                             f"continue it with `tinymath train --resume {path}`, or give a finished run")
     if RUN_FILE in missing and (path / CONFIG_FILE).is_file():
         raise TinymathError(f"{path} is a training run that has not finished and has no checkpoint yet (it may "
-                            "still be training); give it once it is done, or a finished run")
+                            "still be training); give it once it is done, or a finished run (if it was stopped for "
+                            f"good, train it again: tinymath train --config {path / CONFIG_FILE} --out {path} "
+                            "--overwrite)")
     if missing and RUN_FILE not in missing:  # finished, then something taken away
         raise TinymathError(f"{path} is a finished training run missing {', '.join(missing)}; copy the whole run "
                             "folder again")

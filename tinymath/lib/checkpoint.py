@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinymath.base.errors import Terminated, TinymathError
-from tinymath.base.runs import BEST, CHECKPOINTS, CONFIG_FILE
+from tinymath.base.runs import BEST, CHECKPOINTS, CONFIG_FILE, RUN_FILE
 from tinymath.lib.distributed import several_machines
 
 
@@ -31,6 +31,35 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
+
+
+def finished_steps(run: Path) -> int | None:
+    """The steps a finished run took (its ``run.json``), when ``run`` is one."""
+    from tinymath.base.files import read_json_object
+
+    if not (Path(run) / RUN_FILE).is_file():
+        return None
+    try:
+        steps = read_json_object(Path(run) / RUN_FILE).get("result", {}).get("steps")
+    except (TinymathError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
+
+
+def check_resumable(run: Path) -> None:
+    """``--resume`` of a run with no checkpoint to continue from, refused before anything loads,
+    with what to do instead."""
+    if checkpoint_dirs(run):
+        return
+    finished = finished_steps(run)
+    if finished is not None:
+        raise TinymathError(f"--resume {run}: the run has finished its {finished} steps ({RUN_FILE}) and kept no "
+                            "checkpoint to continue from (a run keeps them with --save-every N); to train longer, "
+                            f"start a new run: tinymath train --config {Path(run) / RUN_FILE} --out NEW --max-steps N "
+                            "(or --epochs N)")
+    raise TinymathError(f"--resume {run}: no checkpoint to resume from (a run saves one every --save-every N steps, "
+                        "and when Ctrl-C stops it); to start it again: tinymath train --config "
+                        f"{Path(run) / CONFIG_FILE} --out {run} --overwrite")
 
 
 def latest_checkpoint(run: Path) -> Path | None:

@@ -268,15 +268,11 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, self.plan.warmup_steps, self.plan.total_steps)
 
     def _restore(self) -> None:
-        from tinymath.lib.checkpoint import check_processes, load_latest_checkpoint
+        from tinymath.lib.checkpoint import check_processes, check_resumable, finished_steps, load_latest_checkpoint
 
         state = self.state
-        finished = self._finished_steps()
-        if finished is not None and not any((self.out / CHECKPOINTS).glob("step-*")):
-            raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}) and, "
-                                "kept no checkpoint to continue from (--save-every below its length keeps one); to train "
-                                f"longer, start a new run: tinymath train --config {self.out / RUN_FILE} --out NEW "
-                                "--max-steps N (or --epochs N)")
+        check_resumable(self.out)  # the service checked it before loading; a trainer used alone checks here
+        finished = finished_steps(self.out)
         if finished is not None and finished >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}); "
                                 "pass a larger --max-steps or --epochs to train it further")
@@ -299,18 +295,6 @@ class Trainer:
         if state.start_step >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the checkpoint is at step {state.start_step}, the run ends at "
                                 f"step {self.plan.total_steps}; pass a larger --max-steps or --epochs to train further")
-
-    def _finished_steps(self) -> int | None:
-        """The steps a finished run took (its ``run.json``), when the folder resumed is one."""
-        from tinymath.base.files import read_json_object
-
-        if not (self.out / RUN_FILE).is_file():
-            return None
-        try:
-            steps = read_json_object(self.out / RUN_FILE).get("result", {}).get("steps")
-        except (TinymathError, AttributeError):
-            return None
-        return steps if isinstance(steps, int) else None
 
     def _plan_graphs(self) -> None:
         from tinymath.lib.graphs import use_cuda_graphs

@@ -31,6 +31,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     """
     from tinymath.base.files import check_writable, sigterm_as_interrupt
     from tinymath.base.runs import plan_train_output
+    from tinymath.lib.checkpoint import check_resumable
     from tinymath.lib.distributed import checked_together, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
 
@@ -41,6 +42,8 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
         check_writable(output.live.absolute().parent, named=output.final)
         if resume and not output.live.is_dir():
             raise TinymathError(f"--resume {output.live}: no such run folder")
+        if resume:
+            check_resumable(output.live)
         return output
 
     state = process_state()  # every process joins before its own checks, so none stops alone
