@@ -306,3 +306,32 @@ def test_a_folders_own_validation_file_is_its_validation_split(tiny_model, gsm8k
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "val_accuracy" in rows[-1]
+
+
+def test_json_output_with_progress_on_a_terminal(tiny_model, gsm8k_dir, tmp_path):
+    """--json keeps stdout one JSON document; a person watching (stderr a terminal) still sees the
+    progress bar there, and a script (stderr a pipe) sees none."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tinymath", "prepare-data", "--data", str(gsm8k_dir), "--model", str(tiny_model),
+               "--json", "--out"]
+    reader, writer = os.openpty()
+    watched = subprocess.run([*command, str(tmp_path / "a")], stdout=subprocess.PIPE, stderr=writer, timeout=240)
+    os.close(writer)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(reader, 65536)
+        except OSError:  # the terminal's other end is closed: all read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(reader)
+    assert watched.returncode == 0 and json.loads(watched.stdout)["splits"]
+    assert b"tokenizing" in shown
+    piped = subprocess.run([*command, str(tmp_path / "b")], capture_output=True, timeout=240)
+    assert piped.returncode == 0 and json.loads(piped.stdout)["splits"] and b"tokenizing" not in piped.stderr

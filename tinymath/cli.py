@@ -192,6 +192,12 @@ def _print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def _shows_progress(json_out: bool) -> bool:
+    """Progress bars (on stderr): always, except with --json where stderr is not a terminal (a
+    script reading the JSON; a person watching still sees the work move)."""
+    return not json_out or sys.stderr.isatty()
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 
@@ -233,7 +239,7 @@ def prepare_data_cmd(
     manifest = prepare_data(data=data, model=model, out=out, fmt=format.value, system_prompt=system_prompt,
                             max_length=max_length, calc_annotations=calc_annotations.value, val_size=val_size,
                             limit=limit, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                            show_progress=not json_out)
+                            show_progress=_shows_progress(json_out))
     if json_out:
         return _print_json(manifest)
     from rich.table import Table
@@ -334,7 +340,7 @@ def train_cmd(
         return
     from tinymath.services.train import train
 
-    summary = train(resolved, show_progress=not json_out, resume=resume is not None)
+    summary = train(resolved, show_progress=_shows_progress(json_out), resume=resume is not None)
     end_processes(state)
     if not state.is_main_process:  # under accelerate launch: one report, rank 0's
         return
@@ -424,7 +430,7 @@ def _tinymath_gsm8k(o: dict) -> None:
                        max_new_tokens=_answer_tokens(o, 256), quant=o["quant"].value,
                        fmt=o["format"].value if o["format"] else None, system_prompt=o["system_prompt"],
                        merge_base=o["merge_base"].value, overwrite=o["overwrite"],
-                       trust_remote_code=o["trust_remote_code"], show_progress=not o["json_out"],
+                       trust_remote_code=o["trust_remote_code"], show_progress=_shows_progress(o["json_out"]),
                        calculator=o["calculator"], samples=o["samples"], temperature=o["temperature"],
                        seed=o["seed"], protocol=o["protocol"].value, compile=o["compile"])
     state = process_state()
