@@ -146,7 +146,9 @@ def test_grpo_run_folder_resume_eval_and_merge(tiny_model, gsm8k_dir, sft_run, t
     assert all({"reward", "groups_solved", "generated_tokens", "generation_s", "update_s"} <= r.keys() for r in rows)
     assert any(r["loss"] != 0 for r in rows)  # mixed rewards: the policy was updated
     assert run["result"]["first_step_seconds"] >= rows[0]["generation_s"]  # a step's sampling is part of it
-    assert run["result"]["reward_last_steps"] == pytest.approx(sum(r["reward"] for r in rows) / len(rows), abs=1e-4)
+    assert run["result"]["reward_window_steps"] == 2  # halves of a short run, not ten steps each (all of them)
+    assert run["result"]["reward_first_steps"] == pytest.approx(sum(r["reward"] for r in rows[:2]) / 2, abs=1e-4)
+    assert run["result"]["reward_last_steps"] == pytest.approx(sum(r["reward"] for r in rows[2:]) / 2, abs=1e-4)
 
     again = tmp_path / "again"  # resumed from step 2: the same samples, rewards and losses as straight through
     shutil.copytree(out, again)

@@ -349,7 +349,7 @@ def train_cmd(
     held_out = f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
     if summary.get("reward_last_steps") is not None:
         held_out += (f", sample reward {summary['reward_first_steps']:.3f} -> {summary['reward_last_steps']:.3f} "
-                     "(first -> last ten steps)")
+                     f"(first -> last {summary.get('reward_window_steps', 10)} steps)")
     if summary.get("best_val_accuracy") is not None:
         held_out += f", best validation accuracy {summary['best_val_accuracy']:.1%} (step {summary['best_step']})"
     kept = summary.get("adapter_step", summary["steps"])

@@ -255,16 +255,18 @@ class GRPOTrainer(Trainer):
 
     def summary(self) -> dict:
         """The SFT summary, plus the samples' mean reward over the run's first and last ten steps
-        (from metrics.jsonl, so a resumed run counts its earlier steps too)."""
+        (fewer in a run of under 20, so the two do not overlap; from metrics.jsonl, so a resumed
+        run counts its earlier steps too)."""
         from tinymath.base.runs import read_metrics
 
         summary = super().summary()
         if self.is_main:
             rewards = [row["reward"] for row in read_metrics(self.out) if "reward" in row]
             if rewards:
-                first, last = rewards[:10], rewards[-10:]
-                summary.update(reward_first_steps=round(sum(first) / len(first), 4),
-                               reward_last_steps=round(sum(last) / len(last), 4))
+                n = max(1, min(10, len(rewards) // 2))
+                first, last = rewards[:n], rewards[-n:]
+                summary.update(reward_first_steps=round(sum(first) / n, 4), reward_last_steps=round(sum(last) / n, 4),
+                               reward_window_steps=n)
         return summary
 
     def after_step(self, done: int, loss: float, lr: float, real: int, tps: float, stop_votes: float) -> None:
