@@ -77,7 +77,9 @@ def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tiny_model, gsm8k_
                          max_steps=1, batch_size=2, cuda_graphs=True)
     with pytest.raises(TinymathError, match="--cuda-graphs needs a GPU"):
         train(config)
-    assert not (tmp_path / "run" / "run.json").exists()
+    assert not (tmp_path / "run").exists()  # refused before the folder was claimed or the model loaded
+    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--cuda-graphs", "--dry-run")
+    assert result.exit_code == 1 and "--cuda-graphs needs a GPU" in result.stderr  # the dry run says so too
 
 
 def test_graphs_by_default_only_where_they_are_safe():

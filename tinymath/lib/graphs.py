@@ -140,6 +140,17 @@ class GraphedMicroBatches:
 MIN_GRAPHED_STEPS = 20  # the first padded length costs about two steps' warm-up to capture
 
 
+CUDA_GRAPHS_REFUSAL = ("--cuda-graphs needs a GPU with bf16 (no fp16 loss scaling), --packing and no gradient "
+                       "checkpointing (with --max-memory the planner may have chosen it); drop --cuda-graphs")
+
+
+def check_cuda_graphs_asked(config, device: str) -> None:
+    """``--cuda-graphs`` where they cannot run whatever the plan, refused before anything is loaded
+    (what the plan decides, gradient checkpointing under --max-memory, is checked once planned)."""
+    if config.cuda_graphs and (not device.startswith("cuda") or not config.packing or config.gradient_checkpointing):
+        raise TinymathError(CUDA_GRAPHS_REFUSAL)
+
+
 def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: float,
                     gradient_checkpointing: bool | None = None, total_steps: int | None = None) -> bool:
     """Whether to train with graphs: ``--cuda-graphs``/``--no-cuda-graphs`` if given (an error where
@@ -155,9 +166,7 @@ def use_cuda_graphs(config, device: str, world: int, loss_scaling: bool, room: f
         gradient_checkpointing = config.gradient_checkpointing
     possible = device.startswith("cuda") and config.packing and not gradient_checkpointing and not loss_scaling
     if config.cuda_graphs and not possible:
-        raise TinymathError("--cuda-graphs needs a GPU with bf16 (no fp16 loss scaling), --packing "
-                            "and no gradient checkpointing (with --max-memory the planner may have chosen it); "
-                            "drop --cuda-graphs")
+        raise TinymathError(CUDA_GRAPHS_REFUSAL)
     if config.cuda_graphs is not None:
         return config.cuda_graphs
     long_enough = total_steps is None or total_steps >= MIN_GRAPHED_STEPS  # short runs: captures would not pay

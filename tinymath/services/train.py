@@ -75,12 +75,14 @@ def _check_machine(config: TrainConfig) -> None:
     tracker, fused kernels where they cannot run, the local sources, and LoRA layers the model lacks
     (from its config alone)."""
     from tinymath.lib.distributed import default_device
+    from tinymath.lib.graphs import check_cuda_graphs_asked
     from tinymath.lib.lora import check_target_modules, target_module_names
     from tinymath.lib.model import model_skeleton
     from tinymath.lib.speed import check_fused_kernels_asked
 
     _check_reporter(config)
     check_fused_kernels_asked(config, default_device())
+    check_cuda_graphs_asked(config, default_device())
     _check_sources(config)
     skeleton = model_skeleton(config.model, config.trust_remote_code) if config.target_modules != "all-linear" else None
     if skeleton is not None:  # else checked on the loaded model
