@@ -64,18 +64,20 @@ def main():
             from tinymath.lib.speed import fuse_kernels
 
             fuse_kernels(model)
-        ids, mask, _ = batch(args.equal)
+        ids, mask, _ = batch(min(args.equal, len(prompts)))
         answers[variant] = decode_mod.decode(model, ids, mask, 256, tok.eos_token_id, tok.pad_token_id).cpu()
         for rows in (int(r) for r in args.rows.split(",")):
             measure(model, tok, decode_mod, batch, rows, variant, args, sync, never)
     if args.fused:
-        same = sum(bool((a == b).all()) for a, b in zip(answers["plain"], answers["fused"]))
+        plain, fused = answers["plain"], answers["fused"]
+        width = max(plain.shape[1], fused.shape[1])  # each stops when its own rows have all finished
+        plain, fused = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=tok.pad_token_id)
+                        for t in (plain, fused))
+        same = sum(bool((a == b).all()) for a, b in zip(plain, fused))
         log(event="decode_fused_equal", problems=args.equal, identical_greedy_rows=same)
 
 
 def measure(model, tok, decode_mod, batch, rows, variant, args, sync, never):
-    import torch
-
     ids, mask, width = batch(rows)
 
     def timed(n, eos=never, graphs=None):

@@ -315,23 +315,27 @@ def test_json_output_with_progress_on_a_terminal(tiny_model, gsm8k_dir, tmp_path
     import os
     import subprocess
     import sys
+    import tempfile
 
     command = [sys.executable, "-m", "tinymath", "prepare-data", "--data", str(gsm8k_dir), "--model", str(tiny_model),
                "--json", "--out"]
     reader, writer = os.openpty()
-    watched = subprocess.run([*command, str(tmp_path / "a")], stdout=subprocess.PIPE, stderr=writer, timeout=240)
-    os.close(writer)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(reader, 65536)
-        except OSError:  # the terminal's other end is closed: all read
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(reader)
-    assert watched.returncode == 0 and json.loads(watched.stdout)["splits"]
+    with tempfile.TemporaryFile() as stdout:
+        watched = subprocess.Popen([*command, str(tmp_path / "a")], stdout=stdout, stderr=writer)
+        os.close(writer)
+        shown = b""
+        while True:  # read the terminal as the command writes to it (a full terminal would block it)
+            try:
+                chunk = os.read(reader, 65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+        os.close(reader)
+        assert watched.wait(timeout=240) == 0
+        stdout.seek(0)
+        assert json.loads(stdout.read())["splits"]
     assert b"tokenizing" in shown
     piped = subprocess.run([*command, str(tmp_path / "b")], capture_output=True, timeout=240)
     assert piped.returncode == 0 and json.loads(piped.stdout)["splits"] and b"tokenizing" not in piped.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from tinymath.base.runs import CONFIG_FILE
+from tinymath.base.runs import CONFIG_FILE, run_lock
 
 COMMON = ["--quant", "none", "--batch-size", "2", "--lr", "0.02", "--warmup", "0", "--lora-r", "8"]
 
@@ -277,7 +277,12 @@ def test_resume_refusals(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     again = f"tinymath train --config {killed / CONFIG_FILE} --out {killed} --overwrite"
     assert result.exit_code == 1 and "no checkpoint to resume from" in result.stderr
     assert again in result.stderr.replace("\n", ""), result.stderr
+    with run_lock(killed):  # not killed but still training: the advice would be wrong, the lock is named
+        result = run_cli("train", "--resume", killed)
+    assert result.exit_code == 1 and "another training run" in result.stderr and "--overwrite" not in result.stderr
     assert run_cli(*again.split()[1:]).exit_code == 0 and (killed / "run.json").is_file()
+    result = run_cli("train", "--resume", out, "--dry-run")  # the dry run says the run would refuse
+    assert result.exit_code == 1 and "kept no checkpoint to continue from" in result.stderr
 
 
 def test_accuracy_while_training_keep_best_and_curves(tiny_model, gsm8k_dir, tmp_path):

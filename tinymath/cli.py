@@ -192,6 +192,10 @@ def _print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 def _shows_progress(json_out: bool) -> bool:
     """Progress bars (on stderr): always, except with --json where stderr is not a terminal (a
     script reading the JSON; a person watching still sees the work move)."""
@@ -322,25 +326,27 @@ def train_cmd(
     ```
     """
     from tinymath.base.config import resolve_train_config
-    from tinymath.lib.distributed import checked_together, end_processes, process_state
+    from tinymath.lib.distributed import checked_together, end_processes, launched_together, process_state
 
     flags = {name: value.value if isinstance(value, Enum) else value for name, value in options.items()}
-    state = process_state()  # every process joins before reading a file (--config, --resume): none stops alone
-    resolved = checked_together(state, lambda: resolve_train_config(flags, str(config) if config else None,
-                                                                     str(resume) if resume else None))
+    # under a launcher every process joins before reading a file (--config, --resume): none stops alone
+    joined = process_state() if launched_together() else None
+    resolved = checked_together(joined, lambda: resolve_train_config(flags, str(config) if config else None,
+                                                                      str(resume) if resume else None))
     if dry_run:
         from tinymath.services.train import dry_run_report
 
-        report = checked_together(state, lambda: dry_run_report(resolved, resume=resume is not None))
+        report = checked_together(joined, lambda: dry_run_report(resolved, resume=resume is not None))
         if not _launched_rank():  # under a launcher: one report a machine, its first process's
             _print_json(report) if json_out else out_console.print_json(data=report)
-        end_processes(state)
+        end_processes(process_state())
         if report["out_refused"]:  # the report is still printed; the exit status says the run would not start
             raise TinymathError(f"the run itself would stop here: {report['out_refused']}", every_process=True)
         return
     from tinymath.services.train import train
 
     summary = train(resolved, show_progress=_shows_progress(json_out), resume=resume is not None)
+    state = process_state()
     end_processes(state)
     if not state.is_main_process:  # under accelerate launch: one report, rank 0's
         return
@@ -349,7 +355,7 @@ def train_cmd(
     held_out = f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
     if summary.get("reward_last_steps") is not None:
         held_out += (f", sample reward {summary['reward_first_steps']:.3f} -> {summary['reward_last_steps']:.3f} "
-                     f"(first -> last {summary.get('reward_window_steps', 10)} steps)")
+                     f"(first -> last {_steps(summary.get('reward_window_steps', 10))})")
     if summary.get("best_val_accuracy") is not None:
         held_out += f", best validation accuracy {summary['best_val_accuracy']:.1%} (step {summary['best_step']})"
     kept = summary.get("adapter_step", summary["steps"])

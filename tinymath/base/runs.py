@@ -259,6 +259,28 @@ def _discard_unresumable(output: TrainOutput, created: bool, resume: bool) -> No
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def check_not_locked(folder: Path) -> None:
+    """Refuse, as `run_lock` would, a folder whose lock a training run holds; takes nothing (a
+    shared probe, so the processes of one launch can all ask at once)."""
+    import fcntl
+
+    path = folder / LOCK
+    if not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _locked(folder, os.read(fd, 32)) from None
+    finally:
+        os.close(fd)
+
+
+def _locked(folder: Path, holder: bytes) -> TinymathError:
+    return TinymathError(f"another training run (pid {holder.decode(errors='replace').strip() or '?'}) is writing to "
+                         f"{folder}; wait for it to finish, or use another --out")
+
+
 @contextmanager
 def run_lock(folder: Path):
     """Hold ``folder/.lock`` exclusively for the duration of training (created if need be).
@@ -274,10 +296,9 @@ def run_lock(folder: Path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        holder = os.read(fd, 32)
         os.close(fd)
-        raise TinymathError(f"another training run (pid {holder}) is writing to {folder}; wait for it to finish, "
-                            "or use another --out") from None
+        raise _locked(folder, holder) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     try:

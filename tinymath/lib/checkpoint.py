@@ -46,20 +46,24 @@ def finished_steps(run: Path) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
-def check_resumable(run: Path) -> None:
+def check_resumable(run: Path, final: Path | None = None, processes: int = 1) -> None:
     """``--resume`` of a run with no checkpoint to continue from, refused before anything loads,
-    with what to do instead."""
+    with what to do instead (``final``: where the run ends up, when it replaces another;
+    ``processes``: this launch's). A run still training is left to its lock to name."""
+    from tinymath.base.runs import check_not_locked
+
     if checkpoint_dirs(run):
         return
+    check_not_locked(Path(run))  # a run still training before its first checkpoint: named as such
     finished = finished_steps(run)
     if finished is not None:
         raise TinymathError(f"--resume {run}: the run has finished its {finished} steps ({RUN_FILE}) and kept no "
                             "checkpoint to continue from (a run keeps them with --save-every N); to train longer, "
-                            f"start a new run: tinymath train --config {Path(run) / RUN_FILE} --out NEW --max-steps N "
-                            "(or --epochs N)")
+                            f"start a new run: {train_command(processes)} --config {Path(run) / RUN_FILE} --out NEW "
+                            "--max-steps N (or --epochs N)")
     raise TinymathError(f"--resume {run}: no checkpoint to resume from (a run saves one every --save-every N steps, "
-                        "and when Ctrl-C stops it); to start it again: tinymath train --config "
-                        f"{Path(run) / CONFIG_FILE} --out {run} --overwrite")
+                        f"and when Ctrl-C stops it); to start it again: {train_command(processes)} --config "
+                        f"{Path(run) / CONFIG_FILE} --out {final or run} --overwrite")
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -118,11 +122,16 @@ def save_checkpoint(run: Path, step: int, peft_model, optimizer, scheduler, extr
 def resume_command(run: Path, processes: int, several_machines: bool = False) -> str:
     """The command that continues ``run``, launched as it trained (a run resumes with as many
     processes as it had)."""
-    if processes == 1:
-        return f"tinymath train --resume {run}"
     machines = (" (on each machine, with the --num_machines, --machine_rank and --main_process_ip it started "
-                "with)") if several_machines else ""
-    return f"accelerate launch --multi_gpu --num_processes {processes} -m tinymath train --resume {run}{machines}"
+                "with)") if several_machines and processes > 1 else ""
+    return f"{train_command(processes)} --resume {run}{machines}"
+
+
+def train_command(processes: int) -> str:
+    """``tinymath train``, launched with ``processes`` processes."""
+    if processes == 1:
+        return "tinymath train"
+    return f"accelerate launch --multi_gpu --num_processes {processes} -m tinymath train"
 
 
 def check_processes(state: dict, processes: int, run: Path) -> None:
@@ -175,8 +184,8 @@ def load_latest_checkpoint(run: Path, peft_model, optimizer, scheduler, say=prin
     none is intact."""
     found = checkpoint_dirs(run)
     if not found:
-        raise TinymathError(f"--resume {run}: no checkpoint to resume from (train with --save-every N, "
-                            "or Ctrl-C a run: it saves one)")
+        raise TinymathError(f"--resume {run}: no checkpoint to resume from (a run saves one every --save-every N "
+                            "steps, and when Ctrl-C stops it)")
     problems = []
     for path in reversed(found):
         try:

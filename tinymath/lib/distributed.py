@@ -22,13 +22,15 @@ def process_state():
     from accelerate import PartialState
 
     launcher = _one_started_of_several()
+    if launcher is not None and "--cpu" in launcher:
+        raise TinymathError("accelerate launch --cpu starts one process whatever --num_processes says; for several "
+                            "CPU processes use torchrun --nproc_per_node N -m tinymath ... (on a machine with GPUs, "
+                            "with CUDA_VISIBLE_DEVICES= before it)")
     if launcher is not None:
         raise TinymathError("accelerate launch was asked for several processes but started one: it starts several "
                             "by itself only on a machine with 2 or more GPUs (this one has "
-                            f"{torch.cuda.device_count()}); " + (
-                                "--cpu always runs one process: drop it and add --multi_gpu (CPU processes meet "
-                                "through gloo), or use torchrun --nproc_per_node N" if "--cpu" in launcher else
-                                "add --multi_gpu to the launch (one GPU per machine, or processes on a CPU)"))
+                            f"{torch.cuda.device_count()}); add --multi_gpu to the launch (one GPU per machine, or "
+                            "processes on a CPU)")
     try:
         state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes (gloo) in tests
     except getattr(torch.distributed, "DistError", RuntimeError) as exc:  # the rendezvous: a process never came
@@ -68,13 +70,22 @@ def _one_started_of_several() -> list[str] | None:
 
 
 def _launch_option(command: list[str], name: str) -> int:
-    """An integer option of the launcher's command line (``--name N`` or ``--name=N``); 0 if absent."""
+    """An integer option of the launcher's command line (``--name N`` or ``--name=N``, with - or _
+    between words, as accelerate takes either); 0 if absent."""
     for i, arg in enumerate(command):
-        value = command[i + 1] if arg == name and i + 1 < len(command) else \
-            arg.partition("=")[2] if arg.startswith(name + "=") else None
-        if value is not None:
+        given, equals, value = arg.partition("=")
+        if given.startswith("--") and given.replace("-", "_") == name.replace("-", "_"):
+            value = value if equals else command[i + 1] if i + 1 < len(command) else ""
             return int(value) if value.isdigit() else 0
     return 0
+
+
+def launched_together() -> bool:
+    """Whether a launcher may have started this process as one of several (from its environment
+    alone, without importing torch): then every process joins before any reads a file."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ
 
 
 def several_machines() -> bool:
@@ -93,29 +104,31 @@ def check_gpus(local_processes: int, gpus: int) -> None:
     """One GPU per process of this machine."""
     if local_processes > gpus:
         raise TinymathError(f"accelerate launched {local_processes} processes on this machine but it has {gpus} "
-                            f"GPU(s); use --num_processes {gpus} per machine")
+                            f"GPU(s); use --num_processes {gpus} per machine", every_process=True)
 
 
 def checked_together(state, check):
     """``check()`` on every process, then stop them all if it refused on any: the refusing process
     with its own error, the others naming it, so no process goes on to wait for one that has
-    stopped (on several machines, a folder one of them lacks). Returns ``check()``'s result."""
+    stopped (on several machines, a folder one of them lacks). Returns ``check()``'s result.
+    ``state`` None: a process alone (`launched_together`), which just checks."""
+    if state is None or state.num_processes == 1:
+        return check()
     try:
         result, refusal = check(), None
     except Exception as exc:  # not only a refusal: an unreadable folder must not leave the others waiting
         result, refusal = None, exc
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
+    from accelerate.utils import gather_object
 
-        mine = None if refusal is None else str(refusal) if isinstance(refusal, TinymathError) else \
-            f"{type(refusal).__name__}: {refusal}"
-        said = gather_object([mine])
-        first = next(((rank, text) for rank, text in enumerate(said) if text is not None), None)
-        if refusal is None and first is not None:
-            refusal = TinymathError(f"process {first[0]} of this launch refused to start ({first[1]}), so this one "
-                                    "stops too")
-        elif isinstance(refusal, TinymathError) and len(set(said)) == 1:  # every process said the same:
-            refusal.every_process = True  # once a machine is enough (a shared folder, a bad setting)
+    mine = None if refusal is None else str(refusal) if isinstance(refusal, TinymathError) else \
+        f"{type(refusal).__name__}: {refusal}"
+    said = gather_object([mine])
+    first = next(((rank, text) for rank, text in enumerate(said) if text is not None), None)
+    if refusal is None and first is not None:
+        refusal = TinymathError(f"process {first[0]} of this launch refused to start ({first[1]}), so this one "
+                                "stops too")
+    elif isinstance(refusal, TinymathError) and len(set(said)) == 1:  # every process said the same:
+        refusal.every_process = True  # once a machine is enough (a shared folder, a bad setting)
     if refusal is not None:
         raise refusal
     return result

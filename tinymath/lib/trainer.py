@@ -31,7 +31,7 @@ from pathlib import Path
 from tinymath.base.config import TrainConfig, parse_memory
 from tinymath.base.errors import Stopped, TinymathError
 from tinymath.base.progress import status_line
-from tinymath.base.runs import BEST, CHECKPOINTS, CONFIG_FILE, METRICS, RUN_FILE
+from tinymath.base.runs import BEST, CONFIG_FILE, METRICS, RUN_FILE
 from tinymath.lib.batching import (
     check_micro_batch_tokens,
     count_label_tokens,
@@ -268,10 +268,9 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, self.plan.warmup_steps, self.plan.total_steps)
 
     def _restore(self) -> None:
-        from tinymath.lib.checkpoint import check_processes, check_resumable, finished_steps, load_latest_checkpoint
+        from tinymath.lib.checkpoint import check_processes, finished_steps, load_latest_checkpoint
 
-        state = self.state
-        check_resumable(self.out)  # the service checked it before loading; a trainer used alone checks here
+        state = self.state  # a run with no checkpoint at all was refused before loading (`check_resumable`)
         finished = finished_steps(self.out)
         if finished is not None and finished >= self.plan.total_steps:
             raise TinymathError(f"--resume {self.out}: the run has finished its {finished} steps ({RUN_FILE}); "

@@ -32,7 +32,7 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
     from tinymath.base.files import check_writable, sigterm_as_interrupt
     from tinymath.base.runs import plan_train_output
     from tinymath.lib.checkpoint import check_resumable
-    from tinymath.lib.distributed import checked_together, peers_lost_as_error, process_state
+    from tinymath.lib.distributed import checked_together, launched_together, peers_lost_as_error, process_state
     from tinymath.lib.grpo import METHODS
 
     def check():  # the settings, and what one machine of several may see otherwise: its files
@@ -43,11 +43,13 @@ def train(config: TrainConfig, show_progress: bool = False, resume: bool = False
         if resume and not output.live.is_dir():
             raise TinymathError(f"--resume {output.live}: no such run folder")
         if resume:
-            check_resumable(output.live)
+            check_resumable(output.live, output.final, joined.num_processes if joined else 1)
         return output
 
-    state = process_state()  # every process joins before its own checks, so none stops alone
-    output = checked_together(state, check)  # and every process has checked the folder before it changes
+    # under a launcher every process joins before its own checks, so none stops alone
+    joined = process_state() if launched_together() else None
+    output = checked_together(joined, check)  # and every process has checked the folder before it changes
+    state = joined or process_state()
     trainer = METHODS[config.method](config, output.live, show_progress, resume, final=output.final)
     try:
         with sigterm_as_interrupt(), peers_lost_as_error(state.num_processes), ExitStack() as held:
@@ -135,6 +137,7 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
 
     from tinymath.base.runs import plan_train_output
     from tinymath.lib.batching import check_micro_batch_tokens, count_label_tokens
+    from tinymath.lib.checkpoint import check_resumable
     from tinymath.lib.distributed import process_state
     from tinymath.lib.gsm8k import load_training_data
     from tinymath.lib.model import load_tokenizer
@@ -143,7 +146,9 @@ def dry_run_report(config: TrainConfig, resume: bool = False) -> dict:
     _check_settings(config)
     _check_machine(config)
     try:
-        plan_train_output(config.out, config.overwrite, resume)
+        output = plan_train_output(config.out, config.overwrite, resume)
+        if resume:
+            check_resumable(output.live, output.final, process_state().num_processes)
         refused = None
     except TinymathError as exc:
         refused = str(exc)
