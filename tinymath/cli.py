@@ -138,6 +138,7 @@ def _quiet_libraries() -> None:
 # finds next to nothing: commands set its first threshold from 700 to 50,000 allocations. It still
 # collects, so a long run keeps no garbage; a 2-core CPU eval of 2 problems takes 0.89x as long.
 GC_THRESHOLDS = (50_000, 20, 100)
+SAYING_SECONDS = 3  # how long the other processes of a launch wait for the first to say a shared error
 
 
 def command(fn):
@@ -152,6 +153,10 @@ def command(fn):
         except TinymathError as exc:
             if not (exc.every_process and _launched_rank()):  # said once a machine, by its first process
                 _print_error(str(exc))
+            else:  # the launcher stops every process once one has ended: let the first say it before
+                import time
+
+                time.sleep(SAYING_SECONDS)
             raise typer.Exit(exc.exit_code)
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:  # a path given on the command line: the user's to shorten
