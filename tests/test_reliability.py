@@ -19,6 +19,16 @@ from tinymath.base.runs import CONFIG_FILE, run_lock
 COMMON = ["--quant", "none", "--batch-size", "2", "--lr", "0.02", "--warmup", "0", "--lora-r", "8"]
 
 
+def _wait_for_steps(run: Path, steps: int, timeout: float) -> None:
+    """Until the run training in ``run`` has logged ``steps`` steps (or ``timeout`` seconds pass)."""
+    deadline = time.time() + timeout
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.02)
+
+
 def _train(tiny_model, gsm8k_dir, out, *extra):
     return run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, *COMMON, *extra)
 
@@ -37,12 +47,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tiny_model, gsm8k_dir, tm
     cmd = [sys.executable, "-m", "tinymath", "train", "--data", str(gsm8k_dir), "--model", str(tiny_model),
            "--out", str(cut), *COMMON, "--max-steps", steps, "--lora-dropout", "0.1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics = cut / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
+    _wait_for_steps(cut, 3, timeout=120)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130  # 128 + SIGINT, as shells expect of a Ctrl-C
@@ -558,12 +563,7 @@ def test_ctrl_c_under_two_processes_is_reported_once_with_the_launch_that_resume
            "--max-steps", "200", "--batch-size", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    _wait_for_steps(out, 2, timeout=180)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the launcher and both processes
     _, stderr = proc.communicate(timeout=120)
     ours = stderr.split("Traceback")[0]  # the launcher's own report of the signal follows
