@@ -5,9 +5,11 @@ forced-length decodes), an eager step, and a natural-stopping decode of 256 toke
 (``--profile``: the kernels of 24 eager steps by GPU time). Answers "does a step scale with the
 rows?", which decides how evaluation splits over several GPUs. ``--fused``: then the same again
 with Liger's fused RMSNorm, rotary and SwiGLU kernels swapped in (`tinymath.lib.speed.fuse_kernels`),
-and how many of ``--equal`` problems get the same greedy answer both ways.
+and how many of ``--equal`` problems get the same greedy answer both ways. ``--compiled``: then
+again with each step compiled before its capture (eval's ``--compile-steps``; the time of the first
+decode, compiling included, is ``first_8_steps_s``), with Liger's kernels too when ``--fused`` ran.
 
-    OUT=/tmp/out python benchmarks/decode_steps.py --model SmolLM2.gguf --data gsm8k_dir [--rows 1319,660,330] [--fused]
+    OUT=/tmp/out python benchmarks/decode_steps.py --model SmolLM2.gguf --data gsm8k_dir [--rows 1319,660,330] [--fused] [--compiled]
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def main():
     parser.add_argument("--steps", type=int, default=96)
     parser.add_argument("--profile", action="store_true", help="also the kernels of 24 eager steps")
     parser.add_argument("--fused", action="store_true", help="then again with Liger's fused kernels")
+    parser.add_argument("--compiled", action="store_true",
+                        help="then again with each decode step compiled (eval's --compile-steps)")
     parser.add_argument("--equal", type=int, default=256, help="--fused: problems whose greedy answers are compared")
     args = parser.parse_args()
 
@@ -57,7 +61,7 @@ def main():
             mask[r, width - len(p):] = 1
         return ids.to(model.device), mask.to(model.device), width
 
-    variants = ["plain", "fused"] if args.fused else ["plain"]
+    variants = ["plain"] + (["fused"] if args.fused else []) + (["compiled"] if args.compiled else [])
     answers = {}
     for variant in variants:
         if variant == "fused":
@@ -65,16 +69,17 @@ def main():
 
             fuse_kernels(model)
         ids, mask, _ = batch(min(args.equal, len(prompts)))
-        answers[variant] = decode_mod.decode(model, ids, mask, 256, tok.eos_token_id, tok.pad_token_id).cpu()
+        answers[variant] = decode_mod.decode(model, ids, mask, 256, tok.eos_token_id, tok.pad_token_id,
+                                             compiled=variant == "compiled").cpu()
         for rows in (int(r) for r in args.rows.split(",")):
             measure(model, tok, decode_mod, batch, rows, variant, args, sync, never)
-    if args.fused:
-        plain, fused = answers["plain"], answers["fused"]
+    for other in variants[1:]:
+        plain, fused = answers["plain"], answers[other]
         width = max(plain.shape[1], fused.shape[1])  # each stops when its own rows have all finished
         plain, fused = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=tok.pad_token_id)
                         for t in (plain, fused))
         same = sum(bool((a == b).all()) for a, b in zip(plain, fused))
-        log(event="decode_fused_equal", problems=args.equal, identical_greedy_rows=same)
+        log(event=f"decode_{other}_equal", problems=args.equal, identical_greedy_rows=same)
 
 
 def measure(model, tok, decode_mod, batch, rows, variant, args, sync, never):
@@ -83,25 +88,35 @@ def measure(model, tok, decode_mod, batch, rows, variant, args, sync, never):
     def timed(n, eos=never, graphs=None):
         sync()
         t = time.perf_counter()
-        decode_mod.decode(model, ids, mask, n, eos, tok.pad_token_id, graphs=graphs)
+        decode_mod.decode(model, ids, mask, n, eos, tok.pad_token_id, graphs=graphs, compiled=variant == "compiled")
         sync()
         return time.perf_counter() - t
 
-    timed(8)  # warm-up (cuBLAS, the first capture)
-    prefill = timed(1)
-    short, long = timed(32), timed(32 + args.steps)
-    natural = timed(256, eos=tok.eos_token_id)  # what eval does: rows stop at EOS
-    before = decode_mod.totals()
-    timed(16)
-    after = decode_mod.totals()
+    if variant == "compiled":  # one cache length (each length is a compile of its own)
+        first = timed(256)
+        prefill = timed(1)
+        before = decode_mod.totals()
+        per_step = (timed(256) - prefill) / 255 * 1000
+        after = decode_mod.totals()
+        natural = timed(256, eos=tok.eos_token_id)
+        eager_step = None
+    else:
+        first = timed(8)  # warm-up (cuBLAS, the first capture)
+        prefill = timed(1)
+        short, long = timed(32), timed(32 + args.steps)
+        per_step = (long - short) / args.steps * 1000
+        natural = timed(256, eos=tok.eos_token_id)  # what eval does: rows stop at EOS
+        before = decode_mod.totals()
+        timed(16)
+        after = decode_mod.totals()
+        eager_short, eager_long = timed(8, graphs=False), timed(8 + 32, graphs=False)
+        eager_step = round((eager_long - eager_short) / 32 * 1000, 2)
     captured = after["replayed_steps"] > before["replayed_steps"]
-    eager_short, eager_long = timed(8, graphs=False), timed(8 + 32, graphs=False)
     record = dict(event="decode_steps", variant=variant, model=Path(args.model).name, rows=rows, width=width,
                   graph_captured=captured, failed_captures=after["failed_captures"],
-                  prefill_s=round(prefill, 3), per_step_ms=round((long - short) / args.steps * 1000, 2),
-                  eager_step_ms=round((eager_long - eager_short) / 32 * 1000, 2),
+                  first_8_steps_s=round(first, 2), prefill_s=round(prefill, 3), per_step_ms=round(per_step, 2), eager_step_ms=eager_step,
                   natural_stop_256_s=round(natural, 3))
-    if args.profile:
+    if args.profile and variant != "compiled":
         from torch.profiler import ProfilerActivity, profile
 
         cuda = model.device.type == "cuda"

@@ -6,6 +6,8 @@ GSM8K test set. Prints wall time, generated tokens/s and the ratio. Model load i
 
     OUT=/tmp/out python benchmarks/eval_speed.py --tokenizer DIR --data gsm8k_dir [--gguf SmolLM2.gguf]
     accelerate launch --num_processes 2 benchmarks/eval_speed.py ... --only tiny,smol   (the split eval)
+
+``--compile-steps``: tinymath's paths with each decode step compiled (eval's ``--compile-steps``).
 """
 
 from __future__ import annotations
@@ -88,11 +90,11 @@ def smol_eval(args, name: str, main_process: bool) -> None:
     for attempt in ("cold", "warm"):
         t = time.time()
         summary = evaluate(model=args.gguf, data=args.data, split="test", out=f"/tmp/tm_eval_smol_{attempt}",
-                           overwrite=True)
+                           overwrite=True, compile_steps=args.compile_steps)
         if main_process:
             log(event="eval", name=f"{name}_{attempt}", wall_s=round(time.time() - t, 1),
                 **{k: summary[k] for k in ("accuracy", "accuracy_strict", "n", "tokens_generated",
-                                           "generation_seconds", "tokens_per_s")})
+                                           "generation_seconds", "tokens_per_s", "compile_seconds")})
 
 
 def main():
@@ -102,7 +104,10 @@ def main():
     parser.add_argument("--gguf", default=None, help="real SmolLM2-135M-Instruct GGUF")
     parser.add_argument("--only", default="seed,tiny,smol,equal")
     parser.add_argument("--equal-sample", type=int, default=16)
+    parser.add_argument("--compile-steps", action="store_true", help="each decode step compiled")
     args = parser.parse_args()
+    steps = {"compile_steps": True} if args.compile_steps else {}
+    named = "_compiled_steps" if args.compile_steps else ""
     which = set(args.only.split(","))
 
     from transformers import AutoTokenizer
@@ -127,12 +132,12 @@ def main():
     if state.num_processes > 1:  # accelerate launch: the split paths only, rank 0 logs
         gpus = f"{state.num_processes}gpu"
         if "tiny" in which:
-            fast = tinymath_generation(fixed, prompts)
+            fast = tinymath_generation(fixed, prompts, **steps)
             fast.pop("outputs")
             if state.is_main_process:
-                log(event="eval", name=f"tinymath_eval_defaults_{gpus}", arch="tinyllama", problems=len(prompts), **fast)
+                log(event="eval", name=f"tinymath_eval_defaults{named}_{gpus}", arch="tinyllama", problems=len(prompts), **fast)
         if "smol" in which and args.gguf:
-            smol_eval(args, f"smollm2_real_natural_stop_{gpus}", state.is_main_process)
+            smol_eval(args, f"smollm2_real_natural_stop{named}_{gpus}", state.is_main_process)
         end_processes(state)
         return
 
@@ -144,12 +149,12 @@ def main():
         plain.pop("outputs")
         log(event="eval", name="tinymath_eval_dynamic_cache", arch="tinyllama", problems=len(prompts), **plain)
     if "tiny" in which:
-        fast = tinymath_generation(fixed, prompts)
+        fast = tinymath_generation(fixed, prompts, **steps)
         ref = fast.pop("outputs")
         extra = {"ratio_vs_seed": round(seed["est_full_test_s"] / fast["generation_s"], 1)} if "seed" in which else {}
-        log(event="eval", name="tinymath_eval_defaults", arch="tinyllama", problems=len(prompts), **extra, **fast)
+        log(event="eval", name=f"tinymath_eval_defaults{named}", arch="tinyllama", problems=len(prompts), **extra, **fast)
     if "smol" in which and args.gguf:
-        smol_eval(args, "smollm2_real_natural_stop", True)
+        smol_eval(args, f"smollm2_real_natural_stop{named}", True)
     if "equal" in which and args.gguf:
         # greedy equality with plain HF generate (batch 1, no padding, SDPA attention) on a sample, in
         # fp32: the same computation (static cache, batching, padding, stopping, decode attention)

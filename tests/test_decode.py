@@ -113,3 +113,33 @@ def test_what_the_loop_does_not_do_goes_to_generate(inference, monkeypatch):
     layers = inference.model.config.num_hidden_layers
     monkeypatch.setattr(inference.model.config, "layer_types", ["sliding_attention"] * layers, raising=False)
     assert compiles(inference.model, GenerationSettings())  # a window the loop's one mask would not keep
+
+
+def test_compiled_steps_give_generates_tokens(tiny_model, monkeypatch):
+    """``--compile-steps``: each step compiled by torch.compile (on the CPU too), the same greedy
+    tokens as ``generate``; a second batch of the same shape compiles nothing more."""
+    from tinymath.lib.generate import load_for_inference
+    from tinymath.lib.speed import compile_seconds
+
+    monkeypatch.setenv("TINYMATH_CACHE", str(tiny_model.parent / "compile-cache"))
+    inference = load_for_inference(model=str(tiny_model))  # its own copy: the compiled forward is kept on it
+    before = compile_seconds()
+    own, plain = _both(inference, monkeypatch, max_new_tokens=30, batch_size=3, compile_steps=True)
+    pad = inference.tokenizer.pad_token_id
+    assert _trimmed(own, pad) == _trimmed(plain, pad)
+    compiled = compile_seconds()
+    assert compiled > before and hasattr(inference.model, "_tinymath_compiled_step")
+    again, _ = _both(inference, monkeypatch, max_new_tokens=30, batch_size=3, compile_steps=True)
+    assert again == own and compile_seconds() == compiled
+
+
+def test_compiled_steps_are_refused_where_the_loop_does_not_run():
+    from tinymath.base.errors import TinymathError
+    from tinymath.lib.generate import GenerationSettings
+
+    GenerationSettings(compile_steps=True).validate()
+    for settings, said in ((GenerationSettings(compile_steps=True, static_cache=False), "--no-compile"),
+                           (GenerationSettings(compile_steps=True, calculator=True), "--calculator"),
+                           (GenerationSettings(compile_steps=True, stop=("Question:",)), "lm-eval-gsm8k")):
+        with pytest.raises(TinymathError, match=said):
+            settings.validate()

@@ -127,7 +127,10 @@ def test_a_later_length_captured_without_warm_up_matches_eager(gpu_model):
     assert len(passes) == 2 + 1 + 1  # two warm-ups and a capture for the first length, a capture for the second
 
 
-def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch):
+@pytest.mark.parametrize("compile_steps", [False, True], ids=["replayed", "compiled_and_replayed"])
+def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch, compile_steps):
+    """tinymath's decode loop, its steps replayed from a CUDA graph (compiled first with
+    ``--compile-steps``): plain ``generate``'s answers."""
     from tinymath.base.prompts import build_prompt, encode_prompt
     from tinymath.lib import decode
     from tinymath.lib.generate import GenerationSettings, generate_batch, load_for_inference
@@ -146,10 +149,12 @@ def test_static_cache_decoding_matches_plain_generate(gpu_model, monkeypatch):
     inference.model.to(torch.float32)
     questions = ["What is 3 + 4?", "A box holds 6 eggs. How many eggs are in 4 boxes?", "Tom has 5 apples."]
     prompts = [encode_prompt(inference.tokenizer, build_prompt(inference.tokenizer, q)) for q in questions]
-    static = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=True))
+    static = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=True,
+                                                                   compile_steps=compile_steps))
     plain = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=24, static_cache=False))
     assert static == plain
     assert replayed and all(replayed[decode._Step.EAGER_STEPS:])  # tinymath's loop ran, from a graph
+    assert hasattr(inference.model, "_tinymath_compiled_step") == compile_steps
 
 
 def test_decode_steps_use_the_faster_kernel_timed_once():

@@ -143,10 +143,10 @@ def test_compiled_decoding_pads_to_few_shapes_with_the_same_answers(tiny_model):
     assert padded == plain and len(padded) == len(prompts)
     assert all(len(p) < WIDTH_BUCKET for p in prompts)  # so the padded batches really were wider
     # every batch of a multi-batch run has the batch size's rows; a single batch a bucketed count
-    assert _batch_shape([4], prompts, 2, compiled=True) == [4, 4]
-    assert _batch_shape([0, 1, 2], prompts, 128, compiled=True) == [0, 1, 2] + [2] * (ROW_BUCKET - 3)
-    assert _batch_shape([0, 1, 2], prompts, 8, compiled=True) == [0, 1, 2] + [2] * 5  # never above the batch size
-    assert _batch_shape([0, 1, 2], prompts, 8, compiled=False) == [0, 1, 2]
+    assert _batch_shape([4], prompts, 2, ROW_BUCKET) == [4, 4]
+    assert _batch_shape([0, 1, 2], prompts, 128, ROW_BUCKET) == [0, 1, 2] + [2] * (ROW_BUCKET - 3)
+    assert _batch_shape([0, 1, 2], prompts, 8, ROW_BUCKET) == [0, 1, 2] + [2] * 5  # never above the batch size
+    assert _batch_shape([0, 1, 2], prompts, 8, 0) == [0, 1, 2]
 
 
 def test_compiled_code_is_kept_in_tinymaths_cache_per_torch_version(monkeypatch, tmp_path):

@@ -514,3 +514,25 @@ def test_one_data_file_is_scored_whole_and_recorded_as_such(tiny_model, gsm8k_di
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["settings"]["split"] is None
     assert summary["n"] == len((gsm8k_dir / "train.jsonl").read_text().splitlines())
+
+
+def test_compile_steps_from_the_command_line(tiny_model, gsm8k_dir, tmp_path):
+    """``eval --compile-steps``: the steps compiled (recorded, with the seconds it took) and the same
+    answers; with --no-compile, one message and nothing written."""
+    out = tmp_path / "never"
+    result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 3, "--compile-steps",
+                     "--no-compile", "--out", out)
+    assert result.exit_code == 1 and "--compile-steps" in result.stderr and "--no-compile" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+    summaries = []
+    for extra in ((), ("--compile-steps",)):
+        result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 3, "--max-new-tokens", 6,
+                         "--out", tmp_path / f"ev{len(extra)}", "--json", *extra)
+        assert result.exit_code == 0, result.output
+        summaries.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    plain, compiled = summaries
+    assert compiled["settings"]["compile_steps"] and not plain["settings"]["compile_steps"]
+    assert compiled["compile_seconds"] > 0 == plain["compile_seconds"]
+    assert compiled["decoding"]["eager_steps"] > 0  # the decode loop ran (on the CPU: no graphs)
+    predictions = [(tmp_path / f"ev{i}" / "predictions.jsonl").read_text() for i in (0, 1)]
+    assert predictions[0] == predictions[1]

@@ -443,7 +443,8 @@ def _tinymath_gsm8k(o: dict) -> None:
                        merge_base=o["merge_base"].value, overwrite=o["overwrite"],
                        trust_remote_code=o["trust_remote_code"], show_progress=_shows_progress(o["json_out"]),
                        calculator=o["calculator"], samples=o["samples"], temperature=o["temperature"],
-                       seed=o["seed"], protocol=o["protocol"].value, compile=o["compile"])
+                       seed=o["seed"], protocol=o["protocol"].value, compile=o["compile"],
+                       compile_steps=o["compile_steps"])
     state = process_state()
     end_processes(state)
     if not state.is_main_process:  # under accelerate launch: one report, rank 0's
@@ -551,6 +552,7 @@ def eval_cmd(
     backend: Annotated[Backend, typer.Option(help="tinymath: its own fast generation. lm-eval: lm-evaluation-harness's gsm8k task itself (pip install lm-eval).", rich_help_panel="What to measure")] = Backend.tinymath,
     calculator: Annotated[Optional[bool], typer.Option("--calculator/--no-calculator", help="Complete <<expr= annotations with a safe calculator (train with --calc-annotations keep). Default: as the model was trained (on for a GRPO --calculator run).", show_default=False, rich_help_panel="Decoding", metavar=FLAG)] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Fast decoding: a static KV cache, each step replayed from a CUDA graph (torch.compile instead where stop strings or --calculator need transformers' generate; --no-compile: plain generate). [default: on a GPU for 64 problems or more]", rich_help_panel="Decoding", show_default=False, metavar=FLAG)] = None,
+    compile_steps: Annotated[bool, typer.Option("--compile-steps", help="Compile each decode step with torch.compile before replaying it: about 30 s per batch shape the first time on a machine (cached), then faster steps, most at small batches (several GPUs sharing an evaluation, --limit runs).", rich_help_panel="Decoding")] = False,
     samples: Annotated[int, typer.Option(help="Samples per problem; > 1 scores the majority answer (maj@K), also pass@K.", rich_help_panel="Decoding")] = 1,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (needed with --samples > 1).", rich_help_panel="Decoding")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.", rich_help_panel="Decoding")] = 0,
@@ -593,7 +595,7 @@ _EVAL_USES = {
                 "--backend lm-eval (the harness's own gsm8k task: its prompt, decoding and scoring)"),
     "tinymath": ({"backend", "task", "model", "adapter", "data", "split", "limit", "out", "overwrite", "batch_size",
                   "max_new_tokens", "quant", "format", "system_prompt", "merge_base", "calculator", "compile",
-                  "samples", "temperature", "seed", "protocol", *_EVAL_ALWAYS},
+                  "compile_steps", "samples", "temperature", "seed", "protocol", *_EVAL_ALWAYS},
                  "a GSM8K evaluation (--base and --lm-eval are --task retention settings)"),
 }
 

@@ -25,6 +25,7 @@ class GenerationSettings:
     top_p: float = 1.0
     batch_size: int | None = None  # None: as large as memory allows (`auto_batch_size`)
     static_cache: bool | None = None  # None: on CUDA for MIN_STATIC_PROMPTS or more prompts (see generate_ids)
+    compile_steps: bool = False  # tinymath's decode loop with each step compiled (`tinymath.lib.decode`)
     stop: tuple[str, ...] = ()  # stop strings (cut from the text)
     calculator: bool = False  # complete <<expr= annotations with tinymath.calculator
 
@@ -43,6 +44,13 @@ class GenerationSettings:
             problems.append(f"--top-p {self.top_p} must be in (0, 1]")
         if self.batch_size is not None and self.batch_size <= 0:
             problems.append(f"--batch-size {self.batch_size} must be at least 1")
+        if self.compile_steps and self.static_cache is False:
+            problems.append("--compile-steps compiles the steps of fast decoding, which --no-compile turns off "
+                            "(drop one of them)")
+        if self.compile_steps and (self.calculator or self.stop):
+            asked = "--calculator" if self.calculator else "stop strings (--protocol lm-eval-gsm8k)"
+            problems.append(f"--compile-steps compiles tinymath's decode loop, but {asked} decode with transformers' "
+                            "generate, which compiles its own steps (drop --compile-steps)")
         raise_if_problems(problems)
 
     def generate_kwargs(self, tokenizer) -> dict:
@@ -198,6 +206,8 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     static = use_static_cache(settings, device.type, len(prompts))
     compiled = static and compiles(model, settings, stopping)
     own = static and not compiled
+    steps_compiled = own and settings.compile_steps
+    bucketed = compiled or steps_compiled  # few shapes: each is a compile
     if compiled:
         from tinymath.lib.speed import use_compile_cache
 
@@ -208,14 +218,14 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
     batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
-    if compiled and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies from
+    if bucketed and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies from
         batch_size -= batch_size % ROW_BUCKET  # call to call: a multiple of the bucket keeps the shapes few
     sample = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.temperature > 0 else None
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        rows = _batch_shape(chunk, prompts, batch_size, compiled)
+        rows = _batch_shape(chunk, prompts, batch_size, ROW_BUCKET if compiled else STEP_ROW_BUCKET if bucketed else 0)
         width = max(len(prompts[i]) for i in chunk)
-        if compiled:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
+        if bucketed:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
             width = _bucket(width, WIDTH_BUCKET)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -225,7 +235,7 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         with torch.no_grad():
             if own:
                 out = decode(model, ids.to(device), mask.to(device), settings.max_new_tokens,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, sample)
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, sample, compiled=steps_compiled)
             else:
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(chunk):  # rows beyond the chunk were filler
@@ -236,20 +246,21 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
 
 WIDTH_BUCKET = 64  # compiled decoding: prompt widths are padded to a multiple of this
 ROW_BUCKET = 64  # ... and a batch's rows to a multiple of this (or to the batch size)
+STEP_ROW_BUCKET = 8  # compiled decode steps: finer (filler rows are work every step, the shapes are few anyway)
 
 
 def _bucket(n: int, size: int) -> int:
     return -(-n // size) * size
 
 
-def _batch_shape(chunk: list[int], prompts: list[list[int]], batch_size: int, compiled: bool) -> list[int]:
+def _batch_shape(chunk: list[int], prompts: list[list[int]], batch_size: int, bucket: int) -> list[int]:
     """The prompt index of each row of a batch: the chunk's own, then, for compiled decoding, copies
-    of its shortest prompt up to a bucketed row count, never more than ``batch_size`` (every full
-    batch's size, so the last batch of an evaluation reuses the others' compiled decoder). Filler
-    rows' outputs are dropped."""
-    if not compiled:
+    of its shortest prompt up to a row count rounded up to ``bucket`` (0: as it is), never more than
+    ``batch_size`` (every full batch's size, so the last batch of an evaluation reuses the others'
+    compiled decoder). Filler rows' outputs are dropped."""
+    if not bucket:
         return chunk
-    target = batch_size if len(prompts) > batch_size else min(_bucket(len(chunk), ROW_BUCKET), batch_size)
+    target = batch_size if len(prompts) > batch_size else min(_bucket(len(chunk), bucket), batch_size)
     return chunk + [chunk[-1]] * (target - len(chunk))
 
 
@@ -269,6 +280,8 @@ def use_static_cache(settings: GenerationSettings, device_type: str, prompts: in
     set-up (an evaluation, not a chat answer or a 4-problem check)."""
     if settings.static_cache is not None:
         return settings.static_cache
+    if settings.compile_steps:  # asked for: the steps it compiles are the static-cache loop's
+        return True
     return device_type == "cuda" and prompts >= MIN_STATIC_PROMPTS
 
 

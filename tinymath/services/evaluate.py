@@ -37,13 +37,15 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
              system_prompt: str | None = None, merge_base: str = "dequantized", overwrite: bool = False,
              trust_remote_code: bool = False, show_progress: bool = False, calculator: bool | None = None,
              samples: int = 1, temperature: float | None = None, seed: int = 0,
-             protocol: str = "default", compile: bool | None = None) -> dict:
+             protocol: str = "default", compile: bool | None = None, compile_steps: bool = False) -> dict:
     """Evaluate on ``split`` of ``data``; returns the summary (also written to ``OUT/summary.json``).
 
     ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
     strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
     ``compile``: fast decoding with a static KV cache (`tinymath.lib.decode`, or transformers' compiled
     ``generate`` where stop strings or the calculator need it); None: on a GPU when there is enough work.
+    ``compile_steps``: tinymath's decode loop with each step compiled first (a compile per batch shape,
+    then faster steps, most at fewer rows: several GPUs sharing an evaluation).
     ``calculator`` None: as the model was trained (a GRPO ``--calculator`` run answers with it).
     """
     import torch
@@ -59,7 +61,8 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     _check_options(limit, protocol, samples, temperature)  # the command line: the same on every process
     chosen = PROTOCOLS[protocol]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature or 0.0,
-                                  calculator=bool(calculator), stop=chosen.stop, static_cache=compile)
+                                  calculator=bool(calculator), stop=chosen.stop, static_cache=compile,
+                                  compile_steps=compile_steps)
 
     state = process_state()  # every process joins before its own checks, so none stops alone
     rows = checked_together(state, lambda: _checked_rows(settings, out, overwrite, model, adapter, data, split, limit))
@@ -94,6 +97,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
                   "system_prompt": inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
                   "samples": samples, "temperature": temperature, "seed": seed, "compile": compile,
+                  "compile_steps": compile_steps,
                   "processes": state.num_processes, **inference.source}),
     )
     if out is not None and state.is_main_process:
@@ -126,7 +130,8 @@ def _saying_compiling(update, inference, settings, prompts: int):
     from tinymath.lib.generate import compiles, use_static_cache
 
     device = next(inference.model.parameters()).device.type
-    if not use_static_cache(settings, device, prompts) or not compiles(inference.model, settings):
+    if not use_static_cache(settings, device, prompts) or not (settings.compile_steps
+                                                               or compiles(inference.model, settings)):
         return update
     update(advance=0, description="evaluating (compiling the decoder first: faster the next time on this machine)")
 
