@@ -8,6 +8,7 @@ GSM8K test set. Prints wall time, generated tokens/s and the ratio. Model load i
     accelerate launch --num_processes 2 benchmarks/eval_speed.py ... --only tiny,smol   (the split eval)
 
 ``--compile-steps``: tinymath's paths with each decode step compiled (eval's ``--compile-steps``).
+``--only smolgen``: SmolLM2's generation twice on one loaded model (the second pass compiles nothing).
 """
 
 from __future__ import annotations
@@ -97,6 +98,31 @@ def smol_eval(args, name: str, main_process: bool) -> None:
                                            "generation_seconds", "tokens_per_s", "compile_seconds")})
 
 
+def smol_generation(args, name: str, main_process: bool) -> None:
+    """The generation of `tinymath eval` on the real SmolLM2 (its own prompts, natural stopping),
+    twice on one loaded model: the second pass is the figure (with ``--compile-steps``, the first
+    pays for compiling the steps, which a new model object would compile again)."""
+    import torch
+
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.generate import GenerationSettings, generate_across_processes, load_for_inference
+
+    inference = load_for_inference(model=args.gguf)
+    tok = inference.tokenizer
+    rows = [json.loads(line) for line in open(Path(args.data) / "test.jsonl")]
+    prompts = [encode_prompt(tok, build_prompt(tok, r["question"], inference.format)) for r in rows]
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, compile_steps=args.compile_steps)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for attempt in ("first", "second"):
+        sync()
+        t = time.time()
+        out = generate_across_processes(inference, prompts, settings)
+        sync()
+        if main_process:
+            log(event="eval", name=f"{name}_{attempt}", generation_s=round(time.time() - t, 2),
+                tokens=sum(n for _, n in out), problems=len(prompts))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", required=True)
@@ -138,6 +164,8 @@ def main():
                 log(event="eval", name=f"tinymath_eval_defaults{named}_{gpus}", arch="tinyllama", problems=len(prompts), **fast)
         if "smol" in which and args.gguf:
             smol_eval(args, f"smollm2_real_natural_stop{named}_{gpus}", state.is_main_process)
+        if "smolgen" in which and args.gguf:
+            smol_generation(args, f"smollm2_generation{named}_{gpus}", state.is_main_process)
         end_processes(state)
         return
 
@@ -155,6 +183,8 @@ def main():
         log(event="eval", name=f"tinymath_eval_defaults{named}", arch="tinyllama", problems=len(prompts), **extra, **fast)
     if "smol" in which and args.gguf:
         smol_eval(args, f"smollm2_real_natural_stop{named}", True)
+    if "smolgen" in which and args.gguf:
+        smol_generation(args, f"smollm2_generation{named}", True)
     if "equal" in which and args.gguf:
         # greedy equality with plain HF generate (batch 1, no padding, SDPA attention) on a sample, in
         # fp32: the same computation (static cache, batching, padding, stopping, decode attention)
