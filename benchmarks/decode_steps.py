@@ -46,7 +46,8 @@ def main():
     inference = load_for_inference(model=args.model)
     model, tok = inference.model, inference.tokenizer
     questions = [json.loads(line)["question"] for line in open(Path(args.data) / "test.jsonl")]
-    prompts = [encode_prompt(tok, build_prompt(tok, q, inference.format)) for q in questions]
+    vocab = model.config.vocab_size  # a random-weight architecture may carry a larger tokenizer
+    prompts = [[t % vocab for t in encode_prompt(tok, build_prompt(tok, q, inference.format))] for q in questions]
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     never = -1  # no EOS: every row runs every step
