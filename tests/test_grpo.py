@@ -270,6 +270,9 @@ def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
     assert dry.exit_code == 0, dry.output
     assert "--method grpo" in run_cli("train", "--init-adapter", sft_run, "--data", gsm8k_dir, "--out",
                                       tmp_path / "x", "--dry-run").stderr
+    for extra, said in ((("--calculator",), "--calculator samples with transformers' generate"),
+                        (("--no-compile",), "which --no-compile turns off")):
+        assert said in " ".join(refused("--init-adapter", sft_run, "--compile-steps", *extra).split())
     sft = run_cli("train", "--data", gsm8k_dir, "--out", tmp_path / "x", "--samples", "4", "--temperature", "0.7")
     assert sft.exit_code == 1 and "--samples, --temperature: reinforcement-learning settings" in sft.stderr
 
@@ -333,3 +336,16 @@ def test_grpo_defaults_and_what_overrides_them(sft_run, gsm8k_dir):
     assert resolve_train_config({"method": "grpo", "epochs": 1.0}).max_steps is None  # asked in epochs
     assert resolve_train_config({"method": "grpo", "lr": 5e-5}).lr == 5e-5  # a flag wins
     assert resolve_train_config({}).lr == 1e-3 and resolve_train_config({}).max_steps is None  # SFT unchanged
+
+
+def test_grpo_with_compiled_decode_steps(gsm8k_dir, sft_run, tmp_path, varied_rewards):
+    """--compile-steps: the sampling's decode steps compiled (recorded in run.json, the seconds in
+    its result), and the run learns as usual."""
+    out = tmp_path / "rl"
+    result = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, *RL, "--lr", "0.01",
+                     "--max-steps", "2", "--compile-steps", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["compile_steps"] is True and run["result"]["compile_seconds"] > 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["generated_tokens"] > 0 for r in rows)

@@ -138,6 +138,10 @@ class TrainConfig:
                                      "tinymath's calculator, as `eval --calculator` answers); its results are "
                                      "trained on like the sampled tokens, as SFT trains on annotated solutions.", RL,
                               flags=("--calculator/--no-calculator",), shown="off")
+    compile_steps: bool = option(False, "grpo: compile each decode step of the sampling with torch.compile before "
+                                        "its CUDA graph is captured (as `eval --compile-steps`): about 30 s per "
+                                        "batch shape in a new process, then faster sampling.", RL,
+                                 flags=("--compile-steps/--no-compile-steps",), shown="off")
 
     def validate(self) -> None:
         """Every problem at once, each naming the flag to fix; NaN and infinity are never valid."""
@@ -177,6 +181,12 @@ class TrainConfig:
         if self.calculator and self.method != "grpo":
             problems.append("--calculator samples solutions with the calculator in reinforcement learning: add "
                             "--method grpo (SFT trains on the reference solutions)")
+        if self.compile_steps and self.calculator:
+            problems.append("--compile-steps compiles tinymath's decode loop, but --calculator samples with "
+                            "transformers' generate, which compiles its own steps (drop --compile-steps)")
+        elif self.compile_steps and self.compile is False:
+            problems.append("--compile-steps compiles the steps of fast decoding, which --no-compile turns off "
+                            "(drop one of them)")
         if self.init_adapter and self.method != "grpo":
             problems.append("--init-adapter starts reinforcement learning from a run: add --method grpo")
         if self.keep == "best" and not self.eval_every:

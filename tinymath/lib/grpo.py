@@ -25,10 +25,10 @@ A solution is the token ids the policy sampled, up to and including its EOS. Sam
 `PolicyCopy`: a plain 16-bit copy of the policy (the quantized base dequantized, the adapter
 merged in again after every update), so generation runs at ``eval``'s speed rather than through
 the training model's 4-bit weights and separate LoRA matmuls: on a GPU with a static KV cache and
-decode steps replayed from a CUDA graph (`tinymath.lib.decode`; nothing to compile), or, with
-``--calculator``, transformers' compiled ``generate`` on bucketed shapes (the copy's weights are
-updated in place, so the graphs compiled at the first step serve every later one). Validation
-answers come from the same copy.
+decode steps replayed from a CUDA graph (`tinymath.lib.decode`; nothing to compile unless
+``--compile-steps`` compiles each step first), or, with ``--calculator``, transformers' compiled
+``generate`` on bucketed shapes (the copy's weights are updated in place, so what is compiled at
+the first step serves every later one). Validation answers come from the same copy.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class GRPOTrainer(Trainer):
                                   self.data_settings["system_prompt"])
         flat = [p for p in prompts for _ in range(k)]
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      static_cache=self._static_cache)
+                                      static_cache=self._static_cache, compile_steps=config.compile_steps)
         self.policy.sync()
         solutions, texts = self.sample(flat, settings)
         rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
