@@ -6,8 +6,9 @@ forced-length decodes), an eager step, and a natural-stopping decode of 256 toke
 rows?", which decides how evaluation splits over several GPUs. ``--fused``: then the same again
 with Liger's fused RMSNorm, rotary and SwiGLU kernels swapped in (`tinymath.lib.speed.fuse_kernels`),
 and how many of ``--equal`` problems get the same greedy answer both ways. ``--compiled``: then
-again with each step compiled before its capture (eval's ``--compile-steps``; the time of the first
-decode, compiling included, is ``first_8_steps_s``), with Liger's kernels too when ``--fused`` ran.
+again with each step compiled before its capture (eval's ``--compile-steps``; ``first_decode_s`` is
+its first decode of 256 steps, compiling included, and 8 steps for the others), with Liger's kernels
+too when ``--fused`` ran.
 
     OUT=/tmp/out python benchmarks/decode_steps.py --model SmolLM2.gguf --data gsm8k_dir [--rows 1319,660,330] [--fused] [--compiled]
 """
@@ -115,7 +116,7 @@ def measure(model, tok, decode_mod, batch, rows, variant, args, sync, never):
     captured = after["replayed_steps"] > before["replayed_steps"]
     record = dict(event="decode_steps", variant=variant, model=Path(args.model).name, rows=rows, width=width,
                   graph_captured=captured, failed_captures=after["failed_captures"],
-                  first_8_steps_s=round(first, 2), prefill_s=round(prefill, 3), per_step_ms=round(per_step, 2), eager_step_ms=eager_step,
+                  first_decode_s=round(first, 2), prefill_s=round(prefill, 3), per_step_ms=round(per_step, 2), eager_step_ms=eager_step,
                   natural_stop_256_s=round(natural, 3))
     if args.profile and variant != "compiled":
         from torch.profiler import ProfilerActivity, profile

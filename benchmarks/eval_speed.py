@@ -101,7 +101,7 @@ def smol_eval(args, name: str, main_process: bool) -> None:
 def smol_generation(args, name: str, main_process: bool) -> None:
     """The generation of `tinymath eval` on the real SmolLM2 (its own prompts, natural stopping),
     twice on one loaded model: the second pass is the figure (with ``--compile-steps``, the first
-    pays for compiling the steps, which a new model object would compile again)."""
+    pays for compiling the steps unless an earlier pass in the process did)."""
     import torch
 
     from tinymath.base.prompts import build_prompt, encode_prompt

@@ -115,22 +115,39 @@ def test_what_the_loop_does_not_do_goes_to_generate(inference, monkeypatch):
     assert compiles(inference.model, GenerationSettings())  # a window the loop's one mask would not keep
 
 
-def test_compiled_steps_give_generates_tokens(tiny_model, monkeypatch):
+def test_compiled_steps_give_generates_tokens(inference, monkeypatch):
     """``--compile-steps``: each step compiled by torch.compile (on the CPU too), the same greedy
-    tokens as ``generate``; a second batch of the same shape compiles nothing more."""
-    from tinymath.lib.generate import load_for_inference
+    tokens as ``generate``, also where filler rows pad a batch to its compiled row count (5 prompts,
+    8 rows: the filler starts finished and never holds the batch up); the same shapes again compile
+    nothing more."""
+    from tinymath.lib.decode import _COMPILED
+    from tinymath.lib.generate import STEP_ROW_BUCKET
     from tinymath.lib.speed import compile_seconds
 
-    monkeypatch.setenv("TINYMATH_CACHE", str(tiny_model.parent / "compile-cache"))
-    inference = load_for_inference(model=str(tiny_model))  # its own copy: the compiled forward is kept on it
+    questions = QUESTIONS + ("Halve 18.", "What is 10 - 3?")
+    assert len(questions) % STEP_ROW_BUCKET  # so the batch has filler rows
     before = compile_seconds()
-    own, plain = _both(inference, monkeypatch, max_new_tokens=30, batch_size=3, compile_steps=True)
+    own, plain = _both(inference, monkeypatch, questions=questions, max_new_tokens=30, compile_steps=True)
     pad = inference.tokenizer.pad_token_id
     assert _trimmed(own, pad) == _trimmed(plain, pad)
     compiled = compile_seconds()
-    assert compiled > before and hasattr(inference.model, "_tinymath_compiled_step")
-    again, _ = _both(inference, monkeypatch, max_new_tokens=30, batch_size=3, compile_steps=True)
+    assert compiled > before and _COMPILED
+    again, _ = _both(inference, monkeypatch, questions=questions, max_new_tokens=30, compile_steps=True)
     assert again == own and compile_seconds() == compiled
+
+
+def test_filler_rows_start_finished(inference):
+    """Rows past ``live`` only fill a batch to its shape: they generate nothing (padding), so a
+    batch ends when its real rows do."""
+    import torch
+
+    from tinymath.lib.decode import decode
+
+    prompt = _prompts(inference)[0]
+    ids = torch.tensor([prompt, prompt])
+    pad = inference.tokenizer.pad_token_id
+    out = decode(inference.model, ids, torch.ones_like(ids), 12, inference.tokenizer.eos_token_id, pad, live=1)
+    assert (out[1, len(prompt):] == pad).all() and not (out[0, len(prompt):] == pad).all()
 
 
 def test_compiled_steps_are_refused_where_the_loop_does_not_run():

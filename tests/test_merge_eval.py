@@ -536,3 +536,18 @@ def test_compile_steps_from_the_command_line(tiny_model, gsm8k_dir, tmp_path):
     assert compiled["decoding"]["eager_steps"] > 0  # the decode loop ran (on the CPU: no graphs)
     predictions = [(tmp_path / f"ev{i}" / "predictions.jsonl").read_text() for i in (0, 1)]
     assert predictions[0] == predictions[1]
+
+
+def test_compile_steps_refused_once_the_model_shows_the_loop_cannot_run(tiny_model, gsm8k_dir, tmp_path):
+    """A model whose generation config needs transformers' generate (a repetition penalty): the flag
+    would be ignored, so it is refused, and nothing is written."""
+    import shutil
+
+    model = tmp_path / "penalised"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
+    out = tmp_path / "never"
+    result = run_cli("eval", "--model", model, "--data", gsm8k_dir, "--limit", 2, "--compile-steps", "--out", out)
+    assert result.exit_code == 1 and "cannot decode" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()

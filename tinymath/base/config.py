@@ -34,7 +34,7 @@ RUN_RECORD_KEYS = {"dtype", "base_fingerprint", "data_stats", "versions", "git_c
 # what may change when a run is resumed: everything else must match the saved run
 RESUME_SAFE = {"max_steps", "epochs", "save_every", "keep_checkpoints", "log_every", "eval_every", "eval_limit",
                "report_to", "retention_every", "max_memory", "micro_batch_tokens", "gradient_checkpointing", "compile",
-               "cuda_graphs", "fused_kernels", "trust_remote_code"}
+               "cuda_graphs", "fused_kernels", "compile_steps", "trust_remote_code"}
 
 
 def option(default, help: str, panel: str | None = None, *, choices=None, flags: tuple[str, ...] = (),

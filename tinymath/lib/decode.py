@@ -12,10 +12,11 @@ finished is read every `CHECK_EVERY` steps, not every step.
 
 A replayed step of a small model is still about 3,000 small kernels, whose fixed cost does not
 shrink with the rows: half the rows (two GPUs sharing an evaluation) take two thirds of the time.
-With ``compiled`` (eval's ``--compile-steps``), each step is first compiled by ``torch.compile``
-(Inductor fuses the elementwise kernels) and then captured: about half a minute per batch shape in
-a new process (Inductor's cache, `tinymath.lib.speed.use_compile_cache`, keeps the kernels), then
-steps whose time follows their rows (SmolLM2 on an H200: 1,319 rows 1.95x the time of 660).
+With ``compiled`` (``--compile-steps``), each step is first compiled by ``torch.compile``
+(Inductor fuses the elementwise kernels) and then captured: about 25 s per batch shape in a new
+process (8 s once Inductor's cache, `tinymath.lib.speed.use_compile_cache`, has it, plus a few
+seconds loading its kernels), then steps whose time follows their rows (SmolLM2 on an H200: 1,319
+rows 1.92x the time of 660).
 
 What it supports is what eval and GRPO sampling need: greedy, or sampling with temperature,
 top-k and top-p (the order transformers applies them), ``min_new_tokens`` from the model's
@@ -98,12 +99,14 @@ def _processors(model, sample: dict | None, prompt_width: int, eos: int, device)
 
 
 def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad: int,
-           sample: dict | None = None, graphs: bool | None = None, compiled: bool = False):
+           sample: dict | None = None, graphs: bool | None = None, compiled: bool = False,
+           live: int | None = None):
     """Complete a left-padded batch: ``input_ids`` followed by up to ``max_new_tokens`` new tokens
     per row ([rows, width + new], rows that finished padded with ``pad``), as ``generate`` returns.
     ``sample``: {"temperature", "top_p"} to sample, None for greedy. ``graphs``: replay decode
     steps from a CUDA graph (None: on a GPU). ``compiled``: each step compiled first (`compiled_step`;
-    one compile per shape of rows and width + max_new_tokens)."""
+    one compile per shape of rows and width + max_new_tokens). ``live``: only the first rows are
+    answers; the rest fill a batch to its compiled shape, start finished and never hold it up."""
     import torch
     from transformers import StaticCache
 
@@ -120,6 +123,8 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad:
                        **{step.cache_name: cache, "use_cache": True}).logits[:, -1]
         seen = input_ids
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        if live is not None:
+            finished[live:] = True
         new = []
         for t in range(max_new_tokens):
             scores = processors(seen, logits.float()) if processors else logits.float()
@@ -157,7 +162,7 @@ class _Step:
         rows, width = prompt_mask.shape
         device = prompt_mask.device
         self.model, self.calls = model, 0
-        self.forward = compiled_step(model) if compiled else model
+        self.compiled = compiled_step() if compiled else None
         # newer transformers name the argument `cache`
         self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.mask = torch.zeros((rows, 1, 1, cache_len), dtype=torch.bool, device=device)
@@ -171,10 +176,10 @@ class _Step:
         self.failed = False
 
     def _forward(self):
-        if self.forward is self.model:
+        if self.compiled is None:
             return self.model(**self.inputs).logits[:, -1]
         with _compiled_attention():
-            return self.forward(**self.inputs).logits[:, -1]
+            return self.compiled(self.model, self.inputs)
 
     def __call__(self, token, slot: int, graphs: bool):
         import torch
@@ -209,12 +214,16 @@ class _Step:
         return self.logits
 
 
-def compiled_step(model):
-    """``model.forward`` through ``torch.compile`` (fixed shapes, Inductor's fused kernels), made
-    once per model and kept on it; its artefacts go to tinymath's compile cache, so a later process
-    on this machine compiles the same shapes faster."""
-    fn = getattr(model, "_tinymath_compiled_step", None)
-    if fn is None:
+_COMPILED: list = []  # the compiled step, made at the first use in the process
+
+
+def compiled_step():
+    """A decode step through ``torch.compile`` (fixed shapes, Inductor's fused kernels), made once
+    per process: called as ``step(model, inputs)``, it returns the logits of the next token. The
+    model is an argument, so another model of the same architecture and shapes reuses the compiled
+    code (its weights are inputs) and nothing keeps a model alive. Artefacts go to tinymath's compile
+    cache, so a later process on this machine compiles the same shapes faster."""
+    if not _COMPILED:
         import torch
 
         from tinymath.lib.speed import use_compile_cache
@@ -222,9 +231,12 @@ def compiled_step(model):
         use_compile_cache()
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_SHAPES)
-        fn = torch.compile(model.forward, dynamic=False)
-        model._tinymath_compiled_step = fn
-    return fn
+        _COMPILED.append(torch.compile(_next_logits, dynamic=False))
+    return _COMPILED[0]
+
+
+def _next_logits(model, inputs: dict):
+    return model(**inputs).logits[:, -1]
 
 
 def _compiled_attention():

@@ -26,6 +26,7 @@ class GenerationSettings:
     batch_size: int | None = None  # None: as large as memory allows (`auto_batch_size`)
     static_cache: bool | None = None  # None: on CUDA for MIN_STATIC_PROMPTS or more prompts (see generate_ids)
     compile_steps: bool = False  # tinymath's decode loop with each step compiled (`tinymath.lib.decode`)
+    min_width: int = 0  # compiled decoding: prompts padded to at least this width (one shape for every batch)
     stop: tuple[str, ...] = ()  # stop strings (cut from the text)
     calculator: bool = False  # complete <<expr= annotations with tinymath.calculator
 
@@ -226,7 +227,7 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         rows = _batch_shape(chunk, prompts, batch_size, ROW_BUCKET if compiled else STEP_ROW_BUCKET if bucketed else 0)
         width = max(len(prompts[i]) for i in chunk)
         if bucketed:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
-            width = _bucket(width, WIDTH_BUCKET)
+            width = max(_bucket(width, WIDTH_BUCKET), settings.min_width)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for row, i in enumerate(rows):  # left padding: every row's answer starts at the same column
@@ -235,7 +236,8 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         with torch.no_grad():
             if own:
                 out = decode(model, ids.to(device), mask.to(device), settings.max_new_tokens,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, sample, compiled=steps_compiled)
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, sample, compiled=steps_compiled,
+                             live=len(chunk))
             else:
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(chunk):  # rows beyond the chunk were filler

@@ -136,6 +136,13 @@ class GRPOTrainer(Trainer):
             set_peft_model_state_dict(self.model, load_safetensors(run.path / ADAPTER_WEIGHTS))
         # the sampling copy, before memory is planned: the micro-batch size leaves room for it
         self.policy = PolicyCopy(self.model, self.config.model, self.dtype, self.device, self.config.trust_remote_code)
+        if self.config.compile_steps:
+            from tinymath.lib.decode import supported
+
+            if not supported(self.policy.model):
+                raise TinymathError(f"--compile-steps compiles tinymath's decode loop, which cannot sample from "
+                                    f"{self.config.model} (its attention or generation config needs transformers' "
+                                    "generate): drop --compile-steps")
 
     def _plan_graphs(self) -> None:
         self.plan.cuda_graphs = False  # the token weights vary per step; graphs replay fixed inputs only
@@ -174,7 +181,8 @@ class GRPOTrainer(Trainer):
                                   self.data_settings["system_prompt"])
         flat = [p for p in prompts for _ in range(k)]
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      static_cache=self._static_cache, compile_steps=config.compile_steps)
+                                      static_cache=self._static_cache, compile_steps=config.compile_steps,
+                                      min_width=self._prompt_width())
         self.policy.sync()
         solutions, texts = self.sample(flat, settings)
         rewards = [reward(text, questions[i // k]["answer"], config.format_reward) for i, text in enumerate(texts)]
@@ -184,6 +192,20 @@ class GRPOTrainer(Trainer):
                     for prompt, sol, advantage, teach in zip(flat, solutions, group_advantages(rewards, k), mixed)
                     if sol]
         return examples, rewards
+
+    def _prompt_width(self) -> int:
+        """With --compile-steps, the longest prompt of the training questions: every step's batch is
+        padded to it, so the decode step is compiled once, not once per width that a step's
+        questions happen to need. 0 otherwise (each batch as wide as its own prompts)."""
+        if not self.config.compile_steps:
+            return 0
+        if getattr(self, "_width", None) is None:
+            from tinymath.lib.scoring import default_prompts
+
+            prompts = default_prompts(self.tokenizer, self.train_examples, self.data_settings["format"],
+                                      self.data_settings["system_prompt"])
+            self._width = max(len(p) for p in prompts)
+        return self._width
 
     def sample(self, prompts: list[list[int]], settings) -> tuple[list[list[int]], list[str]]:
         """Each prompt's solution: its token ids and its text. With ``--calculator`` a solution is
