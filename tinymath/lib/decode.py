@@ -178,8 +178,17 @@ class _Step:
     def _forward(self):
         if self.compiled is None:
             return self.model(**self.inputs).logits[:, -1]
-        with _compiled_attention():
-            return self.compiled(self.model, self.inputs)
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        try:
+            with _compiled_attention():
+                return self.compiled(self.model, self.inputs)
+        except BackendCompilerFailed as exc:  # e.g. no C++ compiler for Inductor's CPU code
+            from tinymath.base.errors import TinymathError
+
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TinymathError(f"--compile-steps: torch.compile cannot compile the decode step on this machine "
+                                f"({reason}); drop --compile-steps") from None
 
     def __call__(self, token, slot: int, graphs: bool):
         import torch
