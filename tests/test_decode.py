@@ -120,10 +120,14 @@ def test_compiled_steps_give_generates_tokens(inference, monkeypatch):
     tokens as ``generate``, also where filler rows pad a batch to its compiled row count (5 prompts,
     8 rows: the filler starts finished and never holds the batch up); the same shapes again compile
     nothing more."""
-    from tinymath.lib.decode import _COMPILED
+    import torch._dynamo
+
+    import tinymath.lib.decode as decode
     from tinymath.lib.generate import STEP_ROW_BUCKET
     from tinymath.lib.speed import compile_seconds
 
+    monkeypatch.setattr(decode, "_COMPILED", [])  # compiled here, whatever ran before in this process
+    torch._dynamo.reset()
     questions = QUESTIONS + ("Halve 18.", "What is 10 - 3?")
     assert len(questions) % STEP_ROW_BUCKET  # so the batch has filler rows
     before = compile_seconds()
@@ -131,7 +135,7 @@ def test_compiled_steps_give_generates_tokens(inference, monkeypatch):
     pad = inference.tokenizer.pad_token_id
     assert _trimmed(own, pad) == _trimmed(plain, pad)
     compiled = compile_seconds()
-    assert compiled > before and _COMPILED
+    assert compiled > before and decode._COMPILED
     again, _ = _both(inference, monkeypatch, questions=questions, max_new_tokens=30, compile_steps=True)
     assert again == own and compile_seconds() == compiled
 
@@ -160,3 +164,26 @@ def test_compiled_steps_are_refused_where_the_loop_does_not_run():
                            (GenerationSettings(compile_steps=True, stop=("Question:",)), "lm-eval-gsm8k")):
         with pytest.raises(TinymathError, match=said):
             settings.validate()
+
+
+def test_compiled_steps_see_one_width_from_min_width(inference, monkeypatch):
+    """GRPO's --compile-steps pads every batch to the longest training prompt (``min_width``), rounded
+    to the width bucket like any compiled batch: prompts on both sides of a bucket boundary give one
+    shape (one compile), not one per bucket."""
+    import tinymath.lib.generate as generate
+    from tinymath.lib.generate import WIDTH_BUCKET, GenerationSettings, generate_ids
+
+    shapes = []
+
+    def fake_decode(model, ids, mask, new, eos, pad, sample=None, compiled=False, live=None):
+        shapes.append((tuple(ids.shape), compiled))
+        import torch
+
+        return torch.cat([ids, torch.full((ids.shape[0], new), pad)], dim=1)
+
+    monkeypatch.setattr(generate, "decode", fake_decode)
+    short, long = [5] * 10, [5] * (WIDTH_BUCKET + 6)  # either side of the first bucket boundary
+    settings = GenerationSettings(max_new_tokens=3, batch_size=2, compile_steps=True, min_width=WIDTH_BUCKET + 6)
+    generate_ids(inference, [short, short], settings)
+    generate_ids(inference, [long, short, short], settings)
+    assert {shape for shape, _ in shapes} == {(2, 2 * WIDTH_BUCKET)} and all(c for _, c in shapes)

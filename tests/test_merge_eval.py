@@ -556,19 +556,24 @@ def test_compile_steps_refused_once_the_model_shows_the_loop_cannot_run(tiny_mod
 def test_compile_steps_where_torch_compile_cannot_compile_is_one_message(tiny_model, gsm8k_dir, tmp_path,
                                                                         monkeypatch):
     """No working C++ compiler for Inductor's CPU code: the reason in one line, no traceback."""
+    import torch._dynamo
     import torch._inductor.config as inductor
 
     import tinymath.lib.decode as decode
+    import tinymath.lib.speed as speed
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler",))
-    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))  # no compiled code found from earlier runs
-    monkeypatch.setattr(decode, "_COMPILED", [])  # a compiled step made earlier in this process is not reused
-    import torch._dynamo
-
+    # nothing compiled before is found: not in this process, not in a compile cache on disk
+    monkeypatch.setattr(decode, "_COMPILED", [])
+    monkeypatch.setattr(speed, "_USER_INDUCTOR_CACHE", None)
+    monkeypatch.setenv("TINYMATH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache" / "compile"))  # restored afterwards
     torch._dynamo.reset()
-    result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 4,
-                     "--compile-steps", "--out", tmp_path / "ev")
-    torch._dynamo.reset()
+    try:
+        with inductor.patch({"cpp.cxx": ("no-such-compiler",)}):
+            result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 4,
+                             "--compile-steps", "--out", tmp_path / "ev")
+    finally:
+        torch._dynamo.reset()
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "torch.compile cannot compile the decode step" in result.stderr and "C++ compiler" in result.stderr
     assert not (tmp_path / "ev").exists()

@@ -139,8 +139,9 @@ class TrainConfig:
                                      "trained on like the sampled tokens, as SFT trains on annotated solutions.", RL,
                               flags=("--calculator/--no-calculator",), shown="off")
     compile_steps: bool = option(False, "grpo: compile each decode step of the sampling with torch.compile before "
-                                        "its CUDA graph is captured (as `eval --compile-steps`): about 30 s per "
-                                        "batch shape in a new process, then faster sampling.", RL,
+                                        "its CUDA graph is captured (as `eval --compile-steps`): about 25 s in a "
+                                        "new process, then faster sampling; pays in runs of about 50 steps or "
+                                        "more.", RL,
                                  flags=("--compile-steps/--no-compile-steps",), shown="off")
 
     def validate(self) -> None:
@@ -181,7 +182,9 @@ class TrainConfig:
         if self.calculator and self.method != "grpo":
             problems.append("--calculator samples solutions with the calculator in reinforcement learning: add "
                             "--method grpo (SFT trains on the reference solutions)")
-        if self.compile_steps and self.calculator:
+        if self.compile_steps and self.method != "grpo":
+            problems.append("--compile-steps compiles the decode steps of GRPO's sampling: add --method grpo")
+        elif self.compile_steps and self.calculator:
             problems.append("--compile-steps compiles tinymath's decode loop, but --calculator samples with "
                             "transformers' generate, which compiles its own steps (drop --compile-steps)")
         elif self.compile_steps and self.compile is False:

@@ -186,7 +186,9 @@ class _Step:
         except BackendCompilerFailed as exc:  # e.g. no C++ compiler for Inductor's CPU code
             from tinymath.base.errors import TinymathError
 
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            inner = getattr(exc, "inner_exception", None) or exc
+            text = str(inner).strip()
+            reason = f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
             raise TinymathError(f"--compile-steps: torch.compile cannot compile the decode step on this machine "
                                 f"({reason}); drop --compile-steps") from None
 

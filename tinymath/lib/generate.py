@@ -26,7 +26,7 @@ class GenerationSettings:
     batch_size: int | None = None  # None: as large as memory allows (`auto_batch_size`)
     static_cache: bool | None = None  # None: on CUDA for MIN_STATIC_PROMPTS or more prompts (see generate_ids)
     compile_steps: bool = False  # tinymath's decode loop with each step compiled (`tinymath.lib.decode`)
-    min_width: int = 0  # compiled decoding: prompts padded to at least this width (one shape for every batch)
+    min_width: int = 0  # compiled steps: prompts padded to at least this width, bucketed (one shape for every batch)
     stop: tuple[str, ...] = ()  # stop strings (cut from the text)
     calculator: bool = False  # complete <<expr= annotations with tinymath.calculator
 
@@ -141,7 +141,7 @@ def _decode_new(tokenizer, new_ids) -> tuple[str, int]:
     return tokenizer.decode(text_ids, skip_special_tokens=True), len(ids)
 
 
-def auto_batch_size(model, prompts: list[list[int]], max_new_tokens: int) -> int:
+def auto_batch_size(model, prompts: list[list[int]], max_new_tokens: int, min_width: int = 0) -> int:
     """How many rows to generate together: 16 on CPU; on a GPU as many as half the free memory
     holds in KV cache (every row padded to the longest prompt plus the answer), at most the
     prompts' count rounded up to `ROW_BUCKET` (the rows compiled decoding pads a batch to)."""
@@ -155,7 +155,8 @@ def auto_batch_size(model, prompts: list[list[int]], max_new_tokens: int) -> int
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_token = 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
     # the logits of one step ([rows, vocab] in fp32) come on top of the cache
-    per_row = per_token * (max(len(p) for p in prompts) + max_new_tokens) + 8 * cfg.vocab_size
+    width = max(max(len(p) for p in prompts), min_width)  # rows padded to `min_width` hold that much cache
+    per_row = per_token * (width + max_new_tokens) + 8 * cfg.vocab_size
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(_bucket(len(prompts), ROW_BUCKET), int(free * 0.5 / per_row)))
 
@@ -218,7 +219,8 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
     if stopping is not None:
         kwargs["stopping_criteria"] = stopping
-    batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens)
+    batch_size = settings.batch_size or auto_batch_size(model, prompts, settings.max_new_tokens,
+                                                        _bucket(settings.min_width, WIDTH_BUCKET))
     if bucketed and not settings.batch_size and batch_size > ROW_BUCKET:  # a memory-bound size varies from
         batch_size -= batch_size % ROW_BUCKET  # call to call: a multiple of the bucket keeps the shapes few
     sample = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.temperature > 0 else None
@@ -227,7 +229,7 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         rows = _batch_shape(chunk, prompts, batch_size, ROW_BUCKET if compiled else STEP_ROW_BUCKET if bucketed else 0)
         width = max(len(prompts[i]) for i in chunk)
         if bucketed:  # bucketed shapes: the compiled decoder is reused by the next batch, step or process
-            width = max(_bucket(width, WIDTH_BUCKET), settings.min_width)
+            width = _bucket(max(width, settings.min_width), WIDTH_BUCKET)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for row, i in enumerate(rows):  # left padding: every row's answer starts at the same column
