@@ -275,6 +275,21 @@ def compiles(model, settings: GenerationSettings, stopping=None) -> bool:
     return bool(settings.stop) or stopping is not None or settings.calculator or not decode_supported(model)
 
 
+def check_compile_steps(settings: GenerationSettings, model, source: str) -> None:
+    """--compile-steps where the decode loop will not run, known once the model is loaded: a run
+    that answers with the calculator, or a model the loop cannot decode (its attention or its
+    generation config needs transformers' generate). One message, not a flag silently ignored."""
+    if not settings.compile_steps:
+        return
+    if settings.calculator:
+        raise TinymathError(f"--compile-steps compiles tinymath's decode loop, but {source} answers with the "
+                            "calculator, which decodes with transformers' generate (drop --compile-steps, or "
+                            "add --no-calculator)")
+    if not decode_supported(model):
+        raise TinymathError(f"--compile-steps compiles tinymath's decode loop, which cannot decode {source} (its "
+                            "attention or generation config needs transformers' generate): drop --compile-steps")
+
+
 MIN_STATIC_PROMPTS = 64  # below this, setting up fast decoding costs more than it saves
 
 

@@ -136,13 +136,10 @@ class GRPOTrainer(Trainer):
             set_peft_model_state_dict(self.model, load_safetensors(run.path / ADAPTER_WEIGHTS))
         # the sampling copy, before memory is planned: the micro-batch size leaves room for it
         self.policy = PolicyCopy(self.model, self.config.model, self.dtype, self.device, self.config.trust_remote_code)
-        if self.config.compile_steps:
-            from tinymath.lib.decode import supported
+        if self.config.compile_steps:  # (--calculator with it is refused with the other settings)
+            from tinymath.lib.generate import GenerationSettings, check_compile_steps
 
-            if not supported(self.policy.model):
-                raise TinymathError(f"--compile-steps compiles tinymath's decode loop, which cannot sample from "
-                                    f"{self.config.model} (its attention or generation config needs transformers' "
-                                    "generate): drop --compile-steps")
+            check_compile_steps(GenerationSettings(compile_steps=True), self.policy.model, self.config.model)
 
     def _plan_graphs(self) -> None:
         self.plan.cuda_graphs = False  # the token weights vary per step; graphs replay fixed inputs only

@@ -54,7 +54,12 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     from tinymath.base.progress import progress_bar
     from tinymath.lib.decode import totals as decode_totals
     from tinymath.lib.distributed import checked_together, process_share, process_state
-    from tinymath.lib.generate import GenerationSettings, generate_across_processes, load_for_inference
+    from tinymath.lib.generate import (
+        GenerationSettings,
+        check_compile_steps,
+        generate_across_processes,
+        load_for_inference,
+    )
     from tinymath.lib.gsm8k import read_gsm8k
     from tinymath.lib.speed import compile_seconds
 
@@ -70,7 +75,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
     settings.calculator = inference.uses_calculator(calculator)
-    checked_together(state, lambda: _check_compile_steps(settings, inference, model or adapter))
+    checked_together(state, lambda: check_compile_steps(settings, inference.model, model or adapter))
     prompts = chosen.prompts(inference.tokenizer, rows, inference.format, inference.system_prompt,
                              lambda: read_gsm8k(data, "train"), split)
 
@@ -123,23 +128,6 @@ def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: st
     if adapter is not None:  # a wrong run folder is reported before any data is fetched
         check_base_present(load_run(adapter))
     return read_gsm8k(data, split, limit)
-
-
-def _check_compile_steps(settings, inference, source: str) -> None:
-    """--compile-steps where the decode loop will not run, known once the model is loaded: a run
-    that answers with the calculator, or a model the loop cannot decode (its attention or its
-    generation config needs transformers' generate). One message, not a flag silently ignored."""
-    from tinymath.lib.decode import supported
-
-    if not settings.compile_steps:
-        return
-    if settings.calculator:
-        raise TinymathError(f"--compile-steps compiles tinymath's decode loop, but {source} answers with the "
-                            "calculator, which decodes with transformers' generate (drop --compile-steps, or "
-                            "add --no-calculator)")
-    if not supported(inference.model):
-        raise TinymathError(f"--compile-steps compiles tinymath's decode loop, which cannot decode {source} (its "
-                            "attention or generation config needs transformers' generate): drop --compile-steps")
 
 
 def _saying_compiling(update, inference, settings, prompts: int):
