@@ -1,7 +1,7 @@
 """Quality on real weights (SmolLM2-135M-Instruct): the recipe search and the full pipeline, on GPUs.
 
 Stage ``search`` picks the default recipe on a held-out slice of the TRAIN split (never test): two
-prepare-data folders (calculator annotations stripped / kept) each holding out the same seeded 500
+prepare-data folders (calculator annotations stripped / kept) each holding out the same seeded 500 (``--val-size``)
 train problems as ``validation``; each candidate recipe trains on the rest and is scored there
 (greedy, and with ``--calculator`` when annotations are kept). The recipes run side by side, several
 per GPU (a 135M model leaves a GPU mostly idle).
@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import OUT, log, run_jobs  # noqa: E402
 
-VALIDATION = 500
 # name: (train flags, annotations). lora_alpha = 2 x rank throughout.
 RECIPES = {
     "r16_lr3e-4_e3_strip": ("--lora-r 16 --lora-alpha 32 --lr 3e-4 --epochs 3", "strip"),
@@ -38,7 +37,17 @@ RECIPES = {
     "r64_lr3e-4_e3_keep": ("--lora-r 64 --lora-alpha 128 --lr 3e-4 --epochs 3", "keep"),
     "r32_lr5e-4_e2_keep": ("--lora-r 32 --lora-alpha 64 --lr 5e-4 --epochs 2", "keep"),
     "r32_lr1e-3_e3_b32_keep": ("--lora-r 32 --lora-alpha 64 --lr 1e-3 --epochs 3 --batch-size 32", "keep"),
+    # the second search (``--recipes second``): around the first search's best, which sat at its edge
+    # (its highest learning rate, most epochs): more steps, a higher rate, a larger rank
+    "r32_lr2e-3_e3_b32_keep": ("--lora-r 32 --lora-alpha 64 --lr 2e-3 --epochs 3 --batch-size 32", "keep"),
+    "r32_lr1e-3_e5_b32_keep": ("--lora-r 32 --lora-alpha 64 --lr 1e-3 --epochs 5 --batch-size 32", "keep"),
+    "r64_lr1e-3_e3_b32_keep": ("--lora-r 64 --lora-alpha 128 --lr 1e-3 --epochs 3 --batch-size 32", "keep"),
+    "r128_lr1e-3_e3_b32_keep": ("--lora-r 128 --lora-alpha 256 --lr 1e-3 --epochs 3 --batch-size 32", "keep"),
+    "r128_lr5e-4_e3_b32_keep": ("--lora-r 128 --lora-alpha 256 --lr 5e-4 --epochs 3 --batch-size 32", "keep"),
+    "r32_lr1e-3_e3_b16_keep": ("--lora-r 32 --lora-alpha 64 --lr 1e-3 --epochs 3 --batch-size 16", "keep"),
 }
+FIRST = list(RECIPES)[:8]  # the first search (2026-11-28)
+SECOND = ["r32_lr1e-3_e3_b32_keep"] + list(RECIPES)[8:]  # the defaults it chose, and six around them
 
 
 SMOKE: dict = {}  # --smoke N (a CPU check of this script): tiny data, N steps, short answers
@@ -58,22 +67,26 @@ def read_summary(folder: Path) -> dict | None:
 
 
 def search(args, work: Path) -> None:
-    prep = {mode: work / f"prep_{mode}" for mode in ("strip", "keep")}
+    names = {"first": FIRST, "second": SECOND}.get(args.recipes) or args.recipes.split(",")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {unknown}; use first, second or names from: {', '.join(RECIPES)}")
+    recipes = {n: RECIPES[n] for n in (names[:2] if SMOKE else names)}
+    prep = {mode: work / f"prep_{mode}" for mode in ("strip", "keep") if any(m == mode for _, m in recipes.values())}
     for mode, folder in prep.items():  # sequential: the first one also converts the GGUF once
         if not (folder / "prepare.json").exists():
             code = run_jobs([{"name": f"prepare_{mode}", "cmd": tm(
                 "prepare-data", "--data", args.data, "--model", args.model, "--out", folder,
-                "--calc-annotations", mode, "--val-size", 8 if SMOKE else VALIDATION, "--overwrite")}], 1)
+                "--calc-annotations", mode, "--val-size", 8 if SMOKE else args.val_size, "--overwrite")}], 1)
             if code[f"prepare_{mode}"]:
                 raise SystemExit(f"prepare-data {mode} failed: see $OUT/jobs.log")
-    recipes = dict(list(RECIPES.items())[:2]) if SMOKE else RECIPES
     jobs = []
     for name, (flags, mode) in recipes.items():
         run, data = work / "runs" / name, prep[mode]
         jobs.append({"name": f"train_{name}", "cmd": tm("train", "--data", data, "--model", args.model, "--out", run,
                                                          "--max-memory", args.max_memory, "--overwrite", "--json")
                      + " " + flags})
-        evals = [("greedy", [])] + ([("calculator", ["--calculator"])] if mode == "keep" else [])
+        evals = [("greedy", [])] + ([("calculator", ["--calculator"])] if mode == "keep" and args.calculator else [])
         for kind, extra in evals:
             jobs.append({"name": f"eval_{name}_{kind}", "after": [f"train_{name}"], "cmd": tm(
                 "eval", "--adapter", run, "--data", data, "--split", "validation", "--batch-size", 512,
@@ -82,7 +95,7 @@ def search(args, work: Path) -> None:
     table = []
     for name, (flags, mode) in recipes.items():
         greedy = read_summary(work / "val" / f"{name}_greedy")
-        calc = read_summary(work / "val" / f"{name}_calculator") if mode == "keep" else greedy
+        calc = read_summary(work / "val" / f"{name}_calculator") if mode == "keep" and args.calculator else greedy
         if greedy is None or calc is None:
             continue
         row = {"recipe": name, "flags": flags, "annotations": mode, "n": greedy["n"],
@@ -91,7 +104,8 @@ def search(args, work: Path) -> None:
                "score": (greedy["accuracy_strict"] + calc["accuracy_strict"]) / 2}
         table.append(row)
         log(event="search", **row)
-    if table:  # the rule, fixed before looking: mean of greedy and calculator strict accuracy
+    if table:  # the rule, fixed before looking: mean of greedy and calculator strict accuracy (greedy alone
+        # with --no-calculator)
         best = max(table, key=lambda r: r["score"])
         (work / "best_recipe.json").write_text(json.dumps(best))
         log(event="search_best", **best)
@@ -163,6 +177,11 @@ def main():
                         help="final: 'defaults' (tinymath's, chosen by the search), 'best' (the search's), or a recipe name")
     parser.add_argument("--budget", type=float, default=3600,
                         help="seconds after which no new training or base eval starts")
+    parser.add_argument("--val-size", type=int, default=500, help="search: TRAIN problems held out (validation)")
+    parser.add_argument("--recipes", default="first",
+                        help="search: 'first' (the 2026-11-28 search), 'second' (around its best) or comma-separated names")
+    parser.add_argument("--calculator", action=argparse.BooleanOptionalAction, default=True,
+                        help="search: also score the annotated recipes with --calculator (the rule averages both)")
     parser.add_argument("--smoke", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:

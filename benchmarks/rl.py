@@ -42,6 +42,7 @@ def main():
     parser.add_argument("--data", required=True, help="GSM8K folder with train.jsonl and test.jsonl")
     parser.add_argument("--work", default="/tmp/rl")
     parser.add_argument("--val-size", default="200", help="TRAIN problems held out for validation")
+    parser.add_argument("--sft-args", default="", help="extra `tinymath train` flags of the SFT run (default: none)")
     parser.add_argument("--rl-args", default="", help="extra `tinymath train --method grpo` flags")
     parser.add_argument("--only", default="prepare,sft,rl,eval", help="phases to run")
     args = parser.parse_args()
@@ -54,7 +55,7 @@ def main():
                      "--val-size", args.val_size)
         log(event="rl_bench", phase="prepare", wall_s=r["wall_s"])
     if "sft" in which and not (sft / "run.json").exists():
-        r = tinymath("train", "--data", str(prep), "--model", args.model, "--out", str(sft))
+        r = tinymath("train", "--data", str(prep), "--model", args.model, "--out", str(sft), *shlex.split(args.sft_args))
         log(event="rl_bench", phase="sft", wall_s=r["wall_s"], steps=r["result"]["steps"],
             final_loss=r["result"]["final_loss"])
     if "rl" in which and not (rl / "run.json").exists():
