@@ -45,9 +45,19 @@ RECIPES = {
     "r128_lr1e-3_e3_b32_keep": ("--lora-r 128 --lora-alpha 256 --lr 1e-3 --epochs 3 --batch-size 32", "keep"),
     "r128_lr5e-4_e3_b32_keep": ("--lora-r 128 --lora-alpha 256 --lr 5e-4 --epochs 3 --batch-size 32", "keep"),
     "r32_lr1e-3_e3_b16_keep": ("--lora-r 32 --lora-alpha 64 --lr 1e-3 --epochs 3 --batch-size 16", "keep"),
+    # the third (``--recipes third``): past the second's best (lr 2e-3), and two of its recipes again
+    # with another seed, to see how far apart two runs of one recipe land
+    "r32_lr2e-3_e3_b32_s7_keep": ("--lora-r 32 --lora-alpha 64 --lr 2e-3 --epochs 3 --batch-size 32 --seed 7", "keep"),
+    "r32_lr1e-3_e3_b32_s7_keep": ("--lora-r 32 --lora-alpha 64 --lr 1e-3 --epochs 3 --batch-size 32 --seed 7", "keep"),
+    "r32_lr3e-3_e3_b32_keep": ("--lora-r 32 --lora-alpha 64 --lr 3e-3 --epochs 3 --batch-size 32", "keep"),
+    "r32_lr4e-3_e3_b32_keep": ("--lora-r 32 --lora-alpha 64 --lr 4e-3 --epochs 3 --batch-size 32", "keep"),
+    "r64_lr2e-3_e3_b32_keep": ("--lora-r 64 --lora-alpha 128 --lr 2e-3 --epochs 3 --batch-size 32", "keep"),
+    "r128_lr2e-3_e3_b32_keep": ("--lora-r 128 --lora-alpha 256 --lr 2e-3 --epochs 3 --batch-size 32", "keep"),
+    "r32_lr3e-3_e3_b32_s7_keep": ("--lora-r 32 --lora-alpha 64 --lr 3e-3 --epochs 3 --batch-size 32 --seed 7", "keep"),
 }
 FIRST = list(RECIPES)[:8]  # the first search (2026-11-28)
-SECOND = ["r32_lr1e-3_e3_b32_keep"] + list(RECIPES)[8:]  # the defaults it chose, and six around them
+SECOND = ["r32_lr1e-3_e3_b32_keep"] + list(RECIPES)[8:14]  # the defaults it chose, and six around them
+THIRD = list(RECIPES)[14:]
 
 
 SMOKE: dict = {}  # --smoke N (a CPU check of this script): tiny data, N steps, short answers
@@ -67,7 +77,7 @@ def read_summary(folder: Path) -> dict | None:
 
 
 def search(args, work: Path) -> None:
-    names = {"first": FIRST, "second": SECOND}.get(args.recipes) or args.recipes.split(",")
+    names = {"first": FIRST, "second": SECOND, "third": THIRD}.get(args.recipes) or args.recipes.split(",")
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise SystemExit(f"--recipes: unknown {unknown}; use first, second or names from: {', '.join(RECIPES)}")
@@ -179,7 +189,7 @@ def main():
                         help="seconds after which no new training or base eval starts")
     parser.add_argument("--val-size", type=int, default=500, help="search: TRAIN problems held out (validation)")
     parser.add_argument("--recipes", default="first",
-                        help="search: 'first' (the 2026-11-28 search), 'second' (around its best) or comma-separated names")
+                        help="search: 'first' (the 2026-11-28 search), 'second' (around its best), 'third' (past the second's) or comma-separated names")
     parser.add_argument("--calculator", action=argparse.BooleanOptionalAction, default=True,
                         help="search: also score the annotated recipes with --calculator (the rule averages both)")
     parser.add_argument("--smoke", type=int, default=0, help=argparse.SUPPRESS)
