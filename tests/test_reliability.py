@@ -239,6 +239,11 @@ def test_a_config_file_s_problems_are_all_named_with_the_file(gsm8k_dir, tmp_pat
     toml.write_text('lora_rank = 4\nlora-alpha = "x"\n')
     result = run_cli("train", "--config", toml, "--dry-run")
     assert result.exit_code == 1 and "'lora_rank'" in result.stderr and "lora-alpha should be float" in result.stderr
+    toml.write_text(f'data = "{gsm8k_dir}"\nlr = "fast"\nbatch-size = -3\nlora_rank = 4\n')  # a wrong type, a bad
+    result = run_cli("train", "--config", toml, "--dry-run")  # value and a misspelling: all three in one message
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert all(m in result.stderr for m in ("lr should be float", "--batch-size -3 must be positive", "'lora_rank'"))
+    assert f"(batch-size: set in --config {toml})" in result.stderr.replace("\n", "")
     toml.write_text(f'data = "{gsm8k_dir}"\nlr = -1\nepochs = 0\n')
     result = run_cli("train", "--config", toml, "--lr", "1", "--dry-run")  # --lr given as a flag: not the file's
     assert result.exit_code == 1 and "--epochs 0.0 must be positive" in result.stderr and "--lr" not in result.stderr

@@ -18,7 +18,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from tinymath.base.errors import TinymathError, choice, raise_if_problems
+from tinymath.base.errors import TinymathError, choice, problem_lines, problems_message, raise_if_problems
 from tinymath.base.files import MODEL_SUFFIXES, missing_local, read_json_object, read_toml, split_file
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
@@ -249,8 +249,10 @@ def _coerce(name: str, value, where: str, key: str | None = None):
     return value
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Settings from a TOML file (or a run.json/train_config.json): checked names and types."""
+def load_config_file(path: str | Path, problems: list[str] | None = None) -> dict:
+    """Settings from a TOML file (or a run.json/train_config.json): checked names and types. Given
+    ``problems``, unknown names and wrong types are added to it (and left out of the settings), to be
+    listed with the values' own problems; otherwise they are raised here."""
     path = Path(path)
     if path.is_dir():
         hint = f"; give {path / RUN_FILE} to repeat that run" if (path / RUN_FILE).is_file() else ""
@@ -262,7 +264,7 @@ def load_config_file(path: str | Path) -> dict:
     except TinymathError as exc:
         raise TinymathError(f"--config {exc}") from None
     known = TrainConfig.field_names()
-    settings, problems = {}, []  # every unknown name and wrong type in the file at once
+    settings, found = {}, []  # every unknown name and wrong type in the file at once
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name in RUN_RECORD_KEYS:
@@ -270,13 +272,16 @@ def load_config_file(path: str | Path) -> dict:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
-            problems.append(f"--config {path}: unknown setting {key!r}{hint}")
+            found.append(f"--config {path}: unknown setting {key!r}{hint}")
             continue
         try:
             settings[name] = _coerce(name, value, f"--config {path}", key)
         except TinymathError as exc:
-            problems.append(str(exc))
-    raise_if_problems(problems)
+            found.append(str(exc))
+    if problems is None:
+        raise_if_problems(found)
+    else:
+        problems += found
     # never taken from a file: replacing a folder, and running a model's own code, are asked for each time
     settings.pop("overwrite", None)
     settings.pop("trust_remote_code", None)
@@ -313,7 +318,24 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         if "max_memory" in given and "micro_batch_tokens" not in given:
             settings["micro_batch_tokens"] = None  # plan again for the new memory limit
         return TrainConfig(**settings)
-    from_file = load_config_file(config_file) if config_file else {}
+    if not config_file:
+        return _new_train_config({}, given)
+    file_problems: list[str] = []  # the file's unknown names and wrong types: listed with every other problem
+    from_file = load_config_file(config_file, file_problems)
+    try:
+        config = _new_train_config(from_file, given)
+        _name_the_file(config, [k for k in from_file if k not in given], config_file)
+    except TinymathError as exc:
+        if not file_problems:
+            raise
+        problems, notes = problem_lines(exc)
+        raise TinymathError("\n".join([problems_message(file_problems + problems), *notes])) from None
+    raise_if_problems(file_problems)
+    return config
+
+
+def _new_train_config(from_file: dict, given: dict) -> TrainConfig:
+    """A new run's settings (not validated): the method's defaults <- the config file <- flags."""
     settings = {**from_file, **given}
     if settings.get("method", "sft") != "grpo":  # RL-only flags would be ignored by SFT: say so
         panels = {f.name: f.metadata.get("panel") for f in fields(TrainConfig)}
@@ -330,10 +352,7 @@ def resolve_train_config(flags: dict, config_file: str | None = None, resume: st
         settings.update(_from_init_adapter(settings["init_adapter"], settings))
     elif "model" not in settings:
         settings.update(_from_prepared_data(settings.get("data", DEFAULT_DATA)))
-    config = TrainConfig(**absolute_paths(settings))
-    if from_file:
-        _name_the_file(config, [k for k in from_file if k not in given], config_file)
-    return config
+    return TrainConfig(**absolute_paths(settings))
 
 
 def _name_the_file(config: TrainConfig, from_file: list[str], config_file: str) -> None:
@@ -341,7 +360,7 @@ def _name_the_file(config: TrainConfig, from_file: list[str], config_file: str) 
     try:
         config.validate()
     except TinymathError as exc:
-        problems = [line.removeprefix("  - ") for line in str(exc).splitlines()]  # one, or "several problems:"
+        problems, _ = problem_lines(exc)
         named = [k.replace("_", "-") for k in from_file  # the setting a problem is about: the flag it starts with
                  if any(re.match(rf"--{k.replace('_', '-')}(?![\w-])", line) for line in problems)]
         if not named:

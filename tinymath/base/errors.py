@@ -38,10 +38,25 @@ class Terminated(KeyboardInterrupt):
 
 def raise_if_problems(problems: list[str]) -> None:
     """Raise one error listing every validation problem found (nothing to do if there are none)."""
-    if len(problems) == 1:
-        raise TinymathError(problems[0])
     if problems:
-        raise TinymathError("\n".join(["several problems:"] + [f"  - {p}" for p in problems]))
+        raise TinymathError(problems_message(problems))
+
+
+def problems_message(problems: list[str]) -> str:
+    """One problem as it is; several as a list under "several problems:"."""
+    if len(problems) == 1:
+        return problems[0]
+    return "\n".join(["several problems:"] + [f"  - {p}" for p in problems])
+
+
+def problem_lines(error: TinymathError) -> tuple[list[str], list[str]]:
+    """What `problems_message` made ``error``'s message from: its problems, and the lines after the
+    list (notes, such as where a setting came from)."""
+    lines = str(error).splitlines()
+    if lines[:1] != ["several problems:"]:
+        return lines[:1], lines[1:]
+    listed = [line.removeprefix("  - ") for line in lines[1:] if line.startswith("  - ")]
+    return listed, [line for line in lines[1:] if not line.startswith("  - ")]
 
 
 def choice(flag: str, value, choices) -> list[str]:
