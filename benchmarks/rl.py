@@ -8,6 +8,10 @@ each phase's wall time and the figures, and appends them to $OUT/results.jsonl.
 
     OUT=/tmp/out python benchmarks/rl.py --model SmolLM2-135M-Instruct.Q4_1.gguf --data gsm8k --work /tmp/rl \
         --rl-args "--max-steps 60 --eval-every 20"
+
+With `--variant NAME=FLAGS` (repeatable) several GRPO runs start from the same SFT run at once (one GPU
+holds them all), each with `--rl-args` plus its own flags; the one with the best validation accuracy
+is picked before the test set is touched, and only it is evaluated on the test set.
 """
 
 from __future__ import annotations
@@ -24,16 +28,38 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import log  # noqa: E402
 
 
-def tinymath(*args: str, timeout: float | None = None) -> dict:
-    """One `tinymath ... --json` command in a fresh process: its JSON result and wall seconds."""
-    started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "tinymath", *args, "--json"], capture_output=True, text=True,
-                          timeout=timeout)
-    seconds = round(time.time() - started, 1)
+def start(*args: str) -> subprocess.Popen:
+    """One `tinymath ... --json` command started in a fresh process (see `finish`)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tinymath", *args, "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.args_text, proc.started = " ".join(args), time.time()
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    """Wait for a started command: its JSON result and wall seconds (exits on failure)."""
+    stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"tinymath {' '.join(args)} failed ({proc.returncode})")
-    return {"result": json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": seconds}
+        print(stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"tinymath {proc.args_text} failed ({proc.returncode})")
+    return {"result": json.loads(stdout.strip().splitlines()[-1]), "wall_s": round(time.time() - proc.started, 1)}
+
+
+def tinymath(*args: str) -> dict:
+    """One `tinymath ... --json` command in a fresh process: its JSON result and wall seconds."""
+    return finish(start(*args))
+
+
+def grpo_summary(run: Path, r: dict, name: str) -> None:
+    """Log the figures of one finished GRPO run."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [x for x in records if "reward" in x]  # steps (not the step-0 validation line)
+    log(event="rl_bench", phase="grpo", variant=name, wall_s=r["wall_s"], steps=r["result"]["steps"],
+        best_val_accuracy=r["result"]["best_val_accuracy"], best_step=r["result"]["best_step"],
+        generation_s=round(sum(x.get("generation_s", 0) for x in rows), 1),
+        update_s=round(sum(x.get("update_s", 0) for x in rows), 1),
+        reward_first=[x["reward"] for x in rows[:5]], reward_last=[x["reward"] for x in rows[-5:]],
+        val_accuracy=[(x["step"], x["val_accuracy"]) for x in records if "val_accuracy" in x])
 
 
 def main():
@@ -44,6 +70,8 @@ def main():
     parser.add_argument("--val-size", default="200", help="TRAIN problems held out for validation")
     parser.add_argument("--sft-args", default="", help="extra `tinymath train` flags of the SFT run (default: none)")
     parser.add_argument("--rl-args", default="", help="extra `tinymath train --method grpo` flags")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="a GRPO run of its own (extra flags after --rl-args); several run at once")
     parser.add_argument("--only", default="prepare,sft,rl,eval", help="phases to run")
     args = parser.parse_args()
     work, which = Path(args.work), set(args.only.split(","))
@@ -58,26 +86,37 @@ def main():
         r = tinymath("train", "--data", str(prep), "--model", args.model, "--out", str(sft), *shlex.split(args.sft_args))
         log(event="rl_bench", phase="sft", wall_s=r["wall_s"], steps=r["result"]["steps"],
             final_loss=r["result"]["final_loss"])
-    if "rl" in which and not (rl / "run.json").exists():
-        resume = ["--resume", str(rl)] if (rl / "checkpoints").is_dir() else []
-        flags = resume or ["--method", "grpo", "--init-adapter", str(sft), "--data", str(prep), "--out", str(rl),
-                           *shlex.split(args.rl_args)]
-        r = tinymath("train", *flags)
-        records = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
-        rows = [x for x in records if "reward" in x]  # steps (not the step-0 validation line)
-        log(event="rl_bench", phase="grpo", wall_s=r["wall_s"], steps=r["result"]["steps"],
-            best_val_accuracy=r["result"]["best_val_accuracy"], best_step=r["result"]["best_step"],
-            generation_s=round(sum(x.get("generation_s", 0) for x in rows), 1),
-            update_s=round(sum(x.get("update_s", 0) for x in rows), 1),
-            reward_first=[x["reward"] for x in rows[:5]], reward_last=[x["reward"] for x in rows[-5:]],
-            val_accuracy=[(x["step"], x["val_accuracy"]) for x in records if "val_accuracy" in x])
+    variants = dict(v.split("=", 1) for v in args.variant) or {"": ""}
+    runs = {name: work / (f"rl_{name}" if name else "rl") for name in variants}
+    if "rl" in which:
+        started = {}
+        for name, extra in variants.items():
+            run = runs[name]
+            if (run / "run.json").exists():
+                continue
+            resume = ["--resume", str(run)] if (run / "checkpoints").is_dir() else []
+            started[name] = start("train", *(resume or [
+                "--method", "grpo", "--init-adapter", str(sft), "--data", str(prep), "--out", str(run),
+                *shlex.split(args.rl_args), *shlex.split(extra)]))
+        for name, proc in started.items():
+            grpo_summary(runs[name], finish(proc), name)
+    if len(runs) > 1:  # the pick, on validation only
+        best = {name: json.loads((run / "run.json").read_text()).get("result", {}).get("best_val_accuracy")
+                for name, run in runs.items() if (run / "run.json").exists()}
+        best = {name: value for name, value in best.items() if value is not None}
+        if best:
+            pick = max(best, key=best.get)
+            log(event="rl_bench", phase="pick", best_val_accuracy=best, picked=pick)
+            rl = runs[pick]
     if "eval" in which:
-        for name, run in (("sft", sft), ("rl", rl)):
-            out = work / f"test_{name}"
-            if not out.exists() and (run / "run.json").exists():
-                r = tinymath("eval", "--adapter", str(run), "--data", args.data, "--split", "test", "--out", str(out))
-                log(event="rl_bench", phase=f"eval_{name}", wall_s=r["wall_s"], accuracy=r["result"]["accuracy"],
-                    accuracy_strict=r["result"]["accuracy_strict"], n=r["result"]["n"])
+        started = {name: start("eval", "--adapter", str(run), "--data", args.data, "--split", "test",
+                               "--out", str(work / f"test_{name}"))
+                   for name, run in (("sft", sft), ("rl", rl))
+                   if not (work / f"test_{name}").exists() and (run / "run.json").exists()}
+        for name, proc in started.items():  # both at once
+            r = finish(proc)
+            log(event="rl_bench", phase=f"eval_{name}", run=str(rl if name == "rl" else sft), wall_s=r["wall_s"],
+                accuracy=r["result"]["accuracy"], accuracy_strict=r["result"]["accuracy_strict"], n=r["result"]["n"])
         if (work / "test_sft").exists() and (work / "test_rl").exists():
             c = tinymath("eval", "--compare", str(work / "test_sft"), str(work / "test_rl"))["result"]
             log(event="rl_bench", phase="compare", sft=c["accuracy_a"], grpo=c["accuracy_b"],
