@@ -577,3 +577,25 @@ def test_compile_steps_where_torch_compile_cannot_compile_is_one_message(tiny_mo
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "torch.compile cannot compile the decode step" in result.stderr and "C++ compiler" in result.stderr
     assert not (tmp_path / "ev").exists()
+
+
+def test_prepared_data_given_as_a_run_is_named_as_data(tiny_model, gsm8k_dir, tmp_path):
+    """A prepare-data folder where a training run belongs: said as such, not "missing run.json"."""
+    prep = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
+    for command in (["eval", "--adapter", prep, "--data", gsm8k_dir], ["merge-adapters", prep, "--out", tmp_path / "m"],
+                    ["train", "--method", "grpo", "--init-adapter", prep, "--data", prep, "--out", tmp_path / "rl"]):
+        result = run_cli(*command)
+        said = " ".join(result.stderr.split())
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"{prep} is a prepare-data output (training data), not a training run" in said
+        assert "give a `tinymath train` output folder" in said and "missing run.json" not in said
+    assert not (tmp_path / "m").exists() and not (tmp_path / "rl").exists()
+
+
+def test_merge_says_what_was_merged_into_what(trained_run, tmp_path):
+    out = tmp_path / "merged"
+    result = run_cli("merge-adapters", trained_run, "--out", out)
+    assert result.exit_code == 0, result.output
+    base = json.loads((trained_run / "run.json").read_text())["model"]
+    assert f"merged the adapter of {trained_run} into {base} -> {out}" in result.stdout

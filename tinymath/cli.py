@@ -365,7 +365,7 @@ def train_cmd(
         held_out += f", best validation accuracy {summary['best_val_accuracy']:.1%} (step {summary['best_step']})"
     kept = summary.get("adapter_step", summary["steps"])
     shipped = "" if kept == summary["steps"] else f"; the adapter kept is step {kept}'s"
-    out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
+    out_console.print(f"[bold green]done[/bold green]: {_steps(summary['steps'])}, final loss "
                       f"{summary['final_loss']:.4f}{held_out}, {summary['real_tokens_per_s']:,.0f} tokens/s -> "
                       f"{escape(str(summary['out']))}{shipped}")
 
@@ -399,8 +399,10 @@ def merge_cmd(
                                 trust_remote_code=trust_remote_code, gguf=gguf.value if gguf else None)
     if json_out:
         return _print_json(report)
-    out_console.print(f"[bold green]merged[/bold green] -> {escape(str(out))}  (largest logit difference vs base+adapter: "
-                      f"{report['max_logit_diff']:.2e}, tolerance {report['tolerance']:.2e})")
+    out_console.print(f"[bold green]merged[/bold green] the adapter of {escape(str(run))} into "
+                      f"{escape(report['base_model'])} -> {escape(str(out))}  (largest logit difference vs "
+                      f"base+adapter: {report['max_logit_diff']:.2e}, tolerance {report['tolerance']:.2e})",
+                      soft_wrap=True)
     if report.get("gguf"):
         out_console.print(f"for llama.cpp and Ollama: {escape(str(Path(out) / report['gguf']['file']))} and "
                           f"{escape(str(Path(out) / report['gguf']['modelfile']))}", soft_wrap=True)

@@ -108,6 +108,7 @@ def load_run(path: str | Path) -> RunInfo:
         raise TinymathError(f"{path} is a finished training run missing {', '.join(missing)}; copy the whole run "
                             "folder again")
     if missing:
+        check_not_prepared_data(path, str(path), "a training run", "; give a `tinymath train` output folder")
         model = (" (it is a model folder, already standalone: eval and chat take it as --model)"
                  if (path / "config.json").is_file() else "")
         raise TinymathError(f"{path} is not a tinymath training run (missing {', '.join(missing)}){model}; "
@@ -126,6 +127,24 @@ def load_run(path: str | Path) -> RunInfo:
         raise TinymathError(f"{path / RUN_FILE} is not a tinymath run record ({'; '.join(problems)})")
     check_safetensors(path / ADAPTER_WEIGHTS)  # a damaged adapter is reported before any model is loaded
     return RunInfo(path=path, config=config)
+
+
+def recorded_model(record: Path) -> str | None:
+    """The ``model`` a run.json or prepare-data manifest names, if it can be read (for messages)."""
+    try:
+        model = read_json_object(record).get("model")
+    except TinymathError:
+        return None
+    return model if isinstance(model, str) else None
+
+
+def check_not_prepared_data(path: Path, given: str, wanted: str, fix: str = "") -> None:
+    """Refuse a prepare-data output (``path``, shown as ``given``) where ``wanted`` belongs (a model,
+    a training run); ``fix`` ends the message."""
+    if (path / MANIFEST).is_file():
+        model = recorded_model(path / MANIFEST)
+        prepared = f"; it was prepared for the model {model}" if model else ""
+        raise TinymathError(f"{given} is a prepare-data output (training data), not {wanted}{prepared}{fix}")
 
 
 def read_metrics(run: str | Path) -> list[dict]:

@@ -94,7 +94,10 @@ def available_splits(data: str) -> list[str]:
         raise TinymathError(f"--data {data} is already a prepare-data output; give the raw GSM8K files")
     if path.is_dir():  # a folder's own validation file, if it has one, is its validation split
         return [s for s in ("train", "validation", "test") if split_file(path, s)]
-    return ["train"] if path.is_file() else _hub_splits(data)
+    if path.is_file():
+        return ["train"]
+    check_local_source("--data", data, DATA_SUFFIXES)  # a path that is not there: named before the hub is asked
+    return _hub_splits(data)
 
 
 def _hub_splits(data: str) -> list[str]:
