@@ -453,7 +453,11 @@ def _tinymath_gsm8k(o: dict) -> None:
         return
     if o["json_out"]:
         return _print_json(summary)
-    _print_gsm8k(summary, summary["settings"]["split"] or Path(o["data"]).name, o["samples"], o["out"])
+    _print_gsm8k(summary, summary["settings"]["split"] or Path(summary["settings"]["data"]).name, o["samples"], o["out"])
+    if o["data"] is None and summary["settings"]["data"] != DEFAULT_DATA:  # not the default a user may expect
+        out_console.print(f"problems from {escape(summary['settings']['data'])}, the GSM8K that "
+                          f"{escape(str(o['adapter']))} was trained on (--data chooses others)", highlight=False,
+                          soft_wrap=True)
 
 
 def _print_gsm8k(summary: dict, split: str, samples: int, out) -> None:
@@ -540,7 +544,8 @@ def eval_cmd(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, folder, .gguf, or a merge-adapters output.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A `tinymath train` run folder (its base, format and prompt are reused).")] = None,
-    data: DataOpt = DEFAULT_DATA,
+    data: Annotated[Optional[str], typer.Option(help="Hub id, a folder with train.jsonl/test.jsonl, one .jsonl/.json/.parquet file, or a prepare-data folder. "
+                                                    f"[default: with --adapter, the run's own data where this machine holds the split; else {DEFAULT_DATA}]", show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N problems.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Problems generated together (default: as many as GPU memory allows; 16 on CPU).")] = None,
