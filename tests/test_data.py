@@ -85,6 +85,29 @@ def test_bad_paths_and_flags(tiny_model, gsm8k_dir, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_a_bare_name_is_told_what_a_hub_id_looks_like(tiny_model, gsm8k_dir, tmp_path):
+    """`--data gsm8k`: neither a path here nor a hub id (owner/name); for --model the example is a model."""
+    for command, said in ((["prepare-data", "--data", "gsm8k", "--model", tiny_model], "--data gsm8k does not exist"
+                           " here; a hub id looks like owner/name (e.g. openai/gsm8k)"),
+                          (["eval", "--model", tiny_model, "--data", "gsm8k"], "(e.g. openai/gsm8k)"),
+                          (["eval", "--model", "merged", "--data", gsm8k_dir], "--model merged does not exist here; "
+                           "a hub id looks like owner/name (e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0)")):
+        result = run_cli(*command, "--out", tmp_path / "out")
+        assert result.exit_code == 1 and said in " ".join(result.stderr.split()), result.output
+    result = run_cli("prepare-data", "--data", tmp_path / "gsm8k", "--model", tiny_model, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "hub id" not in result.stderr  # a path: no hub id was meant
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_is_named_before_an_existing_out(tiny_model, gsm8k_dir, tmp_path):
+    """The input is checked first: a typo in --data is the mistake to fix, not the --out it would fill."""
+    out = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out).exit_code == 0
+    result = run_cli("prepare-data", "--data", "nope", "--model", tiny_model, "--out", out)
+    assert result.exit_code == 1 and "--data nope does not exist" in result.stderr
+    assert "--overwrite" not in result.stderr and (out / "prepare.json").is_file()
+
+
 def test_refuses_to_overwrite_without_flag(tiny_model, gsm8k_dir, tmp_path):
     out = tmp_path / "prep"
     assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out).exit_code == 0

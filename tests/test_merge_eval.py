@@ -577,3 +577,61 @@ def test_compile_steps_where_torch_compile_cannot_compile_is_one_message(tiny_mo
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "torch.compile cannot compile the decode step" in result.stderr and "C++ compiler" in result.stderr
     assert not (tmp_path / "ev").exists()
+
+
+def test_eval_without_data_reads_the_runs_own_gsm8k_not_the_hub(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """`eval --adapter RUN --split test` with no --data, offline: the GSM8K files the run's prepare-data
+    folder was made from, else that folder's own test split; a split neither holds goes to the hub,
+    and a hub that cannot be reached is said, with --data PATH as the way out."""
+    import shutil
+
+    import datasets
+
+    import tinymath.lib.hub as hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(hub, "_OFFLINE_BY_US", ["huggingface.co"])  # as the probe finds it on a machine offline
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    raw, prep, run = tmp_path / "gsm8k", tmp_path / "prep", tmp_path / "run"
+    shutil.copytree(gsm8k_dir, raw)
+    assert run_cli("prepare-data", "--data", raw, "--model", tiny_model, "--out", prep).exit_code == 0
+    trained = run_cli("train", "--data", prep, "--out", run, "--quant", "none", "--batch-size", 2, "--max-steps", 1)
+    assert trained.exit_code == 0, trained.output
+    result = run_cli("eval", "--adapter", run, "--split", "test", "--limit", 2, "--max-new-tokens", 2)
+    assert result.exit_code == 0, result.output
+    assert f"problems from {raw}, the GSM8K that {run} was trained on" in result.stdout
+    shutil.rmtree(raw)  # the raw files gone: the prepare-data folder's own test split
+    result = run_cli("eval", "--adapter", run, "--split", "test", "--max-new-tokens", 2, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["settings"]["data"] == str(prep) and summary["n"] == 3
+    result = run_cli("eval", "--adapter", run, "--split", "validation", "--max-new-tokens", 2)  # none here
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "could not load --data openai/gsm8k (split validation) from the Hugging Face hub" in said
+    assert "huggingface.co cannot be reached from this machine" in said
+    assert "give --data PATH: a folder with validation.jsonl, or a prepare-data output" in said
+
+
+def test_prepared_data_given_as_a_run_is_named_as_data(tiny_model, gsm8k_dir, tmp_path):
+    """A prepare-data folder where a training run belongs: said as such, not "missing run.json"."""
+    prep = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
+    for command in (["eval", "--adapter", prep, "--data", gsm8k_dir], ["merge-adapters", prep, "--out", tmp_path / "m"],
+                    ["train", "--method", "grpo", "--init-adapter", prep, "--data", prep, "--out", tmp_path / "rl"]):
+        result = run_cli(*command)
+        said = " ".join(result.stderr.split())
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"{prep} is a prepare-data output (training data), not a training run" in said
+        assert "give a `tinymath train` output folder" in said and "missing run.json" not in said
+    assert not (tmp_path / "m").exists() and not (tmp_path / "rl").exists()
+
+
+def test_merge_says_what_was_merged_into_what(trained_run, tmp_path):
+    out = tmp_path / "merged"
+    result = run_cli("merge-adapters", trained_run, "--out", out)
+    assert result.exit_code == 0, result.output
+    base = json.loads((trained_run / "run.json").read_text())["model"]
+    assert f"merged the adapter of {trained_run} into {base} -> {out}" in result.stdout

@@ -191,9 +191,66 @@ def test_lock_refuses_a_second_run(tiny_model, gsm8k_dir, tmp_path):
     finally:
         other.kill()
         other.wait()
-    # a lock left by a process that died (kill -9 included) does not block
+    # a lock left by a process that died (kill -9 included) does not block, and goes with the run's end
     assert (out / ".lock").exists()
     assert _train(tiny_model, gsm8k_dir, out, "--max-steps", "1").exit_code == 0
+    assert not (out / ".lock").exists()
+
+
+def test_a_run_folder_keeps_no_lock_file_once_the_command_ends(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """Finished, stopped by Ctrl-C (its checkpoint kept to resume) or failed after a checkpoint: the
+    folder holds the run, not the lock."""
+    done = tmp_path / "done"
+    assert _train(tiny_model, gsm8k_dir, done, "--max-steps", "2").exit_code == 0
+    assert (done / "run.json").is_file() and not (done / ".lock").exists()
+    _signal_after_step(monkeypatch, 1)
+    stopped = tmp_path / "stopped"
+    assert _train(tiny_model, gsm8k_dir, stopped, "--max-steps", "3").exit_code == 130
+    assert list((stopped / "checkpoints").iterdir()) and not (stopped / ".lock").exists()
+    monkeypatch.undo()
+    from tinymath.base.errors import TinymathError
+    from tinymath.lib import trainer
+
+    after_step = trainer.Trainer.after_step
+
+    def fails_at_step_2(self, done, *args):
+        if done == 2:
+            raise TinymathError("the data went away")
+        return after_step(self, done, *args)
+
+    monkeypatch.setattr(trainer.Trainer, "after_step", fails_at_step_2)
+    failed = tmp_path / "failed"
+    result = _train(tiny_model, gsm8k_dir, failed, "--max-steps", "3", "--save-every", "1")
+    assert result.exit_code == 1 and "the data went away" in result.stderr, result.output
+    assert list((failed / "checkpoints").iterdir()) and not (failed / ".lock").exists()
+
+
+def test_a_lock_file_removed_by_its_holder_meanwhile_is_not_taken_for_the_lock(tmp_path, monkeypatch):
+    """A run that opened the lock file just as the run holding it ended (and removed it) locks the
+    file that is there now, not the removed one, so a third run is still kept out."""
+    import fcntl
+
+    from tinymath.base.errors import TinymathError
+    from tinymath.base.runs import check_not_locked
+
+    out = tmp_path / "run"
+    first = run_lock(out)
+    first.__enter__()
+    flock = fcntl.flock
+
+    def first_ends_meanwhile(fd, operation):
+        nonlocal first
+        if first is not None:  # between the second run's opening of the lock file and its locking of it
+            first.__exit__(None, None, None)
+            first = None
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", first_ends_meanwhile)
+    with run_lock(out):
+        assert (out / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(TinymathError, match="another training run"):
+            check_not_locked(out)
+    assert first is None and not (out / ".lock").exists()
 
 
 def test_config_file_precedence_and_dry_run(tiny_model, gsm8k_dir, tmp_path):

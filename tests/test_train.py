@@ -491,6 +491,13 @@ def test_the_done_line_reports_the_held_out_loss(tiny_model, gsm8k_dir, tmp_path
     assert f"validation loss {val_loss:.4f}" in result.stdout
 
 
+def test_the_done_line_counts_one_step_as_one(tiny_model, gsm8k_dir, tmp_path):
+    result = run_cli("train", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "run", "--quant", "none",
+                     "--batch-size", "2", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "done: 1 step, final loss" in result.stdout
+
+
 def test_only_a_lost_process_is_reported_as_one():
     """A collective that failed because a peer's connection closed becomes the one message; any
     other error (a local bug, a mismatch every process hits) keeps its own type and traceback."""

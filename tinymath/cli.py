@@ -365,7 +365,7 @@ def train_cmd(
         held_out += f", best validation accuracy {summary['best_val_accuracy']:.1%} (step {summary['best_step']})"
     kept = summary.get("adapter_step", summary["steps"])
     shipped = "" if kept == summary["steps"] else f"; the adapter kept is step {kept}'s"
-    out_console.print(f"[bold green]done[/bold green]: {summary['steps']} steps, final loss "
+    out_console.print(f"[bold green]done[/bold green]: {_steps(summary['steps'])}, final loss "
                       f"{summary['final_loss']:.4f}{held_out}, {summary['real_tokens_per_s']:,.0f} tokens/s -> "
                       f"{escape(str(summary['out']))}{shipped}")
 
@@ -399,8 +399,10 @@ def merge_cmd(
                                 trust_remote_code=trust_remote_code, gguf=gguf.value if gguf else None)
     if json_out:
         return _print_json(report)
-    out_console.print(f"[bold green]merged[/bold green] -> {escape(str(out))}  (largest logit difference vs base+adapter: "
-                      f"{report['max_logit_diff']:.2e}, tolerance {report['tolerance']:.2e})")
+    out_console.print(f"[bold green]merged[/bold green] the adapter of {escape(str(run))} into "
+                      f"{escape(report['base_model'])} -> {escape(str(out))}  (largest logit difference vs "
+                      f"base+adapter: {report['max_logit_diff']:.2e}, tolerance {report['tolerance']:.2e})",
+                      soft_wrap=True)
     if report.get("gguf"):
         out_console.print(f"for llama.cpp and Ollama: {escape(str(Path(out) / report['gguf']['file']))} and "
                           f"{escape(str(Path(out) / report['gguf']['modelfile']))}", soft_wrap=True)
@@ -451,7 +453,11 @@ def _tinymath_gsm8k(o: dict) -> None:
         return
     if o["json_out"]:
         return _print_json(summary)
-    _print_gsm8k(summary, summary["settings"]["split"] or Path(o["data"]).name, o["samples"], o["out"])
+    _print_gsm8k(summary, summary["settings"]["split"] or Path(summary["settings"]["data"]).name, o["samples"], o["out"])
+    if o["data"] is None and summary["settings"]["data"] != DEFAULT_DATA:  # not the default a user may expect
+        out_console.print(f"problems from {escape(summary['settings']['data'])}, the GSM8K that "
+                          f"{escape(str(o['adapter']))} was trained on (--data chooses others)", highlight=False,
+                          soft_wrap=True)
 
 
 def _print_gsm8k(summary: dict, split: str, samples: int, out) -> None:
@@ -538,7 +544,8 @@ def eval_cmd(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, folder, .gguf, or a merge-adapters output.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A `tinymath train` run folder (its base, format and prompt are reused).")] = None,
-    data: DataOpt = DEFAULT_DATA,
+    data: Annotated[Optional[str], typer.Option(help="Hub id, a folder with train.jsonl/test.jsonl, one .jsonl/.json/.parquet file, or a prepare-data folder. "
+                                                    f"[default: with --adapter, the run's own data where this machine holds the split; else {DEFAULT_DATA}]", show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N problems.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Problems generated together (default: as many as GPU memory allows; 16 on CPU).")] = None,

@@ -11,7 +11,7 @@ A run folder (``tinymath train --out RUN``)::
     RUN/best/                                            the best adapter (--keep best)
     RUN/run.json                                         every setting and the result, written last
     RUN/README.md                                        a model card: what the adapter is, how to use it
-    RUN/.lock                                            held (flock) while a process trains here
+    RUN/.lock                                            held (flock) while a process trains here, then removed
 
 A folder without ``run.json`` is an unfinished run. A run asked to ``--overwrite`` an earlier one
 trains in the hidden sibling ``.RUN.partial`` (whose ``.replaces`` file names RUN) and takes RUN's
@@ -24,7 +24,7 @@ checks of train's output folder, the run lock, reading ``metrics.jsonl`` and the
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +108,7 @@ def load_run(path: str | Path) -> RunInfo:
         raise TinymathError(f"{path} is a finished training run missing {', '.join(missing)}; copy the whole run "
                             "folder again")
     if missing:
+        check_not_prepared_data(path, str(path), "a training run", "; give a `tinymath train` output folder")
         model = (" (it is a model folder, already standalone: eval and chat take it as --model)"
                  if (path / "config.json").is_file() else "")
         raise TinymathError(f"{path} is not a tinymath training run (missing {', '.join(missing)}){model}; "
@@ -126,6 +127,24 @@ def load_run(path: str | Path) -> RunInfo:
         raise TinymathError(f"{path / RUN_FILE} is not a tinymath run record ({'; '.join(problems)})")
     check_safetensors(path / ADAPTER_WEIGHTS)  # a damaged adapter is reported before any model is loaded
     return RunInfo(path=path, config=config)
+
+
+def recorded_model(record: Path) -> str | None:
+    """The ``model`` a run.json or prepare-data manifest names, if it can be read (for messages)."""
+    try:
+        model = read_json_object(record).get("model")
+    except TinymathError:
+        return None
+    return model if isinstance(model, str) else None
+
+
+def check_not_prepared_data(path: Path, given: str, wanted: str, fix: str = "") -> None:
+    """Refuse a prepare-data output (``path``, shown as ``given``) where ``wanted`` belongs (a model,
+    a training run); ``fix`` ends the message."""
+    if (path / MANIFEST).is_file():
+        model = recorded_model(path / MANIFEST)
+        prepared = f"; it was prepared for the model {model}" if model else ""
+        raise TinymathError(f"{given} is a prepare-data output (training data), not {wanted}{prepared}{fix}")
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -264,15 +283,8 @@ def check_not_locked(folder: Path) -> None:
     shared probe, so the processes of one launch can all ask at once)."""
     import fcntl
 
-    path = folder / LOCK
-    if not path.is_file():
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _locked(folder, os.read(fd, 32)) from None
-    finally:
+    fd = _locked_lock_file(folder, os.O_RDONLY, fcntl.LOCK_SH)
+    if fd is not None:
         os.close(fd)
 
 
@@ -281,29 +293,61 @@ def _locked(folder: Path, holder: bytes) -> TinymathError:
                          f"{folder}; wait for it to finish, or use another --out")
 
 
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (not removed, nor replaced by another)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _locked_lock_file(folder: Path, flags: int, kind: int) -> int | None:
+    """``folder/.lock`` opened with ``flags`` and flock'ed with ``kind``, without waiting; refused
+    while a run holds it. A lock file its last holder removed after this process opened it is
+    passed over for the one the path names now (a lock on a removed file keeps no one out). None:
+    there is no lock file (``flags`` without ``O_CREAT``)."""
+    import fcntl
+
+    path = folder / LOCK
+    while True:
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32)
+            os.close(fd)
+            raise _locked(folder, holder) from None
+        if _names(path, fd):
+            return fd
+        os.close(fd)
+
+
 @contextmanager
 def run_lock(folder: Path):
-    """Hold ``folder/.lock`` exclusively for the duration of training (created if need be).
+    """Hold ``folder/.lock`` exclusively for the duration of training (created if need be, removed
+    at the end: a finished or stopped run's folder keeps no lock file).
 
     An OS lock (``flock``): taken atomically, so of two runs started together exactly one gets
-    it, and released by the kernel when a process dies, so a crash leaves no stale lock.
+    it, and released by the kernel when a process dies, so a crash leaves no stale lock (only
+    its file, which the next run takes over).
     """
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32)
-        os.close(fd)
-        raise _locked(folder, holder) from None
+    fd = _locked_lock_file(folder, os.O_RDWR | os.O_CREAT, fcntl.LOCK_EX)
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     try:
         yield
-    finally:  # the file stays: unlinking a flock'ed file lets a late opener lock a stale inode
+    finally:  # removed while still held, so a run that opened it meanwhile finds it gone and opens anew
+        if _names(folder / LOCK, fd):  # not when the folder was removed or replaced meanwhile
+            with suppress(OSError):
+                (folder / LOCK).unlink()
         os.close(fd)
 
 

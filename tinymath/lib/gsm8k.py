@@ -1,5 +1,6 @@
-"""GSM8K as data: reading it (hub or local files), tokenizing it with a prompt format, the
-answer-only loss mask and a learned EOS, and reading a prepare-data folder back.
+"""GSM8K as data: reading it (hub or local files; a run's own, where this machine has it),
+tokenizing it with a prompt format, the answer-only loss mask and a learned EOS, and reading a
+prepare-data folder back.
 
 Sources: a hub id (``openai/gsm8k``), a folder holding ``train.jsonl`` / ``test.jsonl`` (the
 original GSM8K layout), or a single ``.jsonl`` / ``.json`` / ``.parquet`` file (read as whichever
@@ -94,7 +95,10 @@ def available_splits(data: str) -> list[str]:
         raise TinymathError(f"--data {data} is already a prepare-data output; give the raw GSM8K files")
     if path.is_dir():  # a folder's own validation file, if it has one, is its validation split
         return [s for s in ("train", "validation", "test") if split_file(path, s)]
-    return ["train"] if path.is_file() else _hub_splits(data)
+    if path.is_file():
+        return ["train"]
+    check_local_source("--data", data, DATA_SUFFIXES)  # a path that is not there: named before the hub is asked
+    return _hub_splits(data)
 
 
 def _hub_splits(data: str) -> list[str]:
@@ -133,6 +137,26 @@ def read_gsm8k(data: str = DEFAULT_DATA, split: str = "train", limit: int | None
     return rows[:limit] if limit else rows
 
 
+def run_data_here(run, split: str) -> str | None:
+    """Where this machine holds ``split`` of the GSM8K that ``run`` (a `RunInfo`, or None) was trained
+    on: the raw folder it read, or the one its prepare-data folder was made from (the split whole, as
+    published: a folder prepared with --limit holds part of it), else that prepare-data folder; None
+    where none holds it (hub data, a single file of training data, a folder moved away)."""
+    data = run.config.get("data") if run is not None else None
+    if not isinstance(data, str) or not Path(data).expanduser().is_dir():
+        return None
+    if not is_prepared(data):
+        return data if split_file(data, split) else None
+    try:
+        manifest = read_json_object(Path(data).expanduser() / MANIFEST)
+    except TinymathError:  # a damaged manifest: not a source to offer
+        return None
+    raw = manifest.get("data")
+    if isinstance(raw, str) and Path(raw).expanduser().is_dir() and split_file(raw, split):
+        return raw
+    return data if split in (manifest.get("splits") or {}) else None
+
+
 def _read_hub(data: str, split: str) -> list[dict]:
     import datasets
 
@@ -143,7 +167,8 @@ def _read_hub(data: str, split: str) -> list[dict]:
         ds = datasets.load_dataset(data, _hub_config(data), split=split)
     except Exception as exc:  # network, missing dataset, missing split: all user-facing
         raise TinymathError(f"could not load --data {data} (split {split}) from the Hugging Face hub: {exc}"
-                            f"{unreachable_hint()}") from None
+                            f"{unreachable_hint()}; for GSM8K on this machine, give --data PATH: a folder with "
+                            f"{split}.jsonl, or a prepare-data output") from None
     missing = {"question", "answer"} - set(ds.column_names)
     if missing:
         raise TinymathError(f"--data {data} lacks column(s) {', '.join(sorted(missing))}")

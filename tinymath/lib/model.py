@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import MODEL_SUFFIXES, check_local_source, read_json_object
+from tinymath.base.files import MODEL_SUFFIXES, check_local_source
 from tinymath.base.quantization import QUANTIZATIONS
-from tinymath.base.runs import CONFIG_FILE, MANIFEST, RUN_FILE
+from tinymath.base.runs import CONFIG_FILE, RUN_FILE, check_not_prepared_data, recorded_model
 from tinymath.lib.distributed import default_device
 from tinymath.lib.hub import missing_files_reason, offline_unless_reachable
 
@@ -65,27 +65,13 @@ def _is_run_folder(path: Path) -> bool:
     return ((path / RUN_FILE).exists() or (path / CONFIG_FILE).exists()) and not (path / "config.json").exists()
 
 
-def _recorded_model(record: Path) -> str | None:
-    """The ``model`` a run.json or prepare-data manifest names, if it can be read (for messages)."""
-    try:
-        model = read_json_object(record).get("model")
-    except TinymathError:
-        return None
-    return model if isinstance(model, str) else None
-
-
 def _run_given_as_model(source: str, path: Path, flag: str = "--model") -> str:
     """What to say when a `tinymath train` run folder is given where a model belongs."""
-    base = _recorded_model(path / RUN_FILE) or _recorded_model(path / CONFIG_FILE)
+    base = recorded_model(path / RUN_FILE) or recorded_model(path / CONFIG_FILE)
     base_hint = f"; its base model is {base}" if base else ""
     return (f"{flag} {source} is a tinymath training run (a LoRA adapter), not a model{base_hint}. eval and chat "
             f"take it as --adapter {source}, train --method grpo as --init-adapter {source}, and merge-adapters "
             "makes it a standalone model")
-
-
-def _prepared_for(path: Path) -> str:
-    model = _recorded_model(path / MANIFEST)
-    return f"; it was prepared for the model {model}" if model else ""
 
 
 def resolve_source(source: str, flag: str = "--model") -> str:
@@ -102,9 +88,7 @@ def resolve_source(source: str, flag: str = "--model") -> str:
     if path.is_dir():
         if _is_run_folder(path):
             raise TinymathError(_run_given_as_model(source, path, flag))
-        if (path / MANIFEST).is_file():
-            raise TinymathError(f"{flag} {source} is a prepare-data output (training data), not a model"
-                                f"{_prepared_for(path)}")
+        check_not_prepared_data(path, f"{flag} {source}", "a model")
         if not (path / "config.json").exists():
             raise TinymathError(f"{flag} {source} is a folder without config.json, so not a Hugging Face model")
         return str(path)

@@ -31,7 +31,7 @@ def _check_options(limit, protocol, samples, temperature) -> None:
     raise_if_problems(problems)
 
 
-def evaluate(model: str | None = None, adapter: str | None = None, data: str = DEFAULT_DATA,
+def evaluate(model: str | None = None, adapter: str | None = None, data: str | None = None,
              split: str = "test", limit: int | None = None, out: str | Path | None = None,
              batch_size: int | None = None, max_new_tokens: int = 256, quant: str = "none", fmt: str | None = None,
              system_prompt: str | None = None, merge_base: str = "dequantized", overwrite: bool = False,
@@ -39,6 +39,9 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
              samples: int = 1, temperature: float | None = None, seed: int = 0,
              protocol: str = "default", compile: bool | None = None, compile_steps: bool = False) -> dict:
     """Evaluate on ``split`` of ``data``; returns the summary (also written to ``OUT/summary.json``).
+
+    ``data`` None: an ``adapter`` run's own data where this machine holds its ``split``
+    (`tinymath.lib.gsm8k.run_data_here`), else the hub's GSM8K.
 
     ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
     strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
@@ -70,7 +73,8 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
                                   compile_steps=compile_steps)
 
     state = process_state()  # every process joins before its own checks, so none stops alone
-    rows = checked_together(state, lambda: _checked_rows(settings, out, overwrite, model, adapter, data, split, limit))
+    data, rows = checked_together(state, lambda: _checked_rows(settings, out, overwrite, model, adapter, data, split,
+                                                                limit))
     loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
@@ -111,13 +115,14 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str = D
     return summary
 
 
-def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: str | None, data: str, split: str,
-                  limit: int | None) -> list[dict]:
-    """The problems to answer, after the checks of what one machine of several may see otherwise:
-    its files (the output folder, the model, the run and its base, the data)."""
+def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: str | None, data: str | None,
+                  split: str, limit: int | None) -> tuple[str, list[dict]]:
+    """The data read (``data``, or where None the default) and the problems to answer, after the checks
+    of what one machine of several may see otherwise: its files (the output folder, the model, the
+    run and its base, the data)."""
     from tinymath.base.files import MODEL_SUFFIXES, check_local_source, check_output_dir
     from tinymath.base.runs import load_run
-    from tinymath.lib.gsm8k import read_gsm8k
+    from tinymath.lib.gsm8k import read_gsm8k, run_data_here
     from tinymath.lib.lora import check_base_present
 
     settings.validate()
@@ -125,9 +130,12 @@ def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: st
         check_output_dir(out, overwrite, marker=SUMMARY)
     if model is not None:
         check_local_source("--model", model, MODEL_SUFFIXES)
-    if adapter is not None:  # a wrong run folder is reported before any data is fetched
-        check_base_present(load_run(adapter))
-    return read_gsm8k(data, split, limit)
+    run = load_run(adapter) if adapter is not None else None  # a wrong run folder: named before any data is read
+    if run is not None:
+        check_base_present(run)
+    if data is None:  # the run's own GSM8K files where this machine has them (offline too), else the hub's
+        data = run_data_here(run, split) or DEFAULT_DATA
+    return data, read_gsm8k(data, split, limit)
 
 
 def _saying_compiling(update, inference, settings, prompts: int):

@@ -51,11 +51,12 @@ def _local_task(data: str, folder: Path) -> str:
     return LOCAL_TASK
 
 
-def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, data: str = DEFAULT_DATA,
+def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, data: str | None = None,
                           limit: int | None = None, out: str | Path | None = None, batch_size: int | None = None,
                           max_new_tokens: int = 256, merge_base: str = "dequantized", overwrite: bool = False,
                           trust_remote_code: bool = False) -> dict:
-    """GSM8K test accuracy by lm-evaluation-harness's ``gsm8k`` task; returns the summary."""
+    """GSM8K test accuracy by lm-evaluation-harness's ``gsm8k`` task; returns the summary. ``data``
+    None: the raw GSM8K files an ``adapter`` run was trained from, where this machine has them, else the hub's."""
     import tempfile
     from unittest import mock
 
@@ -63,8 +64,12 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
     from tinymath.base.runs import load_run
     from tinymath.lib.generate import load_for_inference
 
-    from tinymath.lib.gsm8k import is_prepared
+    from tinymath.lib.gsm8k import is_prepared, run_data_here
 
+    run = load_run(adapter) if adapter is not None else None
+    if data is None:  # the harness reads raw files only: a run's prepare-data folder is no source for it
+        local = run_data_here(run, "test")
+        data = local if local and not is_prepared(local) else DEFAULT_DATA
     if Path(data).expanduser().is_dir() and is_prepared(Path(data).expanduser()):
         raise TinymathError(f"--data {data} is a prepare-data output; lm-evaluation-harness reads raw GSM8K files: "
                             "give the folder with train.jsonl and test.jsonl (or leave --data out for the hub's)")
@@ -73,8 +78,6 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
         raise TinymathError(f"--limit {limit} must be a positive number of problems")
     if out is not None:
         check_output_dir(out, overwrite, marker=SUMMARY)
-    if adapter is not None:
-        load_run(adapter)
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

@@ -39,14 +39,14 @@ def prepare_data(data: str = DEFAULT_DATA, model: str = DEFAULT_MODEL, out: str 
     from tinymath.lib.model import load_tokenizer
 
     validate_prepare_options(fmt, max_length, calc_annotations, val_size, limit)
-    check_output_dir(out, overwrite, marker=MANIFEST)
-    found = available_splits(data)
+    found = available_splits(data)  # the input first: a wrong --data is named before the --out it would fill
     if not found:
         raise TinymathError(f"--data {data} has no train.jsonl or test.jsonl (nor .json/.parquet); "
                             "give the GSM8K folder or one data file")
     if val_size and "train" not in found:
         raise TinymathError(f"--val-size holds problems out of the train split, and --data {data} has none "
                             f"(only {', '.join(found)}); drop --val-size or add train.jsonl")
+    check_output_dir(out, overwrite, marker=MANIFEST)
     splits = train_and_validation(data, val_size, seed, limit) if "train" in found else {}
     splits.update({split: read_gsm8k(data, split, limit) for split in found if split not in splits})
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
