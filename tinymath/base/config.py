@@ -1,7 +1,8 @@
 """Training settings: the `TrainConfig` dataclass, the one declaration of every train option
 (type, default, help, choices: the CLI's ``tinymath train`` options are generated from it), and
 how a config is resolved from defaults, a config file (TOML, or a run's own run.json) and
-command-line flags, in that order of precedence.
+command-line flags, in that order of precedence; and the check of a --model or --data value
+meant as a local path (a bare name is told what a hub id looks like, the defaults as examples).
 
 A run saves its resolved config (``train_config.json`` at the start, ``run.json`` at the end), so
 ``tinymath train --config run/run.json`` repeats a run and ``--resume run`` continues one. A config
@@ -366,6 +367,19 @@ def _name_the_file(config: TrainConfig, from_file: list[str], config_file: str) 
         if not named:
             raise
         raise TinymathError(f"{exc}\n({', '.join(named)}: set in --config {config_file})") from None
+
+
+def check_local_source(flag: str, source: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse a ``flag`` value meant as a local path that does not exist (a hub id passes)."""
+    if missing_local(source, suffixes):
+        raise TinymathError(f"{flag} {source} does not exist{_hub_id_hint(flag, source, suffixes)}")
+
+
+def _hub_id_hint(flag: str, source: str, suffixes: tuple[str, ...]) -> str:
+    """For a bare name (``gsm8k``: no folder, no file suffix), what a hub id looks like instead."""
+    if "/" in source or source.startswith((".", "~")) or Path(source).suffix in suffixes:
+        return ""
+    return f" here; a hub id looks like owner/name (e.g. {DEFAULT_DATA if flag == '--data' else DEFAULT_MODEL})"
 
 
 PATH_SETTINGS = ("data", "model", "init_adapter", "adapter", "base")  # settings that may name a local path

@@ -48,21 +48,6 @@ def missing_local(source: str, suffixes: tuple[str, ...] = ()) -> bool:
     return looks_like_path(source, suffixes) and not Path(source).expanduser().exists()
 
 
-def check_local_source(flag: str, source: str, suffixes: tuple[str, ...] = ()) -> None:
-    """Refuse a ``flag`` value meant as a local path that does not exist (a hub id passes)."""
-    if missing_local(source, suffixes):
-        raise TinymathError(f"{flag} {source} does not exist{_hub_id_hint(flag, source, suffixes)}")
-
-
-def _hub_id_hint(flag: str, source: str, suffixes: tuple[str, ...]) -> str:
-    """For a bare name (``gsm8k``: no folder, no file suffix), what a hub id looks like instead."""
-    if "/" in source or source.startswith((".", "~")) or Path(source).suffix in suffixes:
-        return ""
-    from tinymath.base.config import DEFAULT_DATA, DEFAULT_MODEL  # config reads files: imported when needed
-
-    return f" here; a hub id looks like owner/name (e.g. {DEFAULT_DATA if flag == '--data' else DEFAULT_MODEL})"
-
-
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is one message naming it."""
     path = Path(path)

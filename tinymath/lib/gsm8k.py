@@ -17,9 +17,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tinymath.base.config import DEFAULT_DATA, INIT_KEYS, val_size_problems
+from tinymath.base.config import DEFAULT_DATA, INIT_KEYS, check_local_source, val_size_problems
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
-from tinymath.base.files import (DATA_SUFFIXES, check_local_source, read_json, read_json_object, read_jsonl,
+from tinymath.base.files import (DATA_SUFFIXES, read_json, read_json_object, read_jsonl,
                                   split_file)
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
 from tinymath.base.runs import MANIFEST

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tinymath.base.errors import TinymathError
-from tinymath.base.files import MODEL_SUFFIXES, check_local_source
+from tinymath.base.config import check_local_source
+from tinymath.base.files import MODEL_SUFFIXES
 from tinymath.base.quantization import QUANTIZATIONS
 from tinymath.base.runs import CONFIG_FILE, RUN_FILE, check_not_prepared_data, recorded_model
 from tinymath.lib.distributed import default_device

@@ -120,7 +120,8 @@ def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: st
     """The data read (``data``, or where None the default) and the problems to answer, after the checks
     of what one machine of several may see otherwise: its files (the output folder, the model, the
     run and its base, the data)."""
-    from tinymath.base.files import MODEL_SUFFIXES, check_local_source, check_output_dir
+    from tinymath.base.config import check_local_source
+    from tinymath.base.files import MODEL_SUFFIXES, check_output_dir
     from tinymath.base.runs import load_run
     from tinymath.lib.gsm8k import read_gsm8k, run_data_here
     from tinymath.lib.lora import check_base_present

@@ -97,7 +97,8 @@ def _check_sources(config: TrainConfig) -> None:
     hub id (the default model) that can mean a download."""
     from pathlib import Path
 
-    from tinymath.base.files import DATA_SUFFIXES, MODEL_SUFFIXES, check_local_source
+    from tinymath.base.config import check_local_source
+    from tinymath.base.files import DATA_SUFFIXES, MODEL_SUFFIXES
     from tinymath.lib.gsm8k import is_prepared, train_and_validation
 
     check_local_source("--data", config.data, DATA_SUFFIXES)
