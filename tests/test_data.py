@@ -133,6 +133,17 @@ def test_top_level_help_has_examples_and_version_prints():
     assert version.exit_code == 0 and version.output.strip() == f"tinymath {tinymath.__version__}"
 
 
+def test_piped_help_is_not_cut_to_80_columns(monkeypatch):
+    """`tinymath train --help | less`: rich would wrap every option's help at 80 columns."""
+    from typer import rich_utils
+
+    from tinymath.cli import PIPED_HELP_WIDTH
+
+    monkeypatch.setattr(rich_utils, "MAX_WIDTH", None)  # as in a fresh process without TERMINAL_WIDTH
+    widths = [len(line.rstrip()) for line in run_cli("train", "--help").output.splitlines()]
+    assert 80 < max(widths) <= PIPED_HELP_WIDTH
+
+
 def test_out_with_a_tilde_or_through_a_symlink(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     """``--out ~/prep`` is the home folder's prep; an --out that is a link to a folder replaces that
     folder (with --overwrite) and stays a link."""

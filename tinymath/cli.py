@@ -36,16 +36,34 @@ from tinymath.services.merge import DTYPES
 
 
 class _Group(typer.core.TyperGroup):
-    """Typer's group, with `--help` shown as the flag it is (no `<bool>` value), here and in every command."""
+    """Typer's group, with `--help` shown as the flag it is (no `<bool>` value), and piped help (to a
+    pager or a file) as wide as the widest line needs rather than cut to 80 columns, here and in every
+    command."""
 
     def get_help_option(self, ctx):
         return _flag(super().get_help_option(ctx))
+
+    def format_help(self, ctx, formatter):
+        _widen_piped_help()
+        return super().format_help(ctx, formatter)
 
     def get_command(self, ctx, name):
         command = super().get_command(ctx, name)
         if command is not None:
             command.get_help_option = lambda ctx, get=command.get_help_option: _flag(get(ctx))
+            command.format_help = lambda ctx, formatter, show=command.format_help: (_widen_piped_help(),
+                                                                                    show(ctx, formatter))[1]
         return command
+
+
+PIPED_HELP_WIDTH = 120  # columns of --help written to a pipe or file (a terminal's own width is kept)
+
+
+def _widen_piped_help() -> None:
+    from typer import rich_utils
+
+    if rich_utils.MAX_WIDTH is None and not sys.stdout.isatty():  # TERMINAL_WIDTH, when set, still wins
+        rich_utils.MAX_WIDTH = PIPED_HELP_WIDTH
 
 
 def _flag(option):
