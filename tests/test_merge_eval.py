@@ -613,6 +613,29 @@ def test_eval_without_data_reads_the_runs_own_gsm8k_not_the_hub(tiny_model, gsm8
     assert "could not load --data openai/gsm8k (split validation) from the Hugging Face hub" in said
     assert "huggingface.co cannot be reached from this machine" in said
     assert "give --data PATH: a folder with validation.jsonl, or a prepare-data output" in said
+    result = run_cli("eval", "--adapter", run, "--split", "tset", "--max-new-tokens", 2)  # a typo: not the hub's fault
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 1 and "--split tset is not a GSM8K split (train, validation, test)" in said
+    assert "hub" not in said
+
+
+def test_a_wrong_model_choice_is_said_before_any_data_is_fetched(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """Without --data eval would read the hub's GSM8K; a missing --model/--adapter, or a --model that is a
+    run or prepare-data folder, is the mistake to name, offline too (not the unreachable hub)."""
+    import datasets
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("the hub's data was asked for")
+
+    monkeypatch.setattr(datasets, "load_dataset", fetched)
+    prep = tmp_path / "prep"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
+    for args, said in ((["--limit", 2], "give exactly one of --model (a model) or --adapter"),
+                       (["--model", prep], f"--model {prep} is a prepare-data output (training data), not a model"),
+                       (["--model", tmp_path / "typo"], f"--model {tmp_path / 'typo'} does not exist")):
+        result = run_cli("eval", *args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert said in " ".join(result.stderr.split())
 
 
 def test_prepared_data_given_as_a_run_is_named_as_data(tiny_model, gsm8k_dir, tmp_path):

@@ -81,6 +81,17 @@ class InferenceModel:
         return self.calculator if asked is None else asked
 
 
+def check_model_choice(model: str | None, adapter: str | None) -> None:
+    """Exactly one of ``--model`` and ``--adapter``, and a ``--model`` that can be a model (from what
+    is on disk: checked before any data is fetched or weights are read)."""
+    from tinymath.lib.model import check_model_source
+
+    if (model is None) == (adapter is None):
+        raise TinymathError("give exactly one of --model (a model) or --adapter (a `tinymath train` run folder)")
+    if model is not None:
+        check_model_source(model)
+
+
 def load_for_inference(model: str | None = None, adapter: str | None = None, quant: str = "none",
                        fmt: str | None = None, system_prompt: str | None = None,
                        merge_base: str = "dequantized", trust_remote_code: bool = False) -> InferenceModel:
@@ -94,8 +105,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, qua
     from tinymath.lib.lora import load_merged_model
     from tinymath.lib.model import load_base_model, load_tokenizer
 
-    if (model is None) == (adapter is None):
-        raise TinymathError("give exactly one of --model (a model) or --adapter (a `tinymath train` run folder)")
+    check_model_choice(model, adapter)
     if adapter is not None:
         run = load_run(adapter)
         tokenizer = load_tokenizer(str(run.path), trust_remote_code, run=True)

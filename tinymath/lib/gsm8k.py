@@ -24,6 +24,7 @@ from tinymath.base.files import (DATA_SUFFIXES, read_json, read_json_object, rea
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
 from tinymath.base.runs import MANIFEST
 
+SPLITS = ("train", "validation", "test")  # GSM8K's (train, test) and the validation prepare-data holds out
 
 # ---------------------------------------------------------------- reading
 
@@ -94,7 +95,7 @@ def available_splits(data: str) -> list[str]:
     if path.is_dir() and (path / MANIFEST).exists():
         raise TinymathError(f"--data {data} is already a prepare-data output; give the raw GSM8K files")
     if path.is_dir():  # a folder's own validation file, if it has one, is its validation split
-        return [s for s in ("train", "validation", "test") if split_file(path, s)]
+        return [s for s in SPLITS if split_file(path, s)]
     if path.is_file():
         return ["train"]
     check_local_source("--data", data, DATA_SUFFIXES)  # a path that is not there: named before the hub is asked
@@ -135,6 +136,19 @@ def read_gsm8k(data: str = DEFAULT_DATA, split: str = "train", limit: int | None
     else:
         rows = _read_hub(data, split)
     return rows[:limit] if limit else rows
+
+
+def default_eval_data(run, split: str) -> str:
+    """What eval reads without --data: the GSM8K of ``run`` (a `RunInfo`, or None) where this machine
+    holds ``split`` of it (`run_data_here`), else the hub's; a split GSM8K does not have is refused
+    rather than asked of the hub."""
+    here = run_data_here(run, split)
+    if here is not None:
+        return here
+    if split not in SPLITS:
+        raise TinymathError(f"--split {split} is not a GSM8K split ({', '.join(SPLITS)}); give --data for files "
+                            "with other splits")
+    return DEFAULT_DATA
 
 
 def run_data_here(run, split: str) -> str | None:

@@ -75,25 +75,34 @@ def _run_given_as_model(source: str, path: Path, flag: str = "--model") -> str:
             "makes it a standalone model")
 
 
-def resolve_source(source: str, flag: str = "--model") -> str:
-    """What ``from_pretrained`` should load for ``source``: a hub id or a local folder.
-
-    Raises a clear error for a path that does not exist or a folder that is not a model, naming
-    ``source`` as the option it came from (``flag``).
-    """
+def check_model_source(source: str, flag: str = "--model") -> None:
+    """Refuse ``source`` (named as the option ``flag``) when it cannot be a model, from what is on
+    disk alone (no weights read, no network asked): a local path that is not there, a file that is
+    not a .gguf, a training run or prepare-data folder, a folder without config.json."""
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix == ".gguf":
-            return str(gguf_to_folder(path))
-        raise TinymathError(f"{flag} {source} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
-    if path.is_dir():
+        if path.suffix != ".gguf":
+            raise TinymathError(f"{flag} {source} is a file but not a .gguf; give a .gguf file, a model folder or a "
+                                "hub id")
+    elif path.is_dir():
         if _is_run_folder(path):
             raise TinymathError(_run_given_as_model(source, path, flag))
         check_not_prepared_data(path, f"{flag} {source}", "a model")
         if not (path / "config.json").exists():
             raise TinymathError(f"{flag} {source} is a folder without config.json, so not a Hugging Face model")
+    else:
+        check_local_source(flag, source, MODEL_SUFFIXES)
+
+
+def resolve_source(source: str, flag: str = "--model") -> str:
+    """What ``from_pretrained`` should load for ``source``: a hub id or a local folder (a .gguf is
+    converted into one), after `check_model_source`."""
+    check_model_source(source, flag)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return str(gguf_to_folder(path))
+    if path.is_dir():
         return str(path)
-    check_local_source(flag, source, MODEL_SUFFIXES)
     offline_unless_reachable()
     return source  # a hub id
 

@@ -11,7 +11,6 @@ import json
 import time
 from pathlib import Path
 
-from tinymath.base.config import DEFAULT_DATA
 from tinymath.base.errors import TinymathError, choice, raise_if_problems
 from tinymath.base.runs import PREDICTIONS, SUMMARY
 from tinymath.lib.scoring import PROTOCOLS
@@ -40,8 +39,8 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str | N
              protocol: str = "default", compile: bool | None = None, compile_steps: bool = False) -> dict:
     """Evaluate on ``split`` of ``data``; returns the summary (also written to ``OUT/summary.json``).
 
-    ``data`` None: an ``adapter`` run's own data where this machine holds its ``split``
-    (`tinymath.lib.gsm8k.run_data_here`), else the hub's GSM8K.
+    ``data`` None: an ``adapter`` run's own data where this machine holds its ``split``, else the
+    hub's GSM8K (`tinymath.lib.gsm8k.default_eval_data`).
 
     ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
     strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
@@ -120,22 +119,21 @@ def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: st
     """The data read (``data``, or where None the default) and the problems to answer, after the checks
     of what one machine of several may see otherwise: its files (the output folder, the model, the
     run and its base, the data)."""
-    from tinymath.base.config import check_local_source
-    from tinymath.base.files import MODEL_SUFFIXES, check_output_dir
+    from tinymath.base.files import check_output_dir
     from tinymath.base.runs import load_run
-    from tinymath.lib.gsm8k import read_gsm8k, run_data_here
+    from tinymath.lib.generate import check_model_choice
+    from tinymath.lib.gsm8k import default_eval_data, read_gsm8k
     from tinymath.lib.lora import check_base_present
 
     settings.validate()
+    check_model_choice(model, adapter)
     if out is not None:
         check_output_dir(out, overwrite, marker=SUMMARY)
-    if model is not None:
-        check_local_source("--model", model, MODEL_SUFFIXES)
     run = load_run(adapter) if adapter is not None else None  # a wrong run folder: named before any data is read
     if run is not None:
         check_base_present(run)
     if data is None:  # the run's own GSM8K files where this machine has them (offline too), else the hub's
-        data = run_data_here(run, split) or DEFAULT_DATA
+        data = default_eval_data(run, split)
     return data, read_gsm8k(data, split, limit)
 
 
