@@ -133,15 +133,29 @@ def test_top_level_help_has_examples_and_version_prints():
     assert version.exit_code == 0 and version.output.strip() == f"tinymath {tinymath.__version__}"
 
 
+def test_the_prepared_table_shows_every_column_whole(tiny_model, gsm8k_dir, tmp_path):
+    """`prepare-data` to a pipe or log: headers and counts are not cut ("exampl…", "1,607,…")."""
+    out = tmp_path / "prep"
+    shown = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", out, "--val-size", 2).stdout
+    manifest = json.loads((out / "prepare.json").read_text())
+    assert all(header in shown for header in ("examples", "dropped", "truncated", "tokens", "mean", "p95", "max"))
+    assert "…" not in shown
+    for split, s in manifest["splits"].items():
+        row = next(line.split() for line in shown.splitlines() if line.split()[:1] == [split])
+        assert row[1:] == [str(s["examples"]), "0", str(s["truncated"]), f"{s['tokens']:,}", str(s["length"]["mean"]),
+                           str(s["length"]["p95"]), str(s["length"]["max"])]
+    assert max(len(line.rstrip()) for line in shown.splitlines()) <= 80  # an 80-column terminal shows it whole too
+
+
 def test_piped_help_is_not_cut_to_80_columns(monkeypatch):
     """`tinymath train --help | less`: rich would wrap every option's help at 80 columns."""
     from typer import rich_utils
 
-    from tinymath.cli import PIPED_HELP_WIDTH
+    from tinymath.cli import PIPED_WIDTH
 
     monkeypatch.setattr(rich_utils, "MAX_WIDTH", None)  # as in a fresh process without TERMINAL_WIDTH
     widths = [len(line.rstrip()) for line in run_cli("train", "--help").output.splitlines()]
-    assert 80 < max(widths) <= PIPED_HELP_WIDTH
+    assert 80 < max(widths) <= PIPED_WIDTH
 
 
 def test_out_with_a_tilde_or_through_a_symlink(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
@@ -179,8 +193,8 @@ def test_every_test_problem_is_kept_whatever_its_length(tiny_model, gsm8k_dir, t
     assert len(read_gsm8k(str(out), "test")) == len(read_gsm8k(str(gsm8k_dir), "test"))  # ...and no test row
     shown = run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", tmp_path / "shown",
                     "--max-length", longest_test)
-    row = next(line for line in shown.stdout.splitlines() if "train" in line)  # the table says so too
-    assert str(splits["train"]["dropped_too_long"]) in row.split("│")[3]
+    row = next(line.split() for line in shown.stdout.splitlines() if line.split()[:1] == ["train"])
+    assert row[3] == str(splits["train"]["dropped_too_long"])  # the table's "dropped" column says so too
 
 
 def test_out_naming_the_working_folder_is_refused_before_any_work(tiny_model, gsm8k_dir, tmp_path, monkeypatch):

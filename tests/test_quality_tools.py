@@ -136,7 +136,11 @@ def test_sampling_and_protocol_runs(tiny_model, gsm8k_dir, tmp_path):
     result = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,
                      "--protocol", "lm-eval-gsm8k", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["settings"]["protocol"] == "lm-eval-gsm8k"
+    settings = json.loads(result.stdout)["settings"]
+    assert settings["protocol"] == "lm-eval-gsm8k" and settings["format"] is None  # its own plain-text prompt
+    shown = run_cli("eval", "--model", tiny_model, "--data", gsm8k_dir, "--limit", 2, "--max-new-tokens", 8,
+                    "--samples", 3, "--temperature", 1.0).stdout
+    assert "maj@3 accuracy" in shown and "pass@3" in shown  # the table names the figure --json calls maj_at_k
 
 
 def test_lm_eval_prompt_is_five_shot(tiny_model, gsm8k_dir):

@@ -56,14 +56,14 @@ class _Group(typer.core.TyperGroup):
         return command
 
 
-PIPED_HELP_WIDTH = 120  # columns of --help written to a pipe or file (a terminal's own width is kept)
+PIPED_WIDTH = 120  # columns of output (tables, --help) written to a pipe or file; a terminal keeps its own width
 
 
 def _widen_piped_help() -> None:
     from typer import rich_utils
 
     if rich_utils.MAX_WIDTH is None and not sys.stdout.isatty():  # TERMINAL_WIDTH, when set, still wins
-        rich_utils.MAX_WIDTH = PIPED_HELP_WIDTH
+        rich_utils.MAX_WIDTH = PIPED_WIDTH
 
 
 def _flag(option):
@@ -79,8 +79,16 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="markdown",
 )
-out_console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    """rich's console; to a pipe or file (a log, `| tee`) as wide as `PIPED_WIDTH`, not rich's 80
+    columns (COLUMNS, when set, still wins)."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, width=PIPED_WIDTH if piped else None)
+
+
+out_console = _console()
+err_console = _console(stderr=True)
 
 
 def _print_version(asked: bool) -> None:
@@ -269,11 +277,12 @@ def prepare_data_cmd(
                             show_progress=_shows_progress(json_out))
     if json_out:
         return _print_json(manifest)
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"prepared {escape(str(out))}")
-    for col in ("split", "examples", "dropped", "truncated", "tokens", "mean len", "p95 len", "max len"):
-        table.add_column(col)
+    table = Table(title=f"prepared {escape(str(out))} (lengths in tokens)", box=box.SIMPLE_HEAD)
+    for col in ("split", "examples", "dropped", "truncated", "tokens", "mean", "p95", "max"):  # fits 80 columns
+        table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True)
     for split, s in manifest["splits"].items():
         table.add_row(split, str(s["examples"]), str(s.get("dropped_too_long", 0)), str(s["truncated"]),
                       f"{s['tokens']:,}", str(s["length"]["mean"]), str(s["length"]["p95"]), str(s["length"]["max"]))
@@ -385,7 +394,7 @@ def train_cmd(
     shipped = "" if kept == summary["steps"] else f"; the adapter kept is step {kept}'s"
     out_console.print(f"[bold green]done[/bold green]: {_steps(summary['steps'])}, final loss "
                       f"{summary['final_loss']:.4f}{held_out}, {summary['real_tokens_per_s']:,.0f} tokens/s -> "
-                      f"{escape(str(summary['out']))}{shipped}")
+                      f"{escape(str(summary['out']))}{shipped}", soft_wrap=True)  # a path is not broken over lines
 
 
 @app.command("merge-adapters")
@@ -485,8 +494,10 @@ def _print_gsm8k(summary: dict, split: str, samples: int, out) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     low, high = summary["ci95"]
-    table.add_row("accuracy", f"{summary['accuracy']:.2%}  (95% CI {low:.1%}-{high:.1%})")
-    if "maj_at_k" in summary:
+    majority = "maj_at_k" in summary  # the accuracy of the majority answer of --samples
+    table.add_row(f"maj@{samples} accuracy" if majority else "accuracy",
+                  f"{summary['accuracy']:.2%}  (95% CI {low:.1%}-{high:.1%})")
+    if majority:
         table.add_row(f"pass@{samples}", f"{summary['pass_at_k']:.2%}")
         table.add_row("single-sample accuracy", f"{summary['single_sample_accuracy']:.2%}")
     else:

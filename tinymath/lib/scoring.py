@@ -143,15 +143,17 @@ def lm_eval_protocol_prompts(tokenizer, rows: list[dict], fmt: str, system_promp
 class Protocol:
     """How one evaluation protocol asks and scores: ``prompts(tokenizer, rows, fmt, system_prompt,
     shots_from, split)`` (``shots_from``: a function giving the train rows, called only if needed),
-    ``score(completions, golds)`` and the stop strings that end a completion."""
+    ``score(completions, golds)``, the stop strings that end a completion, and whether its prompts
+    are its own text (``own_format``: the model's prompt format and system prompt do not apply)."""
 
     prompts: object
     score: object
     stop: tuple[str, ...] = ()
+    own_format: bool = False
 
 
 PROTOCOLS = {"default": Protocol(default_prompts, score),
-             "lm-eval-gsm8k": Protocol(lm_eval_protocol_prompts, lm_eval_score, LM_EVAL_STOP)}
+             "lm-eval-gsm8k": Protocol(lm_eval_protocol_prompts, lm_eval_score, LM_EVAL_STOP, own_format=True)}
 
 
 def paired_comparison(correct_a: list[bool], correct_b: list[bool]) -> dict:

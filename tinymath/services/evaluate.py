@@ -102,8 +102,9 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str | N
         graph_capture_seconds=round(decoding.pop("capture_seconds"), 3), decoding=decoding,
         # one data file is all its problems, whatever --split says
         settings=absolute_paths({"data": data, "split": None if Path(data).expanduser().is_file() else split,
-                                 "limit": limit, "format": inference.format,
-                  "system_prompt": inference.system_prompt, "batch_size": batch_size,
+                                 "limit": limit,  # a protocol's own prompt text uses neither of the next two
+                                 "format": None if chosen.own_format else inference.format,
+                  "system_prompt": None if chosen.own_format else inference.system_prompt, "batch_size": batch_size,
                   "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
                   "samples": samples, "temperature": temperature, "seed": seed, "compile": compile,
                   "compile_steps": compile_steps,
