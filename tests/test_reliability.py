@@ -197,6 +197,25 @@ def test_lock_refuses_a_second_run(tiny_model, gsm8k_dir, tmp_path):
     assert not (out / ".lock").exists()
 
 
+def test_a_folder_another_run_is_writing_to_is_named_so_first(tiny_model, gsm8k_dir, tmp_path):
+    """A run training in --out (its lock held, its first files written): a second train there is
+    told that, not to pass --overwrite (which would only meet the lock), with or without --overwrite,
+    --resume or --dry-run."""
+    out = tmp_path / "run"
+    with run_lock(out):
+        config = {"data": str(gsm8k_dir), "model": str(tiny_model), "lora_r": 8, "lr": 0.02}
+        (out / CONFIG_FILE).write_text(json.dumps(config))  # what a run writes first
+        (out / "checkpoints").mkdir()
+        for extra in ((), ("--overwrite",), ("--dry-run",)):
+            result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "1", *extra)
+            assert result.exit_code == 1 and f"another training run (pid {os.getpid()}) is writing to {out}" \
+                in result.stderr.replace("\n", ""), result.stderr
+            assert "--overwrite" not in result.stderr and "--resume" not in result.stderr, result.stderr
+        result = run_cli("train", "--resume", out)
+        assert result.exit_code == 1 and "another training run" in result.stderr, result.stderr
+    assert json.loads((out / CONFIG_FILE).read_text()) == config and (out / "checkpoints").is_dir()
+
+
 def test_a_run_folder_keeps_no_lock_file_once_the_command_ends(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     """Finished, stopped by Ctrl-C (its checkpoint kept to resume) or failed after a checkpoint: the
     folder holds the run, not the lock."""
