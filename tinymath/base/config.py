@@ -23,7 +23,7 @@ from tinymath.base.errors import TinymathError, choice, problem_lines, problems_
 from tinymath.base.files import MODEL_SUFFIXES, missing_local, read_json_object, read_toml, split_file
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
-from tinymath.base.runs import CONFIG_FILE, MANIFEST, RUN_FILE
+from tinymath.base.runs import CONFIG_FILE, MANIFEST, RUN_FILE, SUMMARY
 
 DEFAULT_DATA = "openai/gsm8k"
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -264,6 +264,7 @@ def load_config_file(path: str | Path, problems: list[str] | None = None) -> dic
         raw = read_json_object(path, "a table of settings") if path.suffix == ".json" else read_toml(path)
     except TinymathError as exc:
         raise TinymathError(f"--config {exc}") from None
+    _check_not_another_record(path, raw)
     known = TrainConfig.field_names()
     settings, found = {}, []  # every unknown name and wrong type in the file at once
     for key, value in raw.items():
@@ -271,7 +272,7 @@ def load_config_file(path: str | Path, problems: list[str] | None = None) -> dic
         if name in RUN_RECORD_KEYS:
             continue
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)  # a typo, not a name merely alike
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
             found.append(f"--config {path}: unknown setting {key!r}{hint}")
             continue
@@ -287,6 +288,20 @@ def load_config_file(path: str | Path, problems: list[str] | None = None) -> dic
     settings.pop("overwrite", None)
     settings.pop("trust_remote_code", None)
     return settings
+
+
+def _check_not_another_record(path: Path, raw: dict) -> None:
+    """Refuse another command's record given as --config (its keys are no settings), saying what to give."""
+    if path.name == MANIFEST:
+        raise TinymathError(f"--config {path} is a prepare-data record, not a settings file; give its folder as "
+                            f"--data {path.parent}")
+    if path.name == SUMMARY:
+        settings = raw.get("settings")
+        adapter = settings.get("adapter") if isinstance(settings, dict) else None
+        run = Path(adapter) / RUN_FILE if isinstance(adapter, str) else None
+        hint = f"; to repeat the run it evaluated, give --config {run}" if run and run.is_file() else ""
+        raise TinymathError(f"--config {path} is an eval summary, not a settings file (TOML, or a run's "
+                            f"{RUN_FILE}){hint}")
 
 
 def resolve_train_config(flags: dict, config_file: str | None = None, resume: str | None = None) -> TrainConfig:
