@@ -197,6 +197,25 @@ def test_lock_refuses_a_second_run(tiny_model, gsm8k_dir, tmp_path):
     assert not (out / ".lock").exists()
 
 
+def test_a_folder_another_run_is_writing_to_is_named_so_first(tiny_model, gsm8k_dir, tmp_path):
+    """A run training in --out (its lock held, its first files written): a second train there is
+    told that, not to pass --overwrite (which would only meet the lock), with or without --overwrite,
+    --resume or --dry-run."""
+    out = tmp_path / "run"
+    with run_lock(out):
+        config = {"data": str(gsm8k_dir), "model": str(tiny_model), "lora_r": 8, "lr": 0.02}
+        (out / CONFIG_FILE).write_text(json.dumps(config))  # what a run writes first
+        (out / "checkpoints").mkdir()
+        for extra in ((), ("--overwrite",), ("--dry-run",)):
+            result = _train(tiny_model, gsm8k_dir, out, "--max-steps", "1", *extra)
+            assert result.exit_code == 1 and f"another training run (pid {os.getpid()}) is writing to {out}" \
+                in result.stderr.replace("\n", ""), result.stderr
+            assert "--overwrite" not in result.stderr and "--resume" not in result.stderr, result.stderr
+        result = run_cli("train", "--resume", out)
+        assert result.exit_code == 1 and "another training run" in result.stderr, result.stderr
+    assert json.loads((out / CONFIG_FILE).read_text()) == config and (out / "checkpoints").is_dir()
+
+
 def test_a_run_folder_keeps_no_lock_file_once_the_command_ends(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     """Finished, stopped by Ctrl-C (its checkpoint kept to resume) or failed after a checkpoint: the
     folder holds the run, not the lock."""
@@ -309,6 +328,31 @@ def test_a_config_file_s_problems_are_all_named_with_the_file(gsm8k_dir, tmp_pat
     result = run_cli("train", "--config", toml, "--eval-every", "5", "--dry-run")  # problem is about it
     assert result.exit_code == 1 and "--eval-every needs a validation split: --val-size N" in result.stderr
     assert "set in --config" not in result.stderr
+
+
+def test_another_commands_record_as_config_says_what_it_is(tiny_model, gsm8k_dir, tmp_path):
+    """A prepare-data manifest or an eval summary given as --config is named for what it is, with
+    what to give instead, not a list of its keys as unknown settings with far-fetched suggestions."""
+    prep, run, evaluated = tmp_path / "prep", tmp_path / "run", tmp_path / "eval"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep).exit_code == 0
+    result = run_cli("train", "--config", prep / "prepare.json", "--dry-run")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (f"--config {prep / 'prepare.json'} is a prepare-data record, not a settings file; give its folder as "
+            f"--data {prep}") in result.stderr.replace("\n", ""), result.stderr
+    assert _train(tiny_model, prep, run, "--max-steps", "1").exit_code == 0
+    assert run_cli("eval", "--adapter", run, "--data", gsm8k_dir, "--split", "test", "--limit", "2",
+                   "--max-new-tokens", "4", "--out", evaluated).exit_code == 0
+    result = run_cli("train", "--config", evaluated / "summary.json", "--dry-run")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (f"--config {evaluated / 'summary.json'} is an eval summary, not a settings file" in
+            result.stderr.replace("\n", "")), result.stderr
+    assert f"to repeat the run it evaluated, give --config {run / 'run.json'}" in result.stderr.replace("\n", "")
+    foreign = tmp_path / "other.json"  # names merely like a setting get no suggestion; a typo still does
+    foreign.write_text(json.dumps({"vocab_size": 400, "splits": {}, "eos_token": "</s>", "lora_rr": 8}))
+    result = run_cli("train", "--config", foreign, "--dry-run")
+    assert result.exit_code == 1 and "unknown setting 'vocab_size'" in result.stderr, result.stderr
+    assert "unknown setting 'lora_rr'; did you mean 'lora-r'?" in result.stderr
+    assert result.stderr.count("did you mean") == 1, result.stderr
 
 
 def test_a_run_folder_as_config_points_at_its_run_json(tmp_path):

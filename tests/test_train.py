@@ -159,6 +159,24 @@ def test_prepared_data_brings_its_model_unless_one_is_given(tiny_model, gsm8k_di
     assert result.exit_code == 1 and f"was prepared for {tmp_path / 'moved'}, which is no longer there" in result.stderr
 
 
+def test_a_run_on_prepared_data_records_the_validation_it_held_out(tiny_model, gsm8k_dir, tmp_path):
+    """run.json's val_size is what the prepared data held out (not 0 beside validation examples), and
+    the run repeated from its run.json trains on the same split (nothing held out again)."""
+    prep, first, again = tmp_path / "prep", tmp_path / "first", tmp_path / "again"
+    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep,
+                   "--val-size", "2").exit_code == 0
+    common = ("--quant", "none", "--batch-size", "2", "--max-steps", "1")
+    assert run_cli("train", "--data", prep, "--out", first, *common).exit_code == 0
+    run = json.loads((first / "run.json").read_text())
+    assert run["val_size"] == 2 and run["data_stats"]["validation"]["examples"] == 2
+    result = run_cli("train", "--config", first / "run.json", "--out", again, *common)
+    assert result.exit_code == 0, result.output
+    repeated = json.loads((again / "run.json").read_text())
+    assert repeated["val_size"] == 2 and repeated["data_stats"] == run["data_stats"]
+    result = run_cli("train", "--data", prep, "--val-size", "3", "--out", tmp_path / "other", "--dry-run")
+    assert result.exit_code == 1 and "already prepared (with --val-size 2)" in result.stderr, result.stderr
+
+
 def test_existing_out_is_not_destroyed(tiny_model, gsm8k_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -315,8 +333,9 @@ def test_fewer_examples_than_processes_is_refused_not_a_hang(tiny_model, gsm8k_d
 
 
 def test_when_the_first_machine_cannot_claim_the_folder_every_machine_says_so(tiny_model, gsm8k_dir, tmp_path):
-    """The run folder is locked by another run: the first machine refuses, and the second learns it
-    at once and stops with one message too, instead of a traceback or a wait on the first."""
+    """The run folder is locked by another run: both machines (sharing the folder here) refuse at
+    their first check, naming the lock, instead of a traceback or a wait on the first. (A lock taken
+    between the check and the claim is the main process's refusal, which the other learns.)"""
     from tinymath.base.runs import run_lock
 
     out = tmp_path / "run"
@@ -328,7 +347,7 @@ def test_when_the_first_machine_cannot_claim_the_folder_every_machine_says_so(ti
         errors = [node.communicate(timeout=240)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [1, 1], errors
     assert "error: another training run" in errors[0]
-    assert "error: the run's main process could not start it: another training run" in errors[1], errors[1][-2000:]
+    assert "error: another training run" in errors[1], errors[1][-2000:]
     ours = [err.split("torch/distributed/elastic")[0] for err in errors]  # before the launcher's own report
     assert not any("Traceback" in err for err in ours), ours
 

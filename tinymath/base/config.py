@@ -23,7 +23,7 @@ from tinymath.base.errors import TinymathError, choice, problem_lines, problems_
 from tinymath.base.files import MODEL_SUFFIXES, missing_local, read_json_object, read_toml, split_file
 from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS
 from tinymath.base.quantization import QUANTIZATIONS
-from tinymath.base.runs import CONFIG_FILE, MANIFEST, RUN_FILE
+from tinymath.base.runs import CONFIG_FILE, MANIFEST, RUN_FILE, SUMMARY
 
 DEFAULT_DATA = "openai/gsm8k"
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -67,7 +67,8 @@ class TrainConfig:
     max_length: int | None = option(None, "Max tokens per example (raw data only).", DATA, shown="512")
     calc_annotations: str | None = option(None, "strip or keep <<a*b=c>> (raw data only).", DATA,
                                           choices=CALC_ANNOTATIONS, shown="keep")
-    val_size: float = option(0.0, "Validation examples held out of train (raw data only).", DATA)
+    val_size: float = option(0.0, "Validation examples held out of train (raw data only).", DATA,
+                             shown="what a prepare-data --data held out; else 0")
     quant: str = option("nf4", "Base weights: nf4 (QLoRA) or none.", choices=QUANTIZATIONS)
     trust_remote_code: bool = option(False, "Allow the model's own Python code from the hub.",
                                      flags=("--trust-remote-code",), shown="")
@@ -196,9 +197,11 @@ class TrainConfig:
         if self.keep == "best" and not self.eval_every:
             problems.append("--keep best needs --eval-every N (validation accuracy picks the best adapter)")
         data = Path(self.data).expanduser()
-        if self.val_size and (data / MANIFEST).is_file():
-            problems.append(f"--val-size holds problems out of raw data; --data {self.data} is already prepared: "
-                            "run prepare-data with --val-size instead")
+        held_out = _prepared_val_size(self.data)
+        if self.val_size and held_out is not None and self.val_size != held_out:
+            problems.append(f"--val-size {self.val_size:g} holds problems out of raw data; --data {self.data} is "
+                            f"already prepared (with --val-size {held_out:g}): run prepare-data with --val-size "
+                            "instead")
         if self.eval_every and not self.val_size and not (data / "validation").is_dir() \
                 and not (data.is_dir() and split_file(data, "validation")):
             problems.append("--eval-every needs a validation split: --val-size N (raw data), prepare-data --val-size, "
@@ -264,6 +267,7 @@ def load_config_file(path: str | Path, problems: list[str] | None = None) -> dic
         raw = read_json_object(path, "a table of settings") if path.suffix == ".json" else read_toml(path)
     except TinymathError as exc:
         raise TinymathError(f"--config {exc}") from None
+    _check_not_another_record(path, raw)
     known = TrainConfig.field_names()
     settings, found = {}, []  # every unknown name and wrong type in the file at once
     for key, value in raw.items():
@@ -271,7 +275,7 @@ def load_config_file(path: str | Path, problems: list[str] | None = None) -> dic
         if name in RUN_RECORD_KEYS:
             continue
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)  # a typo, not a name merely alike
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
             found.append(f"--config {path}: unknown setting {key!r}{hint}")
             continue
@@ -287,6 +291,20 @@ def load_config_file(path: str | Path, problems: list[str] | None = None) -> dic
     settings.pop("overwrite", None)
     settings.pop("trust_remote_code", None)
     return settings
+
+
+def _check_not_another_record(path: Path, raw: dict) -> None:
+    """Refuse another command's record given as --config (its keys are no settings), saying what to give."""
+    if path.name == MANIFEST:
+        raise TinymathError(f"--config {path} is a prepare-data record, not a settings file; give its folder as "
+                            f"--data {path.parent}")
+    if path.name == SUMMARY:
+        settings = raw.get("settings")
+        adapter = settings.get("adapter") if isinstance(settings, dict) else None
+        run = Path(adapter) / RUN_FILE if isinstance(adapter, str) else None
+        hint = f"; to repeat the run it evaluated, give --config {run}" if run and run.is_file() else ""
+        raise TinymathError(f"--config {path} is an eval summary, not a settings file (TOML, or a run's "
+                            f"{RUN_FILE}){hint}")
 
 
 def resolve_train_config(flags: dict, config_file: str | None = None, resume: str | None = None) -> TrainConfig:
@@ -353,6 +371,9 @@ def _new_train_config(from_file: dict, given: dict) -> TrainConfig:
         settings.update(_from_init_adapter(settings["init_adapter"], settings))
     elif "model" not in settings:
         settings.update(_from_prepared_data(settings.get("data", DEFAULT_DATA)))
+    held_out = _prepared_val_size(settings.get("data", DEFAULT_DATA))
+    if held_out is not None and not settings.get("val_size"):
+        settings["val_size"] = held_out  # what the data holds out, as run.json records it (not held out again)
     return TrainConfig(**absolute_paths(settings))
 
 
@@ -416,6 +437,16 @@ def _from_prepared_data(data: str) -> dict:
         raise TinymathError(f"--data {data} was prepared for {model}, which is no longer there; "
                             "give --model (the same model, wherever it is now)")
     return {"model": model}
+
+
+def _prepared_val_size(data: str) -> float | None:
+    """The validation problems a prepare-data folder held out (the --val-size its manifest records;
+    0 if it says none); None: ``data`` is not prepared data."""
+    manifest = Path(data).expanduser() / MANIFEST
+    if not manifest.is_file():
+        return None
+    val_size = read_json_object(manifest, "a prepare-data manifest").get("val_size")
+    return float(val_size) if isinstance(val_size, (int, float)) and not isinstance(val_size, bool) else 0.0
 
 
 def _from_init_adapter(run_dir: str, settings: dict) -> dict:

@@ -204,9 +204,12 @@ def plan_train_output(out: str | Path, overwrite: bool, resume: bool) -> TrainOu
     out = output_path(out)
     if out.exists() and not out.is_dir():
         raise TinymathError(f"--out {out} is a file, not a folder")
-    if resume:  # a partial run (``.NAME.partial``, marked by ``.replaces``) still replaces its sibling NAME
-        partial = (out / REPLACES).is_file() and out.name.startswith(".") and out.name.endswith(".partial")
-        final = out.with_name(out.name[1:-len(".partial")]) if partial else out
+    final = out  # a partial run (``.NAME.partial``, marked by ``.replaces``) resumed still replaces its sibling NAME
+    if resume and (out / REPLACES).is_file() and out.name.startswith(".") and out.name.endswith(".partial"):
+        final = out.with_name(out.name[1:-len(".partial")])
+    if final.is_dir():  # first: a folder another run is writing to is named as such, whatever else it holds
+        check_not_locked(final)
+    if resume:
         return TrainOutput(live=out, final=final)
     if not (out.is_dir() and any(p.name != LOCK for p in out.iterdir())):
         return TrainOutput(live=out, final=out)
