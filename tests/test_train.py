@@ -352,6 +352,38 @@ def test_when_the_first_machine_cannot_claim_the_folder_every_machine_says_so(ti
     assert not any("Traceback" in err for err in ours), ours
 
 
+def _claim_refused_on_rank_0(rank: int, port: int, said) -> None:
+    """One of two gloo processes: the main one could not claim the run folder (a lock taken between
+    the check and the claim), the other could have; what each is told."""
+    import os
+
+    from tinymath import TinymathError
+    from tinymath.lib.distributed import process_state
+    from tinymath.services.train import _agree_on_claim
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    refusal = TinymathError("another training run (pid 1) is writing to run") if rank == 0 else None
+    try:
+        _agree_on_claim(process_state(), refusal)
+    except TinymathError as exc:
+        said.put((rank, str(exc)))
+    else:
+        said.put((rank, None))
+
+
+def test_a_claim_the_main_process_lost_stops_every_process_with_its_reason():
+    """The lock can be taken between the check every process makes and the main process's claim:
+    then the main process says why, and the other stops naming it, instead of training alone."""
+    import torch.multiprocessing as mp
+
+    said = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_claim_refused_on_rank_0, args=(_free_port(), said), nprocs=2, start_method="spawn")
+    told = dict(said.get() for _ in range(2))
+    assert told[0] == "another training run (pid 1) is writing to run"
+    assert told[1] == "the run's main process could not start it: another training run (pid 1) is writing to run"
+
+
 def test_a_folder_one_machine_lacks_stops_both_machines_with_its_reason(tiny_model, gsm8k_dir, tmp_path):
     """Every process joins the launch before it checks its files: a machine without the data says
     so, and the other stops at once naming that reason, instead of waiting to meet it (train, and
