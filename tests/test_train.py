@@ -159,24 +159,6 @@ def test_prepared_data_brings_its_model_unless_one_is_given(tiny_model, gsm8k_di
     assert result.exit_code == 1 and f"was prepared for {tmp_path / 'moved'}, which is no longer there" in result.stderr
 
 
-def test_a_run_on_prepared_data_records_the_validation_it_held_out(tiny_model, gsm8k_dir, tmp_path):
-    """run.json's val_size is what the prepared data held out (not 0 beside validation examples), and
-    the run repeated from its run.json trains on the same split (nothing held out again)."""
-    prep, first, again = tmp_path / "prep", tmp_path / "first", tmp_path / "again"
-    assert run_cli("prepare-data", "--data", gsm8k_dir, "--model", tiny_model, "--out", prep,
-                   "--val-size", "2").exit_code == 0
-    common = ("--quant", "none", "--batch-size", "2", "--max-steps", "1")
-    assert run_cli("train", "--data", prep, "--out", first, *common).exit_code == 0
-    run = json.loads((first / "run.json").read_text())
-    assert run["val_size"] == 2 and run["data_stats"]["validation"]["examples"] == 2
-    result = run_cli("train", "--config", first / "run.json", "--out", again, *common)
-    assert result.exit_code == 0, result.output
-    repeated = json.loads((again / "run.json").read_text())
-    assert repeated["val_size"] == 2 and repeated["data_stats"] == run["data_stats"]
-    result = run_cli("train", "--data", prep, "--val-size", "3", "--out", tmp_path / "other", "--dry-run")
-    assert result.exit_code == 1 and "already prepared (with --val-size 2)" in result.stderr, result.stderr
-
-
 def test_existing_out_is_not_destroyed(tiny_model, gsm8k_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -67,8 +67,7 @@ class TrainConfig:
     max_length: int | None = option(None, "Max tokens per example (raw data only).", DATA, shown="512")
     calc_annotations: str | None = option(None, "strip or keep <<a*b=c>> (raw data only).", DATA,
                                           choices=CALC_ANNOTATIONS, shown="keep")
-    val_size: float = option(0.0, "Validation examples held out of train (raw data only).", DATA,
-                             shown="what a prepare-data --data held out; else 0")
+    val_size: float = option(0.0, "Validation examples held out of train (raw data only).", DATA)
     quant: str = option("nf4", "Base weights: nf4 (QLoRA) or none.", choices=QUANTIZATIONS)
     trust_remote_code: bool = option(False, "Allow the model's own Python code from the hub.",
                                      flags=("--trust-remote-code",), shown="")
@@ -197,11 +196,9 @@ class TrainConfig:
         if self.keep == "best" and not self.eval_every:
             problems.append("--keep best needs --eval-every N (validation accuracy picks the best adapter)")
         data = Path(self.data).expanduser()
-        held_out = _prepared_val_size(self.data)
-        if self.val_size and held_out is not None and self.val_size != held_out:
-            problems.append(f"--val-size {self.val_size:g} holds problems out of raw data; --data {self.data} is "
-                            f"already prepared (with --val-size {held_out:g}): run prepare-data with --val-size "
-                            "instead")
+        if self.val_size and (data / MANIFEST).is_file():
+            problems.append(f"--val-size holds problems out of raw data; --data {self.data} is already prepared: "
+                            "run prepare-data with --val-size instead")
         if self.eval_every and not self.val_size and not (data / "validation").is_dir() \
                 and not (data.is_dir() and split_file(data, "validation")):
             problems.append("--eval-every needs a validation split: --val-size N (raw data), prepare-data --val-size, "
@@ -371,9 +368,6 @@ def _new_train_config(from_file: dict, given: dict) -> TrainConfig:
         settings.update(_from_init_adapter(settings["init_adapter"], settings))
     elif "model" not in settings:
         settings.update(_from_prepared_data(settings.get("data", DEFAULT_DATA)))
-    held_out = _prepared_val_size(settings.get("data", DEFAULT_DATA))
-    if held_out is not None and not settings.get("val_size"):
-        settings["val_size"] = held_out  # what the data holds out, as run.json records it (not held out again)
     return TrainConfig(**absolute_paths(settings))
 
 
@@ -437,16 +431,6 @@ def _from_prepared_data(data: str) -> dict:
         raise TinymathError(f"--data {data} was prepared for {model}, which is no longer there; "
                             "give --model (the same model, wherever it is now)")
     return {"model": model}
-
-
-def _prepared_val_size(data: str) -> float | None:
-    """The validation problems a prepare-data folder held out (the --val-size its manifest records;
-    0 if it says none); None: ``data`` is not prepared data."""
-    manifest = Path(data).expanduser() / MANIFEST
-    if not manifest.is_file():
-        return None
-    val_size = read_json_object(manifest, "a prepare-data manifest").get("val_size")
-    return float(val_size) if isinstance(val_size, (int, float)) and not isinstance(val_size, bool) else 0.0
 
 
 def _from_init_adapter(run_dir: str, settings: dict) -> dict:
