@@ -607,16 +607,26 @@ def test_eval_without_data_reads_the_runs_own_gsm8k_not_the_hub(tiny_model, gsm8
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["settings"]["data"] == str(prep) and summary["n"] == 3
-    result = run_cli("eval", "--adapter", run, "--split", "validation", "--max-new-tokens", 2)  # none here
+    result = run_cli("eval", "--adapter", run, "--split", "test", "--max-new-tokens", 2, "--protocol", "lm-eval-gsm8k")
+    assert result.exit_code == 1  # its 5 shots come from the whole train split, which prep lacks: the hub is asked
+    assert "could not load --data openai/gsm8k (split test)" in " ".join(result.stderr.split())
+    for split in ("validation", "tset"):  # a split prep does not hold, a typo: neither is the hub's to answer
+        result = run_cli("eval", "--adapter", run, "--split", split, "--max-new-tokens", 2)
+        said = " ".join(result.stderr.split())
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert f"--split {split}: the hub's GSM8K has the splits train and test; give --data" in said, said
+    part, part_run = tmp_path / "part", tmp_path / "part-run"  # prepared with --limit: part of the test split
+    shutil.copytree(gsm8k_dir, raw)
+    assert run_cli("prepare-data", "--data", raw, "--model", tiny_model, "--out", part, "--limit", 1).exit_code == 0
+    assert run_cli("train", "--data", part, "--out", part_run, "--quant", "none", "--batch-size", 1,
+                   "--max-steps", 1).exit_code == 0
+    shutil.rmtree(raw)
+    result = run_cli("eval", "--adapter", part_run, "--split", "test", "--max-new-tokens", 2)  # not 1 problem of 3
     said = " ".join(result.stderr.split())
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "could not load --data openai/gsm8k (split validation) from the Hugging Face hub" in said
+    assert "could not load --data openai/gsm8k (split test) from the Hugging Face hub" in said
     assert "huggingface.co cannot be reached from this machine" in said
-    assert "give --data PATH: a folder with validation.jsonl, or a prepare-data output" in said
-    result = run_cli("eval", "--adapter", run, "--split", "tset", "--max-new-tokens", 2)  # a typo: not the hub's fault
-    said = " ".join(result.stderr.split())
-    assert result.exit_code == 1 and "--split tset is not a GSM8K split (train, validation, test)" in said
-    assert "hub" not in said
+    assert "give --data PATH: a folder with test.jsonl, or a prepare-data output" in said
 
 
 def test_a_wrong_model_choice_is_said_before_any_data_is_fetched(tiny_model, gsm8k_dir, tmp_path, monkeypatch):

@@ -179,6 +179,33 @@ time.sleep(60)
 """
 
 
+def test_a_run_folder_removed_as_the_run_starts_is_said_not_a_traceback(tmp_path, monkeypatch):
+    """Another command's clean-up can remove the folder between its creation and the lock: one message."""
+    import tinymath.base.runs as runs
+    from tinymath import TinymathError
+
+    out, real_open = tmp_path / "run", os.open
+
+    def removed_first(path, *args, **kwargs):
+        if str(path) == str(out / ".lock"):  # the lock file's open, just after run_lock made the folder
+            shutil.rmtree(out)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs.os, "open", removed_first)
+    with pytest.raises(TinymathError, match="was removed while this run was starting in it; start it again"):
+        with runs.run_lock(out):
+            pass
+
+
+def test_closed_output_streams_do_not_break_the_command():
+    """`tinymath --version 2>&-` (stderr closed) and errors with stdout closed: answered as usual."""
+    version = subprocess.run(["sh", "-c", f"'{sys.executable}' -m tinymath --version 2>&-"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("tinymath ")
+    error = subprocess.run(["sh", "-c", f"'{sys.executable}' -m tinymath eval --compare nowhere-a nowhere-b 1>&-"],
+                           capture_output=True, text=True)
+    assert error.returncode == 1 and error.stderr.strip() == "error: --compare nowhere-a does not exist", error.stderr
+
+
 def test_lock_refuses_a_second_run(tiny_model, gsm8k_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

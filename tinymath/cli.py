@@ -62,7 +62,7 @@ PIPED_WIDTH = 120  # columns of output (tables, --help) written to a pipe or fil
 def _widen_piped_help() -> None:
     from typer import rich_utils
 
-    if rich_utils.MAX_WIDTH is None and not sys.stdout.isatty():  # TERMINAL_WIDTH, when set, still wins
+    if rich_utils.MAX_WIDTH is None and _piped(sys.stdout):  # TERMINAL_WIDTH, when set, still wins
         rich_utils.MAX_WIDTH = PIPED_WIDTH
 
 
@@ -82,9 +82,13 @@ app = typer.Typer(
 def _console(stderr: bool = False) -> Console:
     """rich's console; to a pipe or file (a log, `| tee`) as wide as `PIPED_WIDTH`, not rich's 80
     columns (COLUMNS, when set, still wins)."""
-    stream = sys.stderr if stderr else sys.stdout
-    piped = not stream.isatty() and not os.environ.get("COLUMNS")
-    return Console(stderr=stderr, width=PIPED_WIDTH if piped else None)
+    return Console(stderr=stderr, width=PIPED_WIDTH if _piped(sys.stderr if stderr else sys.stdout) else None)
+
+
+def _piped(stream) -> bool:
+    """Whether ``stream`` goes to a pipe or file (not a terminal, nor closed: ``2>&-`` makes it None)
+    with no COLUMNS set."""
+    return stream is not None and not stream.isatty() and not os.environ.get("COLUMNS")
 
 
 out_console = _console()

@@ -318,6 +318,8 @@ def _locked_lock_file(folder: Path, flags: int, kind: int) -> int | None:
         try:
             fd = os.open(path, flags, 0o644)
         except FileNotFoundError:
+            if flags & os.O_CREAT:  # the folder itself went (another command's clean-up) as this run started
+                raise TinymathError(f"{folder} was removed while this run was starting in it; start it again") from None
             return None
         try:
             fcntl.flock(fd, kind | fcntl.LOCK_NB)

@@ -25,6 +25,7 @@ from tinymath.base.prompts import CALC_ANNOTATIONS, FORMATS, extract_answer
 from tinymath.base.runs import MANIFEST
 
 SPLITS = ("train", "validation", "test")  # GSM8K's (train, test) and the validation prepare-data holds out
+HUB_SPLITS = ("train", "test")
 
 # ---------------------------------------------------------------- reading
 
@@ -138,24 +139,25 @@ def read_gsm8k(data: str = DEFAULT_DATA, split: str = "train", limit: int | None
     return rows[:limit] if limit else rows
 
 
-def default_eval_data(run, split: str) -> str:
+def default_eval_data(run, split: str, raw_only: bool = False) -> str:
     """What eval reads without --data: the GSM8K of ``run`` (a `RunInfo`, or None) where this machine
-    holds ``split`` of it (`run_data_here`), else the hub's; a split GSM8K does not have is refused
-    rather than asked of the hub."""
-    here = run_data_here(run, split)
+    holds ``split`` of it (`run_data_here`), else the hub's; a split the hub's GSM8K does not have
+    is refused rather than asked of the hub."""
+    here = run_data_here(run, split, raw_only)
     if here is not None:
         return here
-    if split not in SPLITS:
-        raise TinymathError(f"--split {split} is not a GSM8K split ({', '.join(SPLITS)}); give --data for files "
-                            "with other splits")
+    if split not in HUB_SPLITS:
+        raise TinymathError(f"--split {split}: the hub's GSM8K has the splits {' and '.join(HUB_SPLITS)}; give --data "
+                            "for another (a prepare-data folder holds the validation split it was made with)")
     return DEFAULT_DATA
 
 
-def run_data_here(run, split: str) -> str | None:
+def run_data_here(run, split: str, raw_only: bool = False) -> str | None:
     """Where this machine holds ``split`` of the GSM8K that ``run`` (a `RunInfo`, or None) was trained
     on: the raw folder it read, or the one its prepare-data folder was made from (the split whole, as
-    published: a folder prepared with --limit holds part of it), else that prepare-data folder; None
-    where none holds it (hub data, a single file of training data, a folder moved away)."""
+    published), else, unless ``raw_only``, that prepare-data folder if it holds the whole split (not
+    made with --limit); None where none holds it (hub data, a single file of training data, a folder
+    moved away)."""
     data = run.config.get("data") if run is not None else None
     if not isinstance(data, str) or not Path(data).expanduser().is_dir():
         return None
@@ -168,7 +170,8 @@ def run_data_here(run, split: str) -> str | None:
     raw = manifest.get("data")
     if isinstance(raw, str) and Path(raw).expanduser().is_dir() and split_file(raw, split):
         return raw
-    return data if split in (manifest.get("splits") or {}) else None
+    whole = manifest.get("limit") is None and split in (manifest.get("splits") or {})
+    return data if whole and not raw_only else None
 
 
 def _read_hub(data: str, split: str) -> list[dict]:

@@ -73,7 +73,7 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str | N
 
     state = process_state()  # every process joins before its own checks, so none stops alone
     data, rows = checked_together(state, lambda: _checked_rows(settings, out, overwrite, model, adapter, data, split,
-                                                                limit))
+                                                                limit, raw_only=chosen.own_format))
     loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
@@ -116,10 +116,11 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str | N
 
 
 def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: str | None, data: str | None,
-                  split: str, limit: int | None) -> tuple[str, list[dict]]:
-    """The data read (``data``, or where None the default) and the problems to answer, after the checks
-    of what one machine of several may see otherwise: its files (the output folder, the model, the
-    run and its base, the data)."""
+                  split: str, limit: int | None, raw_only: bool = False) -> tuple[str, list[dict]]:
+    """The data read (``data``, or where None the default: raw files only for ``raw_only``, a protocol
+    whose few-shot examples come from the whole train split) and the problems to answer, after the
+    checks of what one machine of several may see otherwise: its files (the output folder, the
+    model, the run and its base, the data)."""
     from tinymath.base.files import check_output_dir
     from tinymath.base.runs import load_run
     from tinymath.lib.generate import check_model_choice
@@ -134,7 +135,7 @@ def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: st
     if run is not None:
         check_base_present(run)
     if data is None:  # the run's own GSM8K files where this machine has them (offline too), else the hub's
-        data = default_eval_data(run, split)
+        data = default_eval_data(run, split, raw_only)
     return data, read_gsm8k(data, split, limit)
 
 

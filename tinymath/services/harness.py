@@ -68,8 +68,7 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
 
     run = load_run(adapter) if adapter is not None else None
     if data is None:  # the harness reads raw files only: a run's prepare-data folder is no source for it
-        local = run_data_here(run, "test")
-        data = local if local and not is_prepared(local) else DEFAULT_DATA
+        data = run_data_here(run, "test", raw_only=True) or DEFAULT_DATA
     if Path(data).expanduser().is_dir() and is_prepared(Path(data).expanduser()):
         raise TinymathError(f"--data {data} is a prepare-data output; lm-evaluation-harness reads raw GSM8K files: "
                             "give the folder with train.jsonl and test.jsonl (or leave --data out for the hub's)")
