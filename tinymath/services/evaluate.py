@@ -100,16 +100,13 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str | N
         tokens_per_s=round(tokens / seconds, 1) if seconds else None,
         compile_seconds=round(compile_seconds() - compiled_before, 3),
         graph_capture_seconds=round(decoding.pop("capture_seconds"), 3), decoding=decoding,
-        # one data file is all its problems, whatever --split says
-        settings=absolute_paths({"data": data, "split": None if Path(data).expanduser().is_file() else split,
-                                 "limit": limit,  # a protocol's own prompt text uses neither of the next two
-                                 "format": None if chosen.own_format else inference.format,
-                  "system_prompt": None if chosen.own_format else inference.system_prompt, "batch_size": batch_size,
-                  "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
-                  "samples": samples, "temperature": temperature, "seed": seed, "compile": compile,
-                  "compile_steps": compile_steps,
-                  "processes": state.num_processes, **inference.source}),
-    )
+        settings=absolute_paths({  # one data file is all its problems, whatever --split says
+            "data": data, "split": None if Path(data).expanduser().is_file() else split, "limit": limit,
+            "format": None if chosen.own_format else inference.format,  # a protocol's own prompts use neither
+            "system_prompt": None if chosen.own_format else inference.system_prompt, "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens, "protocol": protocol, "calculator": settings.calculator,
+            "samples": samples, "temperature": temperature, "seed": seed, "compile": compile, "compile_steps": compile_steps,
+            "processes": state.num_processes, **inference.source}))
     if out is not None and state.is_main_process:
         _write_eval(out, rows, outputs, scored["rows"], summary)
     return summary
