@@ -179,6 +179,23 @@ time.sleep(60)
 """
 
 
+def test_a_run_starting_while_another_command_probes_its_folder_is_not_refused(tmp_path):
+    """`check_not_locked` (any command's look at a run folder) holds the shared lock for an instant;
+    a run starting then waits it out instead of naming the prober as a run writing there."""
+    import fcntl
+    import threading
+
+    from tinymath.base.runs import run_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    probe = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.3, os.close, (probe,)).start()  # the probe's instant, drawn out
+    with run_lock(out):
+        assert (out / ".lock").read_text() == str(os.getpid())
+
+
 def test_a_run_folder_removed_as_the_run_starts_is_said_not_a_traceback(tmp_path, monkeypatch):
     """Another command's clean-up can remove the folder between its creation and the lock: one message."""
     import tinymath.base.runs as runs

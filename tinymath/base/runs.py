@@ -306,14 +306,20 @@ def _names(path: Path, fd: int) -> bool:
     return (named.st_dev, named.st_ino) == (own.st_dev, own.st_ino)
 
 
+PROBE_SECONDS = 1.0  # how long a run waits for a probe's shared lock to go before calling the folder taken
+
+
 def _locked_lock_file(folder: Path, flags: int, kind: int) -> int | None:
-    """``folder/.lock`` opened with ``flags`` and flock'ed with ``kind``, without waiting; refused
-    while a run holds it. A lock file its last holder removed after this process opened it is
-    passed over for the one the path names now (a lock on a removed file keeps no one out). None:
-    there is no lock file (``flags`` without ``O_CREAT``)."""
+    """``folder/.lock`` opened with ``flags`` and flock'ed with ``kind``; refused while a run holds
+    it. The exclusive lock waits out `PROBE_SECONDS` first: another command's probe
+    (`check_not_locked`) holds the shared lock for an instant. A lock file its last holder removed
+    after this process opened it is passed over for the one the path names now (a lock on a
+    removed file keeps no one out). None: there is no lock file (``flags`` without ``O_CREAT``)."""
     import fcntl
+    import time
 
     path = folder / LOCK
+    deadline = time.monotonic() + (PROBE_SECONDS if kind == fcntl.LOCK_EX else 0)
     while True:
         try:
             fd = os.open(path, flags, 0o644)
@@ -326,6 +332,9 @@ def _locked_lock_file(folder: Path, flags: int, kind: int) -> int | None:
         except BlockingIOError:
             holder = os.read(fd, 32)
             os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             raise _locked(folder, holder) from None
         if _names(path, fd):
             return fd
