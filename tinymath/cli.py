@@ -44,26 +44,30 @@ class _Group(typer.core.TyperGroup):
         return _flag(super().get_help_option(ctx))
 
     def format_help(self, ctx, formatter):
-        _widen_piped_help()
-        return super().format_help(ctx, formatter)
+        _widening(super().format_help)(ctx, formatter)
 
     def get_command(self, ctx, name):
         command = super().get_command(ctx, name)
         if command is not None:
             command.get_help_option = lambda ctx, get=command.get_help_option: _flag(get(ctx))
-            command.format_help = lambda ctx, formatter, show=command.format_help: (_widen_piped_help(),
-                                                                                    show(ctx, formatter))[1]
+            command.format_help = _widening(command.format_help)
         return command
 
 
 PIPED_WIDTH = 120  # columns of output (tables, --help) written to a pipe or file; a terminal keeps its own width
 
 
-def _widen_piped_help() -> None:
-    from typer import rich_utils
+def _widening(format_help):
+    """``format_help`` writing piped help `PIPED_WIDTH` wide (TERMINAL_WIDTH, when set, still wins)."""
 
-    if rich_utils.MAX_WIDTH is None and _piped(sys.stdout):  # TERMINAL_WIDTH, when set, still wins
-        rich_utils.MAX_WIDTH = PIPED_WIDTH
+    def widened(ctx, formatter):
+        from typer import rich_utils  # imported by help alone: other commands start without it
+
+        if rich_utils.MAX_WIDTH is None and _piped(sys.stdout):
+            rich_utils.MAX_WIDTH = PIPED_WIDTH
+        return format_help(ctx, formatter)
+
+    return widened
 
 
 def _flag(option):
@@ -79,6 +83,8 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="markdown",
 )
+
+
 def _console(stderr: bool = False) -> Console:
     """rich's console; to a pipe or file (a log, `| tee`) as wide as `PIPED_WIDTH`, not rich's 80
     columns (COLUMNS, when set, still wins)."""

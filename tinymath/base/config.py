@@ -272,7 +272,7 @@ def load_config_file(path: str | Path, problems: list[str] | None = None) -> dic
         if name in RUN_RECORD_KEYS:
             continue
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)  # a typo (num_epochs: epochs), not a name merely alike (splits: samples)
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)  # num_epochs: epochs; splits: none
             hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
             found.append(f"--config {path}: unknown setting {key!r}{hint}")
             continue

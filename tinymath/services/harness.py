@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from tinymath.base.config import DEFAULT_DATA, absolute_paths
+from tinymath.base.config import absolute_paths
 from tinymath.base.errors import TinymathError
 from tinymath.base.runs import PREDICTIONS, SUMMARY
 
@@ -64,11 +64,11 @@ def evaluate_with_lm_eval(model: str | None = None, adapter: str | None = None, 
     from tinymath.base.runs import load_run
     from tinymath.lib.generate import load_for_inference
 
-    from tinymath.lib.gsm8k import is_prepared, run_data_here
+    from tinymath.lib.gsm8k import default_eval_data, is_prepared
 
     run = load_run(adapter) if adapter is not None else None
     if data is None:  # the harness reads raw files only: a run's prepare-data folder is no source for it
-        data = run_data_here(run, "test", raw_only=True) or DEFAULT_DATA
+        data = default_eval_data(run, "test", raw_only=True)
     if Path(data).expanduser().is_dir() and is_prepared(Path(data).expanduser()):
         raise TinymathError(f"--data {data} is a prepare-data output; lm-evaluation-harness reads raw GSM8K files: "
                             "give the folder with train.jsonl and test.jsonl (or leave --data out for the hub's)")
