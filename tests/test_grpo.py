@@ -47,8 +47,10 @@ def test_reward_and_group_advantages():
     assert solution_ids([5, 6, 7], eos=2, pad=0) == [5, 6, 7]
 
 
-def test_weighted_loss_is_the_policy_gradient_loss(tiny_model):
-    """sum over solution tokens of -advantage x log p(token), in both the packed and the padded path."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_weighted_loss_is_the_policy_gradient_loss(tiny_model, temperature):
+    """sum over solution tokens of -advantage x log p(token), in both the packed and the padded path;
+    p: the distribution sampled from at ``temperature`` (the logits divided by it)."""
     import torch
 
     from tinymath.lib.attention import register
@@ -64,12 +66,13 @@ def test_weighted_loss_is_the_policy_gradient_loss(tiny_model):
     expected = 0.0
     with torch.no_grad():
         for ex in examples:
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, :-1].float(), -1)
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, :-1].float()
+            logp = torch.log_softmax(logits / temperature, -1)
             for pos, (label, weight) in enumerate(zip(ex["labels"][1:], ex["weights"][1:])):
                 if label != -100:
                     expected += -weight * logp[pos, label].item()
-        packed = build_loss_model(model, fast=True)(**pack_examples(examples)).item()
-        padded = build_loss_model(model, fast=False)(**pad_examples(examples, pad_id=0)).item()
+        packed = build_loss_model(model, fast=True, temperature=temperature)(**pack_examples(examples)).item()
+        padded = build_loss_model(model, fast=False, temperature=temperature)(**pad_examples(examples, pad_id=0)).item()
     assert packed == pytest.approx(expected, rel=1e-4)
     assert padded == pytest.approx(expected, rel=1e-4)
 
@@ -109,6 +112,39 @@ def test_an_update_moves_the_policy_towards_rewarded_solutions(tiny_model, gsm8k
         return logp[0] - logp[1]
 
     assert margin(tmp_path / "rl") > margin(sft_run) + 0.5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_the_loss_of_a_run_is_taken_at_its_sampling_temperature(gsm8k_dir, sft_run, tmp_path, monkeypatch,
+                                                                temperature):
+    """A run's first-step loss: the solution tokens' -advantage x log-probability under the starting
+    adapter's logits divided by --temperature (the distribution they were sampled from), per token."""
+    import torch
+
+    import tinymath.lib.grpo as grpo
+    from tinymath.base.runs import load_run
+    from tinymath.lib.lora import load_adapted_model
+
+    prompt, solutions = [1, 30, 31], {1.0: [40, 41, 42, 2], 0.0: [50, 51, 52, 2]}
+
+    def fixed_rollout(self, questions):
+        examples = [{"input_ids": prompt + s, "labels": [-100] * 3 + s, "weights": [0.0] * 3 + [r - 0.5] * len(s),
+                     "teaches": True} for _ in questions for r, s in solutions.items()]
+        return examples, [r for _ in questions for r in solutions]
+
+    monkeypatch.setattr(grpo.GRPOTrainer, "rollout", fixed_rollout)
+    out = tmp_path / "rl"
+    result = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, "--batch-size", "1",
+                     "--samples", "2", "--max-steps", "1", "--temperature", str(temperature), "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    model = load_adapted_model(load_run(sft_run), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        total = 0.0
+        for r, s in solutions.items():
+            logits = model(input_ids=torch.tensor([prompt + s])).logits[0, 2:-1].float()
+            total += -(r - 0.5) * torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(s)[:, None]).sum()
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert logged == pytest.approx(total.item() / 8, abs=2e-4)
 
 
 def test_a_zero_advantage_in_a_mixed_group_still_counts_in_the_normaliser(gsm8k_dir, sft_run, tmp_path,

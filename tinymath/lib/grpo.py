@@ -16,6 +16,9 @@ from:
   (DAPO's loss after its dynamic-sampling filter; TRL's ``dapo`` loss), so long solutions are not
   down-weighted per token, and a step whose groups are mostly unanimous takes as large an update
   as any other;
+- the loss's log-probabilities are those of the distribution the solutions were sampled from,
+  the logits divided by ``--temperature`` (as TRL's ``GRPOTrainer`` computes them), so sampling
+  below 1.0 is still on-policy rather than a push towards the sharper distribution's own choices;
 - on-policy: one update per batch of samples, so the probability ratio of PPO/GRPO is 1 and its
   clipping never acts (DeepSeekMath's GRPO with one inner iteration; nanochat's ``chat_rl.py``);
 - no KL penalty to the reference model (TRL's default ``beta=0``; DAPO and Dr. GRPO drop it):
@@ -109,6 +112,10 @@ class GRPOTrainer(Trainer):
 
     method = "grpo"
     prefetch = False  # a step's samples come from the policy after the previous update
+
+    @property
+    def loss_temperature(self) -> float:
+        return self.config.temperature
 
     def _load_data(self) -> None:
         super()._load_data()

@@ -91,6 +91,7 @@ class Trainer:
 
     method = "sft"
     prefetch = True  # build the next step's batches while the GPU works (they do not depend on the update)
+    loss_temperature = 1.0  # the loss's log-probabilities: the model's own distribution
 
     def __init__(self, config: TrainConfig, live: Path, show_progress: bool = False, resume: bool = False,
                  final: Path | None = None):
@@ -199,7 +200,7 @@ class Trainer:
         self.model = attach_lora(base, get_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
                                                        config.target_modules), config.gradient_checkpointing,
                                  base_name=config.model)
-        self.loss_model = build_loss_model(self.model, fast=config.packing)
+        self.loss_model = build_loss_model(self.model, fast=config.packing, temperature=self.loss_temperature)
         self.loss_model.train()  # checkpointing and dropout only act in training mode: plan in it
 
     def say(self, message: str) -> None:
