@@ -105,7 +105,7 @@ def test_what_the_loop_does_not_do_goes_to_generate(inference, monkeypatch):
 
     assert not compiles(inference.model, GenerationSettings())
     assert compiles(inference.model, GenerationSettings(stop=("Question:",)))
-    assert compiles(inference.model, GenerationSettings(calculator=True))
+    assert not compiles(inference.model, GenerationSettings(calculator=True))  # the loop writes its results
     assert compiles(inference.model, GenerationSettings(), stopping=object())
     with monkeypatch.context() as patch:
         patch.setattr(inference.model.generation_config, "repetition_penalty", 1.3)
@@ -159,8 +159,8 @@ def test_compiled_steps_are_refused_where_the_loop_does_not_run():
     from tinymath.lib.generate import GenerationSettings
 
     GenerationSettings(compile_steps=True).validate()
+    GenerationSettings(compile_steps=True, calculator=True).validate()  # the loop writes the calculator's results
     for settings, said in ((GenerationSettings(compile_steps=True, static_cache=False), "--no-compile"),
-                           (GenerationSettings(compile_steps=True, calculator=True), "--calculator"),
                            (GenerationSettings(compile_steps=True, stop=("Question:",)), "lm-eval-gsm8k")):
         with pytest.raises(TinymathError, match=said):
             settings.validate()
@@ -175,7 +175,7 @@ def test_compiled_steps_see_one_width_from_min_width(inference, monkeypatch):
 
     shapes = []
 
-    def fake_decode(model, ids, mask, new, eos, pad, sample=None, compiled=False, live=None):
+    def fake_decode(model, ids, mask, new, eos, pad, sample=None, compiled=False, live=None, tool=None):
         shapes.append((tuple(ids.shape), compiled))
         import torch
 
@@ -187,3 +187,42 @@ def test_compiled_steps_see_one_width_from_min_width(inference, monkeypatch):
     generate_ids(inference, [short, short], settings)
     generate_ids(inference, [long, short, short], settings)
     assert {shape for shape, _ in shapes} == {(2, 2 * WIDTH_BUCKET)} and all(c for _, c in shapes)
+
+
+def test_a_tool_writes_tokens_that_the_model_then_reads(inference, monkeypatch):
+    """The calculator's way into the loop: after a trigger token, a row takes the tool's tokens
+    instead of the model's, and goes on as the model would from the text with them in it (what
+    ``generate`` gives from that text), while the other rows are untouched."""
+    import torch
+
+    import tinymath.lib.generate as generate
+    from tinymath.lib.generate import GenerationSettings, generate_ids
+
+    prompts = _prompts(inference)
+    plain = [row.tolist() for row in generate_ids(inference, prompts, GenerationSettings(max_new_tokens=12,
+                                                                                         static_cache=False))]
+    trigger, written = plain[0][2], [100, 101]
+
+    class Tool:  # writes once, into the first row whose token is the trigger
+        triggers, calls = {trigger}, []
+
+        def __call__(self, row, ids):
+            self.calls.append((row, list(ids)))
+            return written if len(self.calls) == 1 else []
+
+    tool = Tool()
+    monkeypatch.setattr(generate, "CalculatorTool", lambda tokenizer: tool)
+    monkeypatch.setattr(inference.model, "generate", lambda *a, **k: pytest.fail("generate was used"))
+    own = [row.tolist() for row in generate_ids(inference, prompts, GenerationSettings(
+        max_new_tokens=12, static_cache=True, calculator=True))]
+    monkeypatch.undo()
+    ids = tool.calls[0][1]  # the tool is told the batch's row (prompts are sorted by length): find its prompt
+    assert ids[-1] == trigger
+    cut = len(ids)
+    row = next(i for i in range(len(prompts)) if plain[i][:cut] == ids)
+    assert own[row][:cut + 2] == ids + written
+    text = prompts[row] + own[row][:cut + 2]
+    after = generate_ids(inference, [text], GenerationSettings(max_new_tokens=12 - cut - 2, static_cache=False))[0]
+    pad = inference.tokenizer.pad_token_id
+    assert _trimmed([own[row][cut + 2:]], pad) == _trimmed([after.tolist()], pad)
+    assert all(_trimmed([own[i]], pad) == _trimmed([plain[i]], pad) for i in range(len(prompts)) if i != row)

@@ -222,8 +222,8 @@ def test_keep_best_never_keeps_worse_than_the_starting_adapter(gsm8k_dir, sft_ru
 
 
 def test_calculator_rollouts_learn_the_text_with_the_calculators_results(tiny_model, monkeypatch):
-    """With --calculator a solution is sampled through the calculator's rounds, and what is trained
-    on is its whole text (the spliced-in results too), then EOS only where the policy stopped."""
+    """With --calculator, where the decode loop does not run, a solution is sampled through the
+    calculator's rounds, and what is trained on is its whole text (the spliced-in results too), then EOS only where the policy stopped."""
     from types import SimpleNamespace
 
     import tinymath.lib.generate as generate
@@ -239,12 +239,44 @@ def test_calculator_rollouts_learn_the_text_with_the_calculators_results(tiny_mo
         return [("3 + 4 = <<3+4=7>>7\n#### 7", 9), ("and so on and so on", 16)][:len(prompts)]
 
     monkeypatch.setattr(generate, "generate_batch", answers)
+    monkeypatch.setattr(generate, "decodes_own", lambda model, settings, prompts: False)  # (as on a CPU)
     trainer = SimpleNamespace(tokenizer=tok, policy=SimpleNamespace(model=None), config=SimpleNamespace(calculator=True),
                               data_settings={"format": "chat", "system_prompt": None})
     ids, texts = GRPOTrainer.sample(trainer, [[1, 2], [1, 2]], GenerationSettings(max_new_tokens=16))
     assert asked == [True] and texts == ["3 + 4 = <<3+4=7>>7\n#### 7", "and so on and so on"]
     assert ids[0] == tok("3 + 4 = <<3+4=7>>7\n#### 7", add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert ids[1] == tok("and so on and so on", add_special_tokens=False).input_ids  # cut at 16 tokens: no EOS
+
+
+def test_calculator_rollouts_through_the_decode_loop_learn_the_tokens_it_decoded(tiny_model, monkeypatch):
+    """Where the decode loop runs (a GPU), a --calculator solution's ids are the tokens the policy
+    read as it decoded, the calculator's included: what it is trained on is what it sampled."""
+    from types import SimpleNamespace
+
+    import tinymath.lib.generate as generate
+    from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.generate import GenerationSettings, load_for_inference
+    from tinymath.lib.grpo import GRPOTrainer
+
+    inference = load_for_inference(model=str(tiny_model))
+    tok = inference.tokenizer
+    prompts = [encode_prompt(tok, build_prompt(tok, q, "chat")) for q in ("What is 3 + 4?", "What is 5 + 6?")]
+    written = tok("7>>", add_special_tokens=False).input_ids
+
+    class Tool:  # every token a trigger, but only the first call writes
+        triggers, calls = frozenset(range(len(tok))), []
+
+        def __call__(self, row, ids):
+            self.calls.append(row)
+            return written if len(self.calls) == 1 else []
+
+    monkeypatch.setattr(generate, "CalculatorTool", lambda tokenizer: Tool())
+    trainer = SimpleNamespace(tokenizer=tok, policy=SimpleNamespace(model=inference.model),
+                              config=SimpleNamespace(calculator=True), data_settings={"format": "chat",
+                                                                                      "system_prompt": None})
+    ids, texts = GRPOTrainer.sample(trainer, prompts, GenerationSettings(max_new_tokens=8, static_cache=True))
+    assert sum(row[1:1 + len(written)] == written for row in ids) == 1  # after the first token, the tool's
+    assert [tok.decode(row, skip_special_tokens=True) for row in ids] == texts
 
 
 def test_grpo_with_the_calculator_runs_and_later_commands_use_it(gsm8k_dir, sft_run, tmp_path):
@@ -306,9 +338,8 @@ def test_grpo_refusals(tiny_model, gsm8k_dir, sft_run, tmp_path):
     assert dry.exit_code == 0, dry.output
     assert "--method grpo" in run_cli("train", "--init-adapter", sft_run, "--data", gsm8k_dir, "--out",
                                       tmp_path / "x", "--dry-run").stderr
-    for extra, said in ((("--calculator",), "--calculator samples with transformers' generate"),
-                        (("--no-compile",), "which --no-compile turns off")):
-        assert said in " ".join(refused("--init-adapter", sft_run, "--compile-steps", *extra).split())
+    assert "which --no-compile turns off" in " ".join(refused("--init-adapter", sft_run, "--compile-steps",
+                                                              "--no-compile").split())
     sft = run_cli("train", "--data", gsm8k_dir, "--out", tmp_path / "x", "--samples", "4", "--temperature", "0.7")
     assert sft.exit_code == 1 and "--samples, --temperature: reinforcement-learning settings" in sft.stderr
 

@@ -166,7 +166,7 @@ def test_lm_eval_prompt_is_five_shot(tiny_model, gsm8k_dir):
 def test_calculator_rounds_keep_each_answer_within_its_own_token_budget(tiny_model, monkeypatch):
     """A round of calculator decoding runs to the largest budget left among its rows; a row that had
     used more of its --max-new-tokens keeps only what it had left (it is not lengthened by its
-    batch-mates)."""
+    batch-mates). The calculator's result counts in the budget, as in the decode loop."""
     import torch
 
     import tinymath.lib.generate as generate
@@ -188,11 +188,12 @@ def test_calculator_rounds_keep_each_answer_within_its_own_token_budget(tiny_mod
     prompts = [[1, 2, 3], [1, 2, 4]]
     answers = generate.generate_batch(inference, prompts, generate.GenerationSettings(max_new_tokens=60,
                                                                                       calculator=True))
-    assert rounds[1] == 60 - len(first[1])  # the second round ran to row 1's budget...
+    result = {i: len(tok(f"{2 * (i + 1)}>>", add_special_tokens=False).input_ids) for i in (0, 1)}
+    assert rounds[1] == 60 - len(first[1]) - result[1]  # the second round ran to row 1's budget...
     for (text, used), i in zip(answers, (0, 1)):
         after = text.split(">>", 1)[1]
-        assert len(tok(after, add_special_tokens=False).input_ids) <= 60 - len(first[i]), (i, text)  # ...not row 0's
-        assert used == 60
+        assert len(tok(after, add_special_tokens=False).input_ids) <= 60 - len(first[i]) - result[i], (i, text)
+        assert used == 60  # ...not row 0's
 
 
 def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
@@ -202,6 +203,7 @@ def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, mo
     from tinymath import train
     from tinymath.base.config import TrainConfig
     from tinymath.base.prompts import build_prompt, encode_prompt
+    from tinymath.lib.decode import totals as decode_totals
     from tinymath.lib.generate import (
         GenerationSettings,
         generate_batch,
@@ -222,9 +224,17 @@ def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, mo
     monkeypatch.setattr(calc, "calculate", lambda expression: "999" if expression == "5+7" else None)
     with_calc = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=40, calculator=True))
     assert all("<<5+7=999>>" in text for text, _ in with_calc), with_calc
+    # tinymath's decode loop (a GPU's path) writes the results as it decodes: the same answers as the rounds
+    steps = decode_totals()["eager_steps"]
+    looped = generate_batch(inference, prompts, GenerationSettings(max_new_tokens=40, calculator=True,
+                                                                   static_cache=True))
+    assert decode_totals()["eager_steps"] > steps  # (not the rounds)
+    assert [text for text, _ in looped] == [text for text, _ in with_calc]
     # with pad == EOS (as in SmolLM2's tokenizer) a row stopped at "<<expr=" while another row goes
     # on is padded with EOS: it must still get its result and continue
     tok.pad_token = tok.eos_token
     other = encode_prompt(tok, build_prompt(tok, "Leo had 30 stickers and gave away 12.", "chat"))
     mixed = generate_batch(inference, [prompts[0], other], GenerationSettings(max_new_tokens=40, calculator=True))
     assert "<<5+7=999>>" in mixed[0][0], mixed
+    assert generate_batch(inference, [prompts[0], other], GenerationSettings(max_new_tokens=40, calculator=True,
+                                                                             static_cache=True))[0][0] == mixed[0][0]

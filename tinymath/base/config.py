@@ -185,9 +185,6 @@ class TrainConfig:
                             "--method grpo (SFT trains on the reference solutions)")
         if self.compile_steps and self.method != "grpo":
             problems.append("--compile-steps compiles the decode steps of GRPO's sampling: add --method grpo")
-        elif self.compile_steps and self.calculator:
-            problems.append("--compile-steps compiles tinymath's decode loop, but --calculator samples with "
-                            "transformers' generate, which compiles its own steps (drop --compile-steps)")
         elif self.compile_steps and self.compile is False:
             problems.append("--compile-steps compiles the steps of fast decoding, which --no-compile turns off "
                             "(drop one of them)")

@@ -20,7 +20,8 @@ rows 1.92x the time of 660).
 
 What it supports is what eval and GRPO sampling need: greedy, or sampling with temperature,
 top-k and top-p (the order transformers applies them), ``min_new_tokens`` from the model's
-generation config, one EOS token, full attention in every layer. Anything else (stop strings,
+generation config, one EOS token, full attention in every layer, and a tool that writes some of
+a row's tokens itself (the calculator's results, read as the row is decoded). Anything else (stop strings,
 stopping criteria, other logits processors in the model's generation config, sliding-window
 layers, attention other than ``tinymath_decode``) stays with ``generate`` (`supported`).
 """
@@ -100,13 +101,17 @@ def _processors(model, sample: dict | None, prompt_width: int, eos: int, device)
 
 def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad: int,
            sample: dict | None = None, graphs: bool | None = None, compiled: bool = False,
-           live: int | None = None):
+           live: int | None = None, tool=None):
     """Complete a left-padded batch: ``input_ids`` followed by up to ``max_new_tokens`` new tokens
     per row ([rows, width + new], rows that finished padded with ``pad``), as ``generate`` returns.
     ``sample``: {"temperature", "top_p"} to sample, None for greedy. ``graphs``: replay decode
     steps from a CUDA graph (None: on a GPU). ``compiled``: each step compiled first (`compiled_step`;
     one compile per shape of rows and width + max_new_tokens). ``live``: only the first rows are
-    answers; the rest fill a batch to its compiled shape, start finished and never hold it up."""
+    answers; the rest fill a batch to its compiled shape, start finished and never hold it up.
+    ``tool``: writes some of the tokens (the calculator's results, `tinymath.lib.generate.CalculatorTool`):
+    after a row's own token that is one of ``tool.triggers``, ``tool(row, its tokens so far)`` gives
+    the tokens that row takes in the next steps instead of the model's (their count within
+    ``max_new_tokens``; read each step, so the loop waits for the GPU every step)."""
     import torch
     from transformers import StaticCache
 
@@ -126,6 +131,7 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad:
         if live is not None:
             finished[live:] = True
         new = []
+        written = _ToolRows(tool, rows) if tool is not None else None
         for t in range(max_new_tokens):
             scores = processors(seen, logits.float()) if processors else logits.float()
             if sample:
@@ -133,6 +139,8 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad:
             else:
                 chosen = scores.argmax(dim=-1)
             chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
+            if written is not None:
+                chosen = written.step(chosen, finished)
             finished |= chosen == eos
             new.append(chosen)
             if processors:  # they read the tokens so far (min_new_tokens counts them)
@@ -143,6 +151,29 @@ def decode(model, input_ids, attention_mask, max_new_tokens: int, eos: int, pad:
                 break
             logits = step(chosen, width + t, graphs)
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+
+class _ToolRows:
+    """What a `decode` tool has written and will write, per row."""
+
+    def __init__(self, tool, rows: int):
+        self.tool, self.queued, self.made = tool, [[] for _ in range(rows)], [[] for _ in range(rows)]
+
+    def step(self, chosen, finished):
+        """This step's tokens: the tool's where it has some queued for a row, else the model's; a
+        row whose own token is a trigger asks the tool for the next ones."""
+        import torch
+
+        tokens, done, wrote = chosen.tolist(), finished.tolist(), False
+        for row, token in enumerate(tokens):
+            if done[row]:
+                continue
+            if self.queued[row]:
+                tokens[row], wrote = self.queued[row].pop(0), True
+            elif token in self.tool.triggers:
+                self.queued[row] = list(self.tool(row, self.made[row] + [token]))
+            self.made[row].append(tokens[row])
+        return torch.tensor(tokens, dtype=chosen.dtype, device=chosen.device) if wrote else chosen
 
 
 class _Step:

@@ -2,8 +2,9 @@
 sampled generation, and token streaming.
 
 Evaluations and GRPO sampling on a GPU decode with `tinymath.lib.decode` (a static KV cache,
-steps replayed from a CUDA graph); stop strings and the calculator go through transformers'
-``generate``. Inference never needs the 4-bit base: a run's adapter is merged into 16-bit weights in memory
+steps replayed from a CUDA graph), the calculator writing its results into the rows as they
+decode (`CalculatorTool`); stop strings, and the calculator where that loop does not run, go
+through transformers' ``generate`` (the calculator in rounds). Inference never needs the 4-bit base: a run's adapter is merged into 16-bit weights in memory
 (`tinymath.lora.load_merged_model`) before generating, which is both faster and exact; decode steps
 use `tinymath.attention`'s grouped-query SDPA (no copy of the KV cache per query head).
 """
@@ -11,6 +12,7 @@ use `tinymath.attention`'s grouped-query SDPA (no copy of the KV cache per query
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tinymath.base.errors import TinymathError, raise_if_problems
 from tinymath.base.runs import MERGE_MARKER
@@ -48,10 +50,10 @@ class GenerationSettings:
         if self.compile_steps and self.static_cache is False:
             problems.append("--compile-steps compiles the steps of fast decoding, which --no-compile turns off "
                             "(drop one of them)")
-        if self.compile_steps and (self.calculator or self.stop):
-            asked = "--calculator" if self.calculator else "stop strings (--protocol lm-eval-gsm8k)"
-            problems.append(f"--compile-steps compiles tinymath's decode loop, but {asked} decode with transformers' "
-                            "generate, which compiles its own steps (drop --compile-steps)")
+        if self.compile_steps and self.stop:
+            problems.append("--compile-steps compiles tinymath's decode loop, but stop strings (--protocol "
+                            "lm-eval-gsm8k) decode with transformers' generate, which compiles its own steps "
+                            "(drop --compile-steps)")
         raise_if_problems(problems)
 
     def generate_kwargs(self, tokenizer) -> dict:
@@ -178,7 +180,7 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
     Prompts are sorted by length so each batch pads little; rows stop at EOS (or a stop string).
     With ``settings.calculator``, ``<<expr=`` annotations are completed by `tinymath.calculator`.
     """
-    if settings.calculator:
+    if settings.calculator and not decodes_own(inference.model, settings, len(prompts)):
         return _generate_with_calculator(inference, prompts, settings, update)
     tokenizer = inference.tokenizer
     return [_cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
@@ -249,7 +251,7 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
             if own:
                 out = decode(model, ids.to(device), mask.to(device), settings.max_new_tokens,
                              tokenizer.eos_token_id, tokenizer.pad_token_id, sample, compiled=steps_compiled,
-                             live=len(chunk))
+                             live=len(chunk), tool=CalculatorTool(tokenizer) if settings.calculator else None)
             else:
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for row, i in enumerate(chunk):  # rows beyond the chunk were filler
@@ -280,21 +282,52 @@ def _batch_shape(chunk: list[int], prompts: list[list[int]], batch_size: int, bu
 
 def compiles(model, settings: GenerationSettings, stopping=None) -> bool:
     """With a static cache, whether decoding goes through transformers' ``generate``, which
-    compiles the model (stop strings, stopping criteria such as the calculator's, or what
+    compiles the model (stop strings, stopping criteria such as the calculator rounds', or what
     `tinymath.lib.decode` does not do), rather than tinymath's own graph-replayed loop."""
-    return bool(settings.stop) or stopping is not None or settings.calculator or not decode_supported(model)
+    return bool(settings.stop) or stopping is not None or not decode_supported(model)
+
+
+def decodes_own(model, settings: GenerationSettings, prompts: int) -> bool:
+    """Whether ``prompts`` prompts decode with tinymath's loop (`tinymath.lib.decode`)."""
+    device = next(model.parameters()).device
+    return use_static_cache(settings, device.type, prompts) and not compiles(model, settings)
+
+
+class CalculatorTool:
+    """The calculator as a `tinymath.lib.decode` tool: after a token with ``=`` in it, a row whose
+    text ends inside ``<<expr=`` gets the tokens of ``result>>`` (as `_generate_with_calculator`
+    appends them between rounds), at most `MAX_CALCULATOR_CALLS` times; an expression the calculator
+    refuses gets nothing, and the model goes on by itself."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.triggers = _equals_tokens(tokenizer)
+        self.calls: dict[int, int] = {}
+
+    def __call__(self, row: int, ids: list[int]) -> list[int]:
+        from tinymath.base.calculator import calculate, pending_call
+
+        expression = pending_call(self.tokenizer.decode(ids, skip_special_tokens=True))
+        if expression is None or self.calls.get(row, 0) >= MAX_CALCULATOR_CALLS:
+            return []
+        self.calls[row] = self.calls.get(row, 0) + 1
+        result = calculate(expression)
+        return [] if result is None else self.tokenizer(f"{result}>>", add_special_tokens=False).input_ids
+
+
+@lru_cache(maxsize=4)
+def _equals_tokens(tokenizer) -> frozenset[int]:
+    """The ids of the tokens whose text has an ``=`` (the only ones that can end ``<<expr=``; a
+    byte-fallback vocabulary writes the byte as ``<0x3D>``)."""
+    return frozenset(i for token, i in tokenizer.get_vocab().items() if "=" in token or token == "<0x3D>")
 
 
 def check_compile_steps(settings: GenerationSettings, model, source: str) -> None:
-    """--compile-steps where the decode loop will not run, known once the model is loaded: a run
-    that answers with the calculator, or a model the loop cannot decode (its attention or its
-    generation config needs transformers' generate). One message, not a flag silently ignored."""
+    """--compile-steps where the decode loop will not run, known once the model is loaded: a model
+    the loop cannot decode (its attention or its generation config needs transformers' generate).
+    One message, not a flag silently ignored."""
     if not settings.compile_steps:
         return
-    if settings.calculator:
-        raise TinymathError(f"--compile-steps compiles tinymath's decode loop, but {source} answers with the "
-                            "calculator, which decodes with transformers' generate (drop --compile-steps, or "
-                            "add --no-calculator)")
     if not decode_supported(model):
         raise TinymathError(f"--compile-steps compiles tinymath's decode loop, which cannot decode {source} (its "
                             "attention or generation config needs transformers' generate): drop --compile-steps")
@@ -335,7 +368,8 @@ MAX_CALCULATOR_CALLS = 32
 def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
                               update) -> list[tuple[str, int]]:
     """Generate in rounds: rows that stop at ``<<expr=`` get ``result>>`` appended (when the
-    expression is computable) and continue in the next round; the others are done."""
+    expression is computable; its tokens count in the row's ``max_new_tokens``, as in the decode
+    loop, which writes them in itself) and continue in the next round; the others are done."""
     from dataclasses import replace
 
     from transformers import StoppingCriteriaList
@@ -364,7 +398,10 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
                 result = calculate(expression)
                 if result is not None:
                     texts[i] += f"{result}>>"
-                still.append(i)
+                    used[i] = min(settings.max_new_tokens,
+                                  used[i] + len(tokenizer(f"{result}>>", add_special_tokens=False).input_ids))
+                if used[i] < settings.max_new_tokens:
+                    still.append(i)
         active = still
     update(len(prompts))
     return list(zip(texts, used))

@@ -29,9 +29,8 @@ A solution is the token ids the policy sampled, up to and including its EOS. Sam
 merged in again after every update), so generation runs at ``eval``'s speed rather than through
 the training model's 4-bit weights and separate LoRA matmuls: on a GPU with a static KV cache and
 decode steps replayed from a CUDA graph (`tinymath.lib.decode`; nothing to compile unless
-``--compile-steps`` compiles each step first), or, with ``--calculator``, transformers' compiled
-``generate`` on bucketed shapes (the copy's weights are updated in place, so what is compiled at
-the first step serves every later one). Validation answers come from the same copy.
+``--compile-steps`` compiles each step first; with ``--calculator`` the calculator's results
+written into the rows as they decode). Validation answers come from the same copy.
 """
 
 from __future__ import annotations
@@ -143,7 +142,7 @@ class GRPOTrainer(Trainer):
             set_peft_model_state_dict(self.model, load_safetensors(run.path / ADAPTER_WEIGHTS))
         # the sampling copy, before memory is planned: the micro-batch size leaves room for it
         self.policy = PolicyCopy(self.model, self.config.model, self.dtype, self.device, self.config.trust_remote_code)
-        if self.config.compile_steps:  # (--calculator with it is refused with the other settings)
+        if self.config.compile_steps:
             from tinymath.lib.generate import GenerationSettings, check_compile_steps
 
             check_compile_steps(GenerationSettings(compile_steps=True), self.policy.model, self.config.model)
@@ -212,15 +211,17 @@ class GRPOTrainer(Trainer):
         return self._width
 
     def sample(self, prompts: list[list[int]], settings) -> tuple[list[list[int]], list[str]]:
-        """Each prompt's solution: its token ids and its text. With ``--calculator`` a solution is
-        sampled in rounds with the calculator's results spliced in (as ``eval --calculator``
-        answers), and its ids are its text's tokens, then EOS where the policy stopped by itself
-        (before the token limit, and not inside an unfinished ``<<expr=``)."""
+        """Each prompt's solution: its token ids and its text. With ``--calculator`` the calculator's
+        results are in the solution (as ``eval --calculator`` answers): written in as it decodes, with
+        tinymath's decode loop; else sampled in rounds with the results spliced in between, and then
+        its ids are its text's tokens, then EOS where the policy stopped by itself (before the token
+        limit, and not inside an unfinished ``<<expr=``)."""
         from dataclasses import replace
 
         from tinymath.lib.generate import (
             InferenceModel,
             _decode_new,
+            decodes_own,
             generate_batch,
             generate_ids,
         )
@@ -229,10 +230,11 @@ class GRPOTrainer(Trainer):
         inference = InferenceModel(self.policy.model, tokenizer, self.data_settings["format"],
                                    self.data_settings["system_prompt"], {})
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        if self.config.calculator:
+        settings = replace(settings, calculator=self.config.calculator)
+        if settings.calculator and not decodes_own(self.policy.model, settings, len(prompts)):
             from tinymath.base.calculator import pending_call
 
-            answers = generate_batch(inference, prompts, replace(settings, calculator=True))
+            answers = generate_batch(inference, prompts, settings)
             # stopped short of the limit, and not inside "<<expr=" (a row out of calculator calls): EOS
             stopped = [n < settings.max_new_tokens and pending_call(text) is None for text, n in answers]
             ids = [tokenizer(text, add_special_tokens=False).input_ids + [eos] * done
