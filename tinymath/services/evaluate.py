@@ -44,9 +44,8 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str | N
 
     ``protocol="lm-eval-gsm8k"`` reproduces lm-eval's gsm8k task (5-shot, plain text, its stop
     strings and filters); ``samples=K`` with ``temperature>0`` scores the majority answer (maj@K).
-    ``compile``: fast decoding with a static KV cache (`tinymath.lib.decode`, the calculator's results
-    written in as it decodes; transformers' compiled ``generate`` where stop strings need it); None: on
-    a GPU when there is enough work.
+    ``compile``: fast decoding with a static KV cache (`tinymath.lib.decode`; compiled ``generate`` for
+    stop strings); None: on a GPU when there is enough work.
     ``compile_steps``: tinymath's decode loop with each step compiled first (a compile per batch shape,
     then faster steps, most at fewer rows: several GPUs sharing an evaluation).
     ``calculator`` None: as the model was trained (a GRPO ``--calculator`` run answers with it).
