@@ -3,7 +3,8 @@
 Phases (each skipped when its output exists, so a long run can continue in a later process):
 prepare-data with 200 problems (`--val-size`) held out of the TRAIN split (validation) -> SFT with the defaults ->
 GRPO from the SFT run (validation accuracy on the held-out problems picks the kept adapter) ->
-the full test set, greedy, for both -> the paired comparison (`tinymath eval --compare`). Prints
+the full test set, greedy, for both -> the paired comparison (`tinymath eval --compare`); with
+`--calculator`, the same again answered with the calculator. Prints
 each phase's wall time and the figures, and appends them to $OUT/results.jsonl.
 
     OUT=/tmp/out python benchmarks/rl.py --model SmolLM2-135M-Instruct.Q4_1.gguf --data gsm8k --work /tmp/rl \
@@ -73,10 +74,18 @@ def main():
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="a GRPO run of its own (extra flags after --rl-args); several run at once")
     parser.add_argument("--only", default="prepare,sft,rl,eval", help="phases to run")
+    parser.add_argument("--sft", help="an existing SFT (or GRPO) run to start GRPO from and compare with, instead of "
+                                      "WORK/sft (its prepared data too; prepare and sft are skipped)")
+    parser.add_argument("--calculator", action="store_true",
+                        help="also evaluate both runs with `eval --calculator`, and compare them so")
     args = parser.parse_args()
     work, which = Path(args.work), set(args.only.split(","))
     work.mkdir(parents=True, exist_ok=True)
     prep, sft, rl = work / "prep", work / "sft", work / "rl"
+    if args.sft:
+        sft = Path(args.sft)
+        prep = Path(json.loads((sft / "run.json").read_text())["data"])
+        which -= {"prepare", "sft"}
 
     if "prepare" in which and not prep.exists():
         r = tinymath("prepare-data", "--data", args.data, "--model", args.model, "--out", str(prep),
@@ -109,19 +118,26 @@ def main():
             log(event="rl_bench", phase="pick", best_val_accuracy=best, picked=pick)
             rl = runs[pick]
     if "eval" in which:
-        started = {name: start("eval", "--adapter", str(run), "--data", args.data, "--split", "test",
-                               "--out", str(work / f"test_{name}"))
-                   for name, run in (("sft", sft), ("rl", rl))
-                   if not (work / f"test_{name}").exists() and (run / "run.json").exists()}
-        for name, proc in started.items():  # both at once
-            r = finish(proc)
-            log(event="rl_bench", phase=f"eval_{name}", run=str(rl if name == "rl" else sft), wall_s=r["wall_s"],
-                accuracy=r["result"]["accuracy"], accuracy_strict=r["result"]["accuracy_strict"], n=r["result"]["n"])
-        if (work / "test_sft").exists() and (work / "test_rl").exists():
-            c = tinymath("eval", "--compare", str(work / "test_sft"), str(work / "test_rl"))["result"]
-            log(event="rl_bench", phase="compare", sft=c["accuracy_a"], grpo=c["accuracy_b"],
-                difference=c["difference"], ci95=c["difference_ci95"], mcnemar_p=c["mcnemar_p"],
-                ratio=round(c["accuracy_b"] / c["accuracy_a"], 3) if c["accuracy_a"] else None)
+        modes = {"": ()} | ({"_calc": ("--calculator",)} if args.calculator else {})
+        for suffix, extra in modes.items():
+            evaluate_both(work, args.data, {"sft": sft, "rl": rl}, suffix, extra)
+
+
+def evaluate_both(work: Path, data: str, runs: dict, suffix: str, extra: tuple) -> None:
+    """The full test set for the SFT run and the GRPO run (both at once), then the paired comparison."""
+    outs = {name: work / f"test_{name}{suffix}" for name in runs}
+    started = {name: start("eval", "--adapter", str(run), "--data", data, "--split", "test", "--out", str(outs[name]),
+                           *extra)
+               for name, run in runs.items() if not outs[name].exists() and (run / "run.json").exists()}
+    for name, proc in started.items():  # both at once
+        r = finish(proc)
+        log(event="rl_bench", phase=f"eval_{name}{suffix}", run=str(runs[name]), wall_s=r["wall_s"],
+            accuracy=r["result"]["accuracy"], accuracy_strict=r["result"]["accuracy_strict"], n=r["result"]["n"])
+    if outs["sft"].exists() and outs["rl"].exists():
+        c = tinymath("eval", "--compare", str(outs["sft"]), str(outs["rl"]))["result"]
+        log(event="rl_bench", phase=f"compare{suffix}", sft=c["accuracy_a"], grpo=c["accuracy_b"],
+            difference=c["difference"], ci95=c["difference_ci95"], mcnemar_p=c["mcnemar_p"],
+            ratio=round(c["accuracy_b"] / c["accuracy_a"], 3) if c["accuracy_a"] else None)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ class TrainConfig:
     init_adapter: str | None = option(None, "grpo: start from this run folder's adapter (its base model, LoRA "
                                             "shape and prompt format are taken too).", RL, shown="the base model")
     samples: int = option(8, "grpo: solutions sampled per question (the group its rewards are compared in).", RL)
-    temperature: float = option(1.0, "grpo: sampling temperature of the solutions.", RL)
+    temperature: float = option(1.0, "grpo: sampling temperature of the solutions (the loss takes their "
+                                     "log-probabilities at it too: on-policy).", RL)
     max_new_tokens: int = option(256, "grpo: longest sampled solution.", RL)
     format_reward: float = option(0.0, "grpo: reward for giving a '#### N' final answer at all (the correct answer "
                                        "earns 1).", RL)
