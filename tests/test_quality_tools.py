@@ -163,6 +163,22 @@ def test_lm_eval_prompt_is_five_shot(tiny_model, gsm8k_dir):
         assert tok.decode(prompt) == f"{expected}\n\nQuestion: {row['question']}\nAnswer:"
 
 
+@pytest.mark.parametrize("which", ["byte-level BPE", "SentencePiece"])
+def test_the_calculators_result_reads_as_part_of_the_annotation(tiny_model, which):
+    """The tokens the decode loop writes after ``<<48/2=`` decode to ``24>>`` right after it: no
+    space piece, which a SentencePiece tokenizer (TinyLlama's) starts a text of its own with."""
+    from conftest import FIXTURES
+    from transformers import AutoTokenizer
+
+    from tinymath.lib.generate import CalculatorTool
+
+    tok = AutoTokenizer.from_pretrained(tiny_model if which == "byte-level BPE" else FIXTURES / "sp_tokenizer")
+    ids = tok("Half of 48 is <<48/2=", add_special_tokens=False).input_ids
+    written = CalculatorTool(tok)(0, ids)
+    assert tok.decode(ids + written, skip_special_tokens=True) == "Half of 48 is <<48/2=24>>"
+    assert CalculatorTool(tok)(0, tok("Half of 48 is 24.", add_special_tokens=False).input_ids) == []
+
+
 def test_calculator_rounds_keep_each_answer_within_its_own_token_budget(tiny_model, monkeypatch):
     """A round of calculator decoding runs to the largest budget left among its rows; a row that had
     used more of its --max-new-tokens keeps only what it had left (it is not lengthened by its

@@ -12,7 +12,6 @@ use `tinymath.attention`'s grouped-query SDPA (no copy of the KV cache per query
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from tinymath.base.errors import TinymathError, raise_if_problems
 from tinymath.base.runs import MERGE_MARKER
@@ -214,6 +213,8 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         return []
     model, tokenizer = inference.model, inference.tokenizer
     device = next(model.parameters()).device
+    if settings.calculator and not decodes_own(model, settings, len(prompts)):
+        raise ValueError("the calculator needs tinymath's decode loop here (generate_batch decodes it in rounds)")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
@@ -312,10 +313,19 @@ class CalculatorTool:
             return []
         self.calls[row] = self.calls.get(row, 0) + 1
         result = calculate(expression)
-        return [] if result is None else self.tokenizer(f"{result}>>", add_special_tokens=False).input_ids
+        return [] if result is None else result_tokens(self.tokenizer, result)
 
 
-@lru_cache(maxsize=4)
+def result_tokens(tokenizer, result: str) -> list[int]:
+    """The tokens of ``result>>`` as they follow ``<<expr=`` in a text: encoded after an anchor, since
+    a SentencePiece tokenizer starts a text of its own with a space piece (``▁24>>``)."""
+    anchor = tokenizer("<<1=", add_special_tokens=False).input_ids
+    ids = tokenizer(f"<<1={result}>>", add_special_tokens=False).input_ids
+    if ids[:len(anchor)] == anchor:
+        return ids[len(anchor):]
+    return tokenizer(f"{result}>>", add_special_tokens=False).input_ids  # "=" merged with the result
+
+
 def _equals_tokens(tokenizer) -> frozenset[int]:
     """The ids of the tokens whose text has an ``=`` (the only ones that can end ``<<expr=``; a
     byte-fallback vocabulary writes the byte as ``<0x3D>``)."""
@@ -398,8 +408,7 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
                 result = calculate(expression)
                 if result is not None:
                     texts[i] += f"{result}>>"
-                    used[i] = min(settings.max_new_tokens,
-                                  used[i] + len(tokenizer(f"{result}>>", add_special_tokens=False).input_ids))
+                    used[i] = min(settings.max_new_tokens, used[i] + len(result_tokens(tokenizer, result)))
                 if used[i] < settings.max_new_tokens:
                     still.append(i)
         active = still

@@ -17,8 +17,9 @@ from:
   down-weighted per token, and a step whose groups are mostly unanimous takes as large an update
   as any other;
 - the loss's log-probabilities are those of the distribution the solutions were sampled from,
-  the logits divided by ``--temperature`` (as TRL's ``GRPOTrainer`` computes them), so sampling
-  below 1.0 is still on-policy rather than a push towards the sharper distribution's own choices;
+  the logits divided by ``--temperature`` (as TRL's ``GRPOTrainer`` computes them; sampling's
+  top-k cut of the tail aside), so sampling below 1.0 is still on-policy rather than a push
+  towards the sharper distribution's own choices;
 - on-policy: one update per batch of samples, so the probability ratio of PPO/GRPO is 1 and its
   clipping never acts (DeepSeekMath's GRPO with one inner iteration; nanochat's ``chat_rl.py``);
 - no KL penalty to the reference model (TRL's default ``beta=0``; DAPO and Dr. GRPO drop it):
