@@ -75,6 +75,13 @@ def test_weighted_loss_is_the_policy_gradient_loss(tiny_model, temperature):
         padded = build_loss_model(model, fast=False, temperature=temperature)(**pad_examples(examples, pad_id=0)).item()
     assert packed == pytest.approx(expected, rel=1e-4)
     assert padded == pytest.approx(expected, rel=1e-4)
+    # an unweighted loss (a validation loss on reference solutions) stays the model's own at any temperature
+    plain = [{k: v for k, v in ex.items() if k != "weights"} for ex in examples]
+    with torch.no_grad():
+        for fast in (True, False):
+            batch = pack_examples(plain) if fast else pad_examples(plain, pad_id=0)
+            assert (build_loss_model(model, fast=fast, temperature=temperature)(**batch).item()
+                    == pytest.approx(build_loss_model(model, fast=fast)(**batch).item(), rel=1e-6))
 
 
 def test_an_update_moves_the_policy_towards_rewarded_solutions(tiny_model, gsm8k_dir, sft_run, tmp_path,
@@ -147,6 +154,19 @@ def test_the_loss_of_a_run_is_taken_at_its_sampling_temperature(gsm8k_dir, sft_r
     assert logged == pytest.approx(total.item() / 8, abs=2e-4)
 
 
+def test_a_run_that_learned_nothing_says_so(gsm8k_dir, sft_run, tmp_path, monkeypatch):
+    """Every sample scored the same (a model that never answers right): no step had anything to
+    learn, and the closing line says the adapter is unchanged."""
+    import tinymath.lib.grpo as grpo
+
+    monkeypatch.setattr(grpo, "reward", lambda text, gold, format_reward=0.0: 0.0)
+    result = run_cli("train", "--method", "grpo", "--init-adapter", sft_run, "--data", gsm8k_dir, *RL,
+                     "--max-steps", "2", "--out", tmp_path / "rl")
+    assert result.exit_code == 0, result.output
+    assert "so the adapter is unchanged" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "rl" / "run.json").read_text())["result"]["learning_steps"] == 0
+
+
 def test_a_zero_advantage_in_a_mixed_group_still_counts_in_the_normaliser(gsm8k_dir, sft_run, tmp_path,
                                                                         monkeypatch):
     """Rewards 0, 1.5, 0.5, 0 (a format reward of 0.5): the third solution's advantage is exactly 0,
@@ -183,6 +203,7 @@ def test_grpo_run_folder_resume_eval_and_merge(tiny_model, gsm8k_dir, sft_run, t
     assert any(r["loss"] != 0 for r in rows)  # mixed rewards: the policy was updated
     assert run["result"]["first_step_seconds"] >= rows[0]["generation_s"]  # a step's sampling is part of it
     assert run["result"]["reward_window_steps"] == 2  # halves of a short run, not ten steps each (all of them)
+    assert run["result"]["learning_steps"] == sum(r["learning_tokens"] > 0 for r in rows) >= 1
     assert run["result"]["reward_first_steps"] == pytest.approx(sum(r["reward"] for r in rows[:2]) / 2, abs=1e-4)
     assert run["result"]["reward_last_steps"] == pytest.approx(sum(r["reward"] for r in rows[2:]) / 2, abs=1e-4)
 

@@ -396,12 +396,15 @@ def train_cmd(
         return _print_json(summary)
     held_out = f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
     if summary.get("reward_last_steps") is not None:
+        window = _steps(summary.get("reward_window_steps", 10))
         held_out += (f", sample reward {summary['reward_first_steps']:.3f} -> {summary['reward_last_steps']:.3f} "
-                     f"(first -> last {_steps(summary.get('reward_window_steps', 10))})")
+                     f"(mean of the first {window}, of the last {window})")
     if summary.get("best_val_accuracy") is not None:
         held_out += f", best validation accuracy {summary['best_val_accuracy']:.1%} (step {summary['best_step']})"
     kept = summary.get("adapter_step", summary["steps"])
     shipped = "" if kept == summary["steps"] else f"; the adapter kept is step {kept}'s"
+    if summary.get("learning_steps") == 0:  # GRPO: every group unanimous, every step
+        shipped += "; no step had a question whose samples differed in reward, so the adapter is unchanged"
     out_console.print(f"[bold green]done[/bold green]: {_steps(summary['steps'])}, final loss "
                       f"{summary['final_loss']:.4f}{held_out}, {summary['real_tokens_per_s']:,.0f} tokens/s -> "
                       f"{escape(str(summary['out']))}{shipped}", soft_wrap=True)  # a path is not broken over lines

@@ -176,7 +176,7 @@ class TrainConfig:
         if self.calc_annotations is not None:
             problems += choice("--calc-annotations", self.calc_annotations, CALC_ANNOTATIONS)
         problems += _positive(self, ("samples", "max_new_tokens", "temperature"))
-        if self.method == "grpo" and self.samples < 2:
+        if self.method == "grpo" and self.samples == 1:  # (0 or less: "must be positive" says it)
             problems.append(f"--samples {self.samples}: GRPO compares each solution with the others of its "
                             "question, so it needs at least 2 (try 8)")
         if self.format_reward < 0:

@@ -114,8 +114,9 @@ def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096, tempera
     token's cross-entropy times its weight when the batch carries ``weights``: with GRPO's
     advantages as weights, the policy-gradient loss).
 
-    ``temperature``: the cross-entropy of the logits divided by it, i.e. the log-probabilities of
-    the distribution GRPO sampled its solutions from at that temperature (1: the model's own).
+    ``temperature``: the weighted loss takes the logits divided by it, i.e. the log-probabilities of
+    the distribution GRPO sampled its solutions from at that temperature (1: the model's own); an
+    unweighted loss (SFT, or a validation loss on reference solutions) is the model's own.
 
     ``fast``: the LM head runs only on labelled positions, in chunks whose fp32 logits are
     recomputed in the backward pass (checkpointed) instead of kept: the full ``tokens x
@@ -126,15 +127,13 @@ def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096, tempera
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    def logits_of(head, hidden):
-        logits = head(hidden).float()
-        return logits if temperature == 1.0 else logits / temperature
-
     def chunk_loss(head, hidden, targets):
-        return F.cross_entropy(logits_of(head, hidden), targets, reduction="sum")
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
     def weighted_chunk_loss(head, hidden, targets, weights):
-        return (F.cross_entropy(logits_of(head, hidden), targets, reduction="none", ignore_index=-100) * weights).sum()
+        logits = head(hidden).float()
+        logits = logits if temperature == 1.0 else logits / temperature
+        return (F.cross_entropy(logits, targets, reduction="none", ignore_index=-100) * weights).sum()
 
     class CausalLMLoss(torch.nn.Module):
         def __init__(self, peft_model):
@@ -147,10 +146,10 @@ def build_loss_model(model, fast: bool = True, chunk_tokens: int = 4096, tempera
             ``weights``: one per token, like ``labels``."""
             if not fast:
                 logits = self.peft_model(input_ids=input_ids, use_cache=False, **kwargs).logits[:, :-1].float()
-                logits = logits if temperature == 1.0 else logits / temperature
                 flat_logits, targets = logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
                 if weights is None:
                     return F.cross_entropy(flat_logits, targets, ignore_index=-100, reduction="sum")
+                flat_logits = flat_logits if temperature == 1.0 else flat_logits / temperature
                 return (F.cross_entropy(flat_logits, targets, ignore_index=-100, reduction="none")
                         * weights[:, 1:].reshape(-1)).sum()
             causal_lm = self.peft_model.get_base_model()

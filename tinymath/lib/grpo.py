@@ -284,13 +284,16 @@ class GRPOTrainer(Trainer):
 
     def summary(self) -> dict:
         """The SFT summary, plus the samples' mean reward over the run's first and last ten steps
-        (fewer in a run of under 20, so the two do not overlap; from metrics.jsonl, so a resumed
-        run counts its earlier steps too)."""
+        (fewer in a run of under 20, so the two do not overlap) and the number of steps that learned
+        anything (a question whose samples differed in reward); from metrics.jsonl, so a resumed
+        run counts its earlier steps too."""
         from tinymath.base.runs import read_metrics
 
         summary = super().summary()
         if self.is_main:
-            rewards = [row["reward"] for row in read_metrics(self.out) if "reward" in row]
+            rows = read_metrics(self.out)
+            summary["learning_steps"] = sum(row.get("learning_tokens", 0) > 0 for row in rows)
+            rewards = [row["reward"] for row in rows if "reward" in row]
             if rewards:
                 n = max(1, min(10, len(rewards) // 2))
                 first, last = rewards[:n], rewards[-n:]
