@@ -192,6 +192,8 @@ def test_calculator_rounds_keep_each_answer_within_its_own_token_budget(tiny_mod
     word = tok(" a", add_special_tokens=False).input_ids
     first = {0: tok(" a" * 40 + " <<1+1=", add_special_tokens=False).input_ids,   # near its limit
              1: tok(" a" * 5 + " <<2+2=", add_special_tokens=False).input_ids}    # far from it
+    call = tok(" <<3+4=", add_special_tokens=False).input_ids
+    first[2] = word * (59 - len(call)) + call  # one token left: the result's first only
     rounds = []
 
     def scripted(inference, prompts, settings, update=lambda advance=1: None, stopping=None):
@@ -201,9 +203,10 @@ def test_calculator_rounds_keep_each_answer_within_its_own_token_budget(tiny_mod
         return [torch.tensor(word * settings.max_new_tokens) for _ in prompts]  # no EOS: the whole budget
 
     monkeypatch.setattr(generate, "generate_ids", scripted)
-    prompts = [[1, 2, 3], [1, 2, 4]]
+    prompts = [[1, 2, 3], [1, 2, 4], [1, 2, 5]]
     answers = generate.generate_batch(inference, prompts, generate.GenerationSettings(max_new_tokens=60,
                                                                                       calculator=True))
+    assert answers.pop() == (tok.decode(first[2] + tok("7>>", add_special_tokens=False).input_ids[:1]), 60)
     result = {i: len(tok(f"{2 * (i + 1)}>>", add_special_tokens=False).input_ids) for i in (0, 1)}
     assert rounds[1] == 60 - len(first[1]) - result[1]  # the second round ran to row 1's budget...
     for (text, used), i in zip(answers, (0, 1)):

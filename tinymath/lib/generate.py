@@ -406,9 +406,10 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
             if expression is not None and used[i] < settings.max_new_tokens and calls[i] < MAX_CALCULATOR_CALLS:
                 calls[i] += 1
                 result = calculate(expression)
-                if result is not None:
-                    texts[i] += f"{result}>>"
-                    used[i] = min(settings.max_new_tokens, used[i] + len(result_tokens(tokenizer, result)))
+                if result is not None:  # as much of it as the budget holds, as in the decode loop
+                    written = result_tokens(tokenizer, result)[:settings.max_new_tokens - used[i]]
+                    texts[i] += tokenizer.decode(written)
+                    used[i] += len(written)
                 if used[i] < settings.max_new_tokens:
                     still.append(i)
         active = still
