@@ -388,6 +388,24 @@ def test_a_folder_one_machine_lacks_stops_both_machines_with_its_reason(tiny_mod
         assert not (tmp_path / f"run{lacking}").exists()
 
 
+def test_machines_that_read_different_problems_stop_before_evaluating(tiny_model, gsm8k_dir, tmp_path):
+    """The same --data path holding other GSM8K lines on another machine (or a default data folder
+    one machine lacks): each machine would score its share of other problems; both stop, saying so."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(gsm8k_dir, other)
+    lines = (other / "test.jsonl").read_text().splitlines()
+    (other / "test.jsonl").write_text("\n".join(reversed(lines)) + "\n")  # the same count, another order
+    port = _free_port()
+    nodes = [_launch(n, 2, port, "eval", "--model", str(tiny_model), "--limit", "2", "--max-new-tokens", "4",
+                     "--out", str(tmp_path / "ev"), "--data", str(other if n == 1 else gsm8k_dir)) for n in (0, 1)]
+    errors = [node.communicate(timeout=240)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [1, 1], errors
+    assert all("read different problems" in " ".join(err.split()) for err in errors), errors
+    assert not (tmp_path / "ev").exists()
+
+
 def test_a_config_file_or_dry_run_data_one_machine_lacks_stops_both_machines(tiny_model, gsm8k_dir, tmp_path):
     """The settings file (and a run's run.json for --resume) is read after every process joins, and
     so is what a dry run reads: a machine without it says so, and the other stops naming it."""

@@ -134,6 +134,18 @@ def checked_together(state, check):
     return result
 
 
+def checked_alike(state, value, problem: str) -> None:
+    """Stop every process when ``value`` (each process's own, e.g. read from its machine's files)
+    is not the same on all of them; ``problem`` says what differs and what to do. One process:
+    nothing to check."""
+    if state is None or state.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    if len(set(gather_object([value]))) > 1:
+        raise TinymathError(problem)
+
+
 def end_processes(state) -> None:
     """Under ``accelerate launch``: wait for every process, then close the process group (a clean
     exit instead of a teardown abort). One process: nothing to do."""

@@ -72,8 +72,8 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str | N
                                   compile_steps=compile_steps)
 
     state = process_state()  # every process joins before its own checks, so none stops alone
-    data, rows = checked_together(state, lambda: _checked_rows(settings, out, overwrite, model, adapter, data, split,
-                                                                limit, raw_only=chosen.own_format))
+    data, rows = _read_alike(state, lambda: _checked_rows(settings, out, overwrite, model, adapter, data, split,
+                                                          limit, raw_only=chosen.own_format))
     loading = time.time()
     inference = load_for_inference(model, adapter, quant, fmt, system_prompt, merge_base, trust_remote_code)
     load_seconds = time.time() - loading
@@ -110,6 +110,21 @@ def evaluate(model: str | None = None, adapter: str | None = None, data: str | N
     if out is not None and state.is_main_process:
         _write_eval(out, rows, outputs, scored["rows"], summary)
     return summary
+
+
+def _read_alike(state, check) -> tuple[str, list[dict]]:
+    """``check()``'s data and problems, read by every process from its own machine's files: all stop if
+    one refused (`checked_together`), or if they read different problems (a path holding other files,
+    or a default data folder, on another machine)."""
+    import hashlib
+
+    from tinymath.lib.distributed import checked_alike, checked_together
+
+    data, rows = checked_together(state, check)
+    digest = hashlib.sha256(json.dumps([(r["question"], r["answer"]) for r in rows]).encode()).hexdigest()
+    checked_alike(state, digest, f"the processes of this launch read different problems ({len(rows)} from {data} "
+                  "here): each machine reads its own files; give --data that holds the same GSM8K on every machine")
+    return data, rows
 
 
 def _checked_rows(settings, out, overwrite: bool, model: str | None, adapter: str | None, data: str | None,
