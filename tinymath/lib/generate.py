@@ -11,6 +11,7 @@ use `tinymath.attention`'s grouped-query SDPA (no copy of the KV cache per query
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from tinymath.base.errors import TinymathError, raise_if_problems
@@ -213,14 +214,14 @@ def generate_ids(inference: InferenceModel, prompts: list[list[int]], settings: 
         return []
     model, tokenizer = inference.model, inference.tokenizer
     device = next(model.parameters()).device
-    if settings.calculator and not decodes_own(model, settings, len(prompts)):
-        raise ValueError("the calculator needs tinymath's decode loop here (generate_batch decodes it in rounds)")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list = [None] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
     static = use_static_cache(settings, device.type, len(prompts))
     compiled = static and compiles(model, settings, stopping)
     own = static and not compiled
+    if settings.calculator and not own:
+        raise ValueError("the calculator needs tinymath's decode loop here (generate_batch decodes it in rounds)")
     steps_compiled = own and settings.compile_steps
     bucketed = compiled or steps_compiled  # few shapes: each is a compile
     if compiled:
@@ -326,10 +327,17 @@ def result_tokens(tokenizer, result: str) -> list[int]:
     return tokenizer(f"{result}>>", add_special_tokens=False).input_ids  # "=" merged with the result
 
 
+_EQUALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> `_equals_tokens`
+
+
 def _equals_tokens(tokenizer) -> frozenset[int]:
     """The ids of the tokens whose text has an ``=`` (the only ones that can end ``<<expr=``; a
-    byte-fallback vocabulary writes the byte as ``<0x3D>``)."""
-    return frozenset(i for token, i in tokenizer.get_vocab().items() if "=" in token or token == "<0x3D>")
+    byte-fallback vocabulary writes the byte as ``<0x3D>``): a scan of the vocabulary (about 30 ms),
+    once per tokenizer, not once per batch or GRPO step."""
+    if tokenizer not in _EQUALS:
+        _EQUALS[tokenizer] = frozenset(i for token, i in tokenizer.get_vocab().items()
+                                       if "=" in token or token == "<0x3D>")
+    return _EQUALS[tokenizer]
 
 
 def check_compile_steps(settings: GenerationSettings, model, source: str) -> None:
