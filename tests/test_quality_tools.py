@@ -215,6 +215,42 @@ def test_calculator_rounds_keep_each_answer_within_its_own_token_budget(tiny_mod
         assert used == 60  # ...not row 0's
 
 
+@pytest.mark.parametrize("which", ["byte-level BPE", "SentencePiece"])
+def test_calculator_rounds_continue_from_the_models_own_tokens(tiny_model, monkeypatch, which):
+    """After the calculator's result, the next round continues from the tokens the model wrote and
+    the result's tokens, as the decode loop does, not from their text encoded again (which merges
+    what the model wrote apart, and in a SentencePiece tokenizer, TinyLlama's, adds a space piece);
+    and the answer keeps its space where two rounds meet."""
+    from dataclasses import replace
+
+    import torch
+    from conftest import FIXTURES
+    from transformers import AutoTokenizer
+
+    import tinymath.lib.generate as generate
+
+    inference = generate.load_for_inference(model=str(tiny_model))
+    tok = AutoTokenizer.from_pretrained(tiny_model if which == "byte-level BPE" else FIXTURES / "sp_tokenizer")
+    inference = replace(inference, tokenizer=tok)
+    # "Half" written letter by letter (as after a newline, with no space piece), then " is <<48/2="
+    first = tok.convert_tokens_to_ids(list("Half")) + tok(" is <<48/2=", add_special_tokens=False).input_ids
+    clips = tok("x clips", add_special_tokens=False).input_ids[len(tok("x", add_special_tokens=False).input_ids):]
+    seen = []
+
+    def scripted(inference, prompts, settings, update=lambda advance=1: None, stopping=None):
+        seen.append(prompts[0])
+        return [torch.tensor(first if len(seen) == 1 else clips + [tok.eos_token_id])]
+
+    monkeypatch.setattr(generate, "generate_ids", scripted)
+    prompt = tok("Question?", add_special_tokens=False).input_ids
+    [(text, used)] = generate.generate_batch(inference, [prompt], generate.GenerationSettings(max_new_tokens=60,
+                                                                                              calculator=True))
+    written = generate.result_tokens(tok, "24")
+    assert seen[1] == prompt + first + written
+    assert text == "Half is <<48/2=24>> clips"
+    assert used == len(first) + len(written) + len(clips) + 1  # EOS counts, as in one round
+
+
 def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     """A model taught to write annotations (overfitted on the fixtures) gets its results from the
     calculator: a patched calculator's answer appears inside the annotation."""

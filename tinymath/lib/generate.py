@@ -385,9 +385,12 @@ MAX_CALCULATOR_CALLS = 32
 
 def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
                               update) -> list[tuple[str, int]]:
-    """Generate in rounds: rows that stop at ``<<expr=`` get ``result>>`` appended (when the
-    expression is computable; its tokens count in the row's ``max_new_tokens``, as in the decode
-    loop, which writes them in itself) and continue in the next round; the others are done."""
+    """Generate in rounds: rows that stop at ``<<expr=`` get the tokens of ``result>>`` (when the
+    expression is computable; they count in the row's ``max_new_tokens``, as in the decode loop,
+    which writes them in itself) and continue in the next round; the others are done. A round
+    continues from the row's own tokens, not from its text encoded again (which a SentencePiece
+    tokenizer would start with a space piece), and the answer is decoded whole at the end (decoded
+    round by round, a SentencePiece piece would lose its space where a round starts)."""
     from dataclasses import replace
 
     from transformers import StoppingCriteriaList
@@ -395,34 +398,39 @@ def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]
     from tinymath.base.calculator import calculate, pending_call
 
     tokenizer = inference.tokenizer
-    texts, used, calls = [""] * len(prompts), [0] * len(prompts), [0] * len(prompts)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    made, used, calls = [[] for _ in prompts], [0] * len(prompts), [0] * len(prompts)
     active = list(range(len(prompts)))
     stopping = StoppingCriteriaList([_calculator_stop(tokenizer)])
     while active:
         budget = max(settings.max_new_tokens - used[i] for i in active)
-        round_prompts = [prompts[i] + tokenizer(texts[i], add_special_tokens=False).input_ids for i in active]
-        outs = generate_ids(inference, round_prompts, replace(settings, max_new_tokens=budget, calculator=False),
-                             stopping=stopping)
+        outs = generate_ids(inference, [prompts[i] + made[i] for i in active],
+                            replace(settings, max_new_tokens=budget, calculator=False), stopping=stopping)
         still = []
         for i, ids in zip(active, outs):  # the round ran to the longest budget: each row keeps its own
-            text, n = _cut_at_stop(_decode_new(tokenizer, ids[:settings.max_new_tokens - used[i]]), settings.stop)
-            texts[i] += text
-            used[i] = min(settings.max_new_tokens, used[i] + n)
+            new = generated_ids(ids[:settings.max_new_tokens - used[i]].tolist(), eos, pad)
+            own = new[:-1] if new and new[-1] == eos else new
+            made[i] += own
+            text = tokenizer.decode(made[i], skip_special_tokens=True)
             # a row that stopped inside "<<expr=" this round waits for its result (judged by the text:
-            # rows that stop early are padded, and the pad token may be EOS, as in SmolLM2's tokenizer)
-            expression = pending_call(text)
+            # rows that stop early are padded, and the pad token may be EOS, as in SmolLM2's tokenizer,
+            # which is then padding, not a generated token); a stop string ends the row
+            stopped = not own or any(s in text for s in settings.stop)
+            expression = None if stopped else pending_call(text)
+            used[i] = min(settings.max_new_tokens, used[i] + (len(own) if expression is not None else len(new)))
             if expression is not None and used[i] < settings.max_new_tokens and calls[i] < MAX_CALCULATOR_CALLS:
                 calls[i] += 1
                 result = calculate(expression)
                 if result is not None:  # as much of it as the budget holds, as in the decode loop
                     written = result_tokens(tokenizer, result)[:settings.max_new_tokens - used[i]]
-                    texts[i] += tokenizer.decode(written)
+                    made[i] += written
                     used[i] += len(written)
                 if used[i] < settings.max_new_tokens:
                     still.append(i)
         active = still
     update(len(prompts))
-    return list(zip(texts, used))
+    return [_cut_at_stop((tokenizer.decode(ids, skip_special_tokens=True), n), settings.stop)
+            for ids, n in zip(made, used)]
 
 
 def stream_generate(inference: InferenceModel, prompt_ids: list[int], settings: GenerationSettings):
