@@ -242,31 +242,45 @@ def test_keep_best_never_keeps_worse_than_the_starting_adapter(gsm8k_dir, sft_ru
     assert start.keys() == kept.keys() and all((start[k] == kept[k]).all() for k in start)  # ...and was not kept
 
 
-def test_calculator_rollouts_learn_the_text_with_the_calculators_results(tiny_model, monkeypatch):
+def test_calculator_rollouts_in_rounds_learn_the_tokens_the_policy_read(tiny_model, monkeypatch):
     """With --calculator, where the decode loop does not run, a solution is sampled through the
-    calculator's rounds, and what is trained on is its whole text (the spliced-in results too), then EOS only where the policy stopped."""
+    calculator's rounds, and what is trained on is exactly what the policy read: its own tokens (not
+    its text encoded again) with the calculator's result between them, then EOS only where the
+    policy wrote it: not where EOS was padding (pad == EOS, as in SmolLM2's tokenizer, after the
+    row stopped at ``<<3+4=``), nor after a solution cut at the token limit."""
     from types import SimpleNamespace
 
+    import torch
+
     import tinymath.lib.generate as generate
-    from tinymath.lib.generate import GenerationSettings
+    from tinymath.lib.generate import GenerationSettings, result_tokens
     from tinymath.lib.grpo import GRPOTrainer
     from tinymath.lib.model import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
-    asked = []
+    tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    call = tok.convert_tokens_to_ids(list("Half")) + tok(" <<3+4=", add_special_tokens=False).input_ids  # letter by letter
+    after = tok("7\n#### 7", add_special_tokens=False).input_ids
+    filler = tok(" and so on" * 8, add_special_tokens=False).input_ids[:24]
+    rounds = []
 
-    def answers(inference, prompts, settings, update=None):
-        asked.append(settings.calculator)
-        return [("3 + 4 = <<3+4=7>>7\n#### 7", 9), ("and so on and so on", 16)][:len(prompts)]
+    def scripted(inference, prompts, settings, update=lambda advance=1: None, stopping=None):
+        rounds.append([list(p) for p in prompts])
+        if len(rounds) == 1:  # the first row stops at "<<3+4=" and is padded while the second runs on
+            return [torch.tensor(call + [eos] * (24 - len(call))), torch.tensor(filler)]
+        return [torch.tensor(after + [eos])]
 
-    monkeypatch.setattr(generate, "generate_batch", answers)
+    monkeypatch.setattr(generate, "generate_ids", scripted)
     monkeypatch.setattr(generate, "decodes_own", lambda model, settings, prompts: False)  # (as on a CPU)
     trainer = SimpleNamespace(tokenizer=tok, policy=SimpleNamespace(model=None), config=SimpleNamespace(calculator=True),
                               data_settings={"format": "chat", "system_prompt": None})
-    ids, texts = GRPOTrainer.sample(trainer, [[1, 2], [1, 2]], GenerationSettings(max_new_tokens=16))
-    assert asked == [True] and texts == ["3 + 4 = <<3+4=7>>7\n#### 7", "and so on and so on"]
-    assert ids[0] == tok("3 + 4 = <<3+4=7>>7\n#### 7", add_special_tokens=False).input_ids + [tok.eos_token_id]
-    assert ids[1] == tok("and so on and so on", add_special_tokens=False).input_ids  # cut at 16 tokens: no EOS
+    ids, texts = GRPOTrainer.sample(trainer, [[1, 2], [1, 3]], GenerationSettings(max_new_tokens=24))
+    written = result_tokens(tok, "7")
+    assert rounds[1] == [[1, 2] + call + written]
+    assert ids[0] == call + written + after + [eos]
+    assert texts[0] == "Half <<3+4=7>>7\n#### 7"
+    assert ids[1] == filler  # cut at 24 tokens: no EOS
 
 
 def test_calculator_rollouts_through_the_decode_loop_learn_the_tokens_it_decoded(tiny_model, monkeypatch):

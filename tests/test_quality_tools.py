@@ -251,6 +251,21 @@ def test_calculator_rounds_continue_from_the_models_own_tokens(tiny_model, monke
     assert used == len(first) + len(written) + len(clips) + 1  # EOS counts, as in one round
 
 
+def test_calculator_rounds_stop_at_a_long_expression_as_the_loop_does(tiny_model):
+    """A round stops a row at ``<<expr=`` however many tokens the expression takes (one a digit, as
+    SmolLM2 writes numbers), as the decode loop's tool, which reads the whole row, calls it."""
+    import torch
+
+    from tinymath.lib.generate import CalculatorTool, _calculator_stop
+    from tinymath.lib.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    ids = tok("So the total is <<1200*0.15+300*0.25+45*3+12*4=", add_special_tokens=False).input_ids
+    assert len(ids) > 30
+    assert _calculator_stop(tok)(torch.tensor([ids, ids[:-1] + ids[:1]]), None).tolist() == [True, False]
+    assert tok.decode(CalculatorTool(tok)(0, ids)) == "438>>"
+
+
 def test_calculator_decoding_inserts_results(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
     """A model taught to write annotations (overfitted on the fixtures) gets its results from the
     calculator: a patched calculator's answer appears inside the annotation."""

@@ -180,9 +180,10 @@ def generate_batch(inference: InferenceModel, prompts: list[list[int]], settings
     Prompts are sorted by length so each batch pads little; rows stop at EOS (or a stop string).
     With ``settings.calculator``, ``<<expr=`` annotations are completed by `tinymath.calculator`.
     """
-    if settings.calculator and not decodes_own(inference.model, settings, len(prompts)):
-        return _generate_with_calculator(inference, prompts, settings, update)
     tokenizer = inference.tokenizer
+    if settings.calculator and not decodes_own(inference.model, settings, len(prompts)):
+        return [_cut_at_stop((tokenizer.decode(ids, skip_special_tokens=True), len(ids)), settings.stop)
+                for ids in calculator_rounds(inference, prompts, settings, update)]
     return [_cut_at_stop(_decode_new(tokenizer, ids), settings.stop)
             for ids in generate_ids(inference, prompts, settings, update)]
 
@@ -297,7 +298,7 @@ def decodes_own(model, settings: GenerationSettings, prompts: int) -> bool:
 
 class CalculatorTool:
     """The calculator as a `tinymath.lib.decode` tool: after a token with ``=`` in it, a row whose
-    text ends inside ``<<expr=`` gets the tokens of ``result>>`` (as `_generate_with_calculator`
+    text ends inside ``<<expr=`` gets the tokens of ``result>>`` (as `calculator_rounds`
     appends them between rounds), at most `MAX_CALCULATOR_CALLS` times; an expression the calculator
     refuses gets nothing, and the model goes on by itself."""
 
@@ -365,8 +366,13 @@ def use_static_cache(settings: GenerationSettings, device_type: str, prompts: in
     return device_type == "cuda" and prompts >= MIN_STATIC_PROMPTS
 
 
+CALL_WINDOW = 96
+
+
 def _calculator_stop(tokenizer):
-    """A per-row stopping criterion: stop a row when its text ends inside ``<<expr=``."""
+    """A per-row stopping criterion: stop a row when its text ends inside ``<<expr=`` (read in the
+    last `CALL_WINDOW` tokens: an expression of one token per digit, as SmolLM2 writes them, runs
+    past 24)."""
     import torch
     from transformers import StoppingCriteria
 
@@ -374,7 +380,7 @@ def _calculator_stop(tokenizer):
 
     class CalculatorStop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            tails = tokenizer.batch_decode(input_ids[:, -24:], skip_special_tokens=True)
+            tails = tokenizer.batch_decode(input_ids[:, -CALL_WINDOW:], skip_special_tokens=True)
             return torch.tensor([pending_call(t) is not None for t in tails], device=input_ids.device)
 
     return CalculatorStop()
@@ -383,54 +389,52 @@ def _calculator_stop(tokenizer):
 MAX_CALCULATOR_CALLS = 32
 
 
-def _generate_with_calculator(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
-                              update) -> list[tuple[str, int]]:
-    """Generate in rounds: rows that stop at ``<<expr=`` get the tokens of ``result>>`` (when the
-    expression is computable; they count in the row's ``max_new_tokens``, as in the decode loop,
-    which writes them in itself) and continue in the next round; the others are done. A round
-    continues from the row's own tokens, not from its text encoded again (which a SentencePiece
-    tokenizer would start with a space piece), and the answer is decoded whole at the end (decoded
-    round by round, a SentencePiece piece would lose its space where a round starts)."""
+def calculator_rounds(inference: InferenceModel, prompts: list[list[int]], settings: GenerationSettings,
+                      update=lambda advance=1: None) -> list[list[int]]:
+    """Each prompt's answer as token ids, generated in rounds: rows that stop at ``<<expr=`` get
+    the tokens of ``result>>`` (when the expression is computable; they count in the row's
+    ``max_new_tokens``, as in the decode loop, which writes them in itself) and continue in the next
+    round; the others are done, with EOS at the end where the model wrote it (not where EOS is
+    padding, as after a stop in a batch whose pad token is EOS, like SmolLM2's). A round continues
+    from the row's own tokens, not from its text encoded again (which a SentencePiece tokenizer,
+    TinyLlama's, would start with a space piece), so its tokens are the decode loop's."""
     from dataclasses import replace
 
     from transformers import StoppingCriteriaList
 
     from tinymath.base.calculator import calculate, pending_call
 
-    tokenizer = inference.tokenizer
+    tokenizer, limit = inference.tokenizer, settings.max_new_tokens
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    made, used, calls = [[] for _ in prompts], [0] * len(prompts), [0] * len(prompts)
+    made, ended, calls = [[] for _ in prompts], [False] * len(prompts), [0] * len(prompts)
     active = list(range(len(prompts)))
     stopping = StoppingCriteriaList([_calculator_stop(tokenizer)])
     while active:
-        budget = max(settings.max_new_tokens - used[i] for i in active)
         outs = generate_ids(inference, [prompts[i] + made[i] for i in active],
-                            replace(settings, max_new_tokens=budget, calculator=False), stopping=stopping)
+                            replace(settings, max_new_tokens=max(limit - len(made[i]) for i in active),
+                                    calculator=False), stopping=stopping)
         still = []
         for i, ids in zip(active, outs):  # the round ran to the longest budget: each row keeps its own
-            new = generated_ids(ids[:settings.max_new_tokens - used[i]].tolist(), eos, pad)
+            new = generated_ids(ids[:limit - len(made[i])].tolist(), eos, pad)
             own = new[:-1] if new and new[-1] == eos else new
             made[i] += own
             text = tokenizer.decode(made[i], skip_special_tokens=True)
-            # a row that stopped inside "<<expr=" this round waits for its result (judged by the text:
-            # rows that stop early are padded, and the pad token may be EOS, as in SmolLM2's tokenizer,
-            # which is then padding, not a generated token); a stop string ends the row
-            stopped = not own or any(s in text for s in settings.stop)
-            expression = None if stopped else pending_call(text)
-            used[i] = min(settings.max_new_tokens, used[i] + (len(own) if expression is not None else len(new)))
-            if expression is not None and used[i] < settings.max_new_tokens and calls[i] < MAX_CALCULATOR_CALLS:
-                calls[i] += 1
-                result = calculate(expression)
-                if result is not None:  # as much of it as the budget holds, as in the decode loop
-                    written = result_tokens(tokenizer, result)[:settings.max_new_tokens - used[i]]
-                    made[i] += written
-                    used[i] += len(written)
-                if used[i] < settings.max_new_tokens:
-                    still.append(i)
+            # a row that stopped inside "<<expr=" waits for its result (judged by the text: a row that
+            # stopped early is padded, and the pad token may be EOS); a stop string ends the row
+            stop_hit = any(s in text for s in settings.stop)
+            expression = None if not own or stop_hit else pending_call(text)
+            ended[i] = own != new and not stop_hit and expression is None
+            if expression is None or len(made[i]) >= limit or calls[i] >= MAX_CALCULATOR_CALLS:
+                continue
+            calls[i] += 1
+            result = calculate(expression)
+            if result is not None:  # as much of it as the budget holds, as in the decode loop
+                made[i] += result_tokens(tokenizer, result)[:limit - len(made[i])]
+            if len(made[i]) < limit:
+                still.append(i)
         active = still
     update(len(prompts))
-    return [_cut_at_stop((tokenizer.decode(ids, skip_special_tokens=True), n), settings.stop)
-            for ids, n in zip(made, used)]
+    return [ids + [eos] * done for ids, done in zip(made, ended)]
 
 
 def stream_generate(inference: InferenceModel, prompt_ids: list[int], settings: GenerationSettings):

@@ -213,17 +213,16 @@ class GRPOTrainer(Trainer):
 
     def sample(self, prompts: list[list[int]], settings) -> tuple[list[list[int]], list[str]]:
         """Each prompt's solution: its token ids and its text. With ``--calculator`` the calculator's
-        results are in the solution (as ``eval --calculator`` answers): written in as it decodes, with
-        tinymath's decode loop; else sampled in rounds with the results spliced in between, and then
-        its ids are its text's tokens, then EOS where the policy stopped by itself (before the token
-        limit, and not inside an unfinished ``<<expr=``)."""
+        results are in the solution (as ``eval --calculator`` answers), written in as it decodes
+        (tinymath's decode loop) or between rounds of ``generate`` (`calculator_rounds`): either way
+        the ids are the tokens the policy read, its own and the calculator's."""
         from dataclasses import replace
 
         from tinymath.lib.generate import (
             InferenceModel,
             _decode_new,
+            calculator_rounds,
             decodes_own,
-            generate_batch,
             generate_ids,
         )
 
@@ -233,14 +232,8 @@ class GRPOTrainer(Trainer):
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         settings = replace(settings, calculator=self.config.calculator)
         if settings.calculator and not decodes_own(self.policy.model, settings, len(prompts)):
-            from tinymath.base.calculator import pending_call
-
-            answers = generate_batch(inference, prompts, settings)
-            # stopped short of the limit, and not inside "<<expr=" (a row out of calculator calls): EOS
-            stopped = [n < settings.max_new_tokens and pending_call(text) is None for text, n in answers]
-            ids = [tokenizer(text, add_special_tokens=False).input_ids + [eos] * done
-                   for (text, _), done in zip(answers, stopped)]
-            return ids, [text for text, _ in answers]
+            ids = calculator_rounds(inference, prompts, settings)
+            return ids, [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
         generated = generate_ids(inference, prompts, settings)
         return ([solution_ids(row.tolist(), eos, pad) for row in generated],
                 [_decode_new(tokenizer, row)[0] for row in generated])
