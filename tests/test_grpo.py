@@ -434,7 +434,7 @@ def test_grpo_defaults_and_what_overrides_them(sft_run, gsm8k_dir):
     from tinymath.base.config import resolve_train_config
 
     grpo = resolve_train_config({"method": "grpo", "init_adapter": str(sft_run), "data": str(gsm8k_dir)})
-    assert (grpo.lr, grpo.batch_size, grpo.max_steps, grpo.warmup) == (1e-4, 32, 80, 0.0)
+    assert (grpo.lr, grpo.batch_size, grpo.max_steps, grpo.warmup, grpo.temperature) == (1e-4, 32, 200, 0.0, 0.7)
     assert resolve_train_config({"method": "grpo", "epochs": 1.0}).max_steps is None  # asked in epochs
     assert resolve_train_config({"method": "grpo", "lr": 5e-5}).lr == 5e-5  # a flag wins
     assert resolve_train_config({}).lr == 1e-3 and resolve_train_config({}).max_steps is None  # SFT unchanged

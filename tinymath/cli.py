@@ -363,7 +363,7 @@ def train_cmd(
     tinymath train --data prep --model SmolLM2-135M-Instruct.Q4_1.gguf --out run --max-steps 3 --batch-size 2
     tinymath train --config recipe.toml --lr 1e-4 --dry-run
     tinymath train --resume run
-    tinymath train --method grpo --init-adapter run --data prep --out run-rl --max-steps 100
+    tinymath train --method grpo --init-adapter run --data prep --out run-rl --eval-every 40 --keep best
     accelerate launch --num_processes 2 -m tinymath train --data prep --out run
     ```
     """

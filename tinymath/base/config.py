@@ -48,7 +48,7 @@ def option(default, help: str, panel: str | None = None, *, choices=None, flags:
 
 SCHEDULE, LORA, DATA, SPEED, CONTROL, RL = "Schedule", "LoRA", "Data", "Speed", "Run control", "RL (--method grpo)"
 # what a training method changes in the defaults (a flag or a config file still wins)
-METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 32, "max_steps": 80}}
+METHOD_DEFAULTS = {"grpo": {"lr": 1e-4, "warmup": 0.0, "batch_size": 32, "max_steps": 200}}
 # what --init-adapter takes from the run it starts from (flags that differ are refused)
 INIT_KEYS = ("model", "quant", "lora_r", "lora_alpha", "target_modules", "format", "system_prompt",
              "calc_annotations")
@@ -73,7 +73,7 @@ class TrainConfig:
                                      flags=("--trust-remote-code",), shown="")
     epochs: float = option(3.0, "Passes over the training data.", SCHEDULE)
     max_steps: int | None = option(None, "Stop after N optimizer steps (overrides --epochs).", SCHEDULE,
-                                   shown="by --epochs; 80 with --method grpo")
+                                   shown="by --epochs; 200 with --method grpo")
     batch_size: int = option(32, "Examples per GPU taken together; an optimizer step takes --batch-size x "
                                  "--grad-accum of them (with --method grpo: questions, each sampled --samples "
                                  "times). With --packing the step is cut into micro-batches by tokens.", SCHEDULE,
@@ -131,7 +131,7 @@ class TrainConfig:
     init_adapter: str | None = option(None, "grpo: start from this run folder's adapter (its base model, LoRA "
                                             "shape and prompt format are taken too).", RL, shown="the base model")
     samples: int = option(8, "grpo: solutions sampled per question (the group its rewards are compared in).", RL)
-    temperature: float = option(1.0, "grpo: sampling temperature of the solutions (the loss takes their "
+    temperature: float = option(0.7, "grpo: sampling temperature of the solutions (the loss takes their "
                                      "log-probabilities at it too: on-policy).", RL)
     max_new_tokens: int = option(256, "grpo: longest sampled solution.", RL)
     format_reward: float = option(0.0, "grpo: reward for giving a '#### N' final answer at all (the correct answer "
