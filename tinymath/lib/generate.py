@@ -370,9 +370,9 @@ CALL_WINDOW = 96
 
 
 def _calculator_stop(tokenizer):
-    """A per-row stopping criterion: stop a row when its text ends inside ``<<expr=`` (read in the
-    last `CALL_WINDOW` tokens: an expression of one token per digit, as SmolLM2 writes them, runs
-    past 24)."""
+    """A per-row stopping criterion: stop a row when its text ends inside ``<<expr=``, read in the
+    last `CALL_WINDOW` tokens: room for a long expression written a token per digit (as SmolLM2
+    writes numbers); the decode loop's tool reads the whole row."""
     import torch
     from transformers import StoppingCriteria
 
