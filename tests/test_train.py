@@ -346,12 +346,15 @@ def _claim_refused_on_rank_0(rank: int, port: int, said) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
     refusal = TinymathError("another training run (pid 1) is writing to run") if rank == 0 else None
+    state = process_state()
     try:
-        _agree_on_claim(process_state(), refusal)
+        _agree_on_claim(state, refusal)
     except TinymathError as exc:
         said.put((rank, str(exc)))
     else:
         said.put((rank, None))
+    finally:  # closed before the interpreter exits: gloo's threads left running abort it at times
+        state.destroy_process_group()
 
 
 def test_a_claim_the_main_process_lost_stops_every_process_with_its_reason():
